@@ -1,0 +1,306 @@
+"""The VSML network in PyTorch: sub-LSTM grids, message passing, tick schedules, online episodes.
+
+This is the reference path of the project (the fused Triton kernel in ``kernels/`` is tested
+against it).  Equations are those of ``shared/reference/vsml.md``:
+
+* one sub-LSTM micro-step (§1.2)::
+
+      u = [→m_a, ←m_b, h_ab]                   (2M + N)
+      ĩ, g̃, f̃, õ = split4(W u + β)
+      c' = σ(f̃ + 5) ⊙ c + σ(ĩ − 5) ⊙ tanh(g̃)
+      h' = σ(õ) ⊙ tanh(c')
+      φ = W_fwd h' + b_fwd,   ψ = W_bwd h' + b_bwd      (optionally LayerNorm-ed)
+
+* a dense layer (§1.3): the micro-step runs ``micro_ticks`` times on every (a, b) pair with the
+  incoming messages frozen; then →m'_b = mean_a φ_ab and ←m'_a = mean_b ψ_ab;
+* boundaries (§1.4): pixel x_a in forward element ``input_idx``; logit
+  ŷ_b = bound · tanh(→m_b[output_idx] / bound); error e = softmax(ŷ) − onehot(y) in backward
+  element ``error_idx`` and, with ``feed_label``, the label in element ``label_idx``;
+* schedules (§1.5): forward-only (one sweep per example; e_t enters the last layer at tick t+1
+  and moves back one layer per tick) or backward-pass (forward sweep, then a reverse sweep
+  carrying e_t down, then the error is reset).
+
+Cheap formulation (vsml.md §7.2-7.3): W is split by columns into W_f, W_r, W_h so the message
+terms ``→m_a W_fᵀ`` [E, A, 4N] and ``←m_b W_rᵀ`` [E, B, 4N] broadcast over the grid instead of
+materialising [E, A, B, 2M+N]; without LayerNorm the readouts are mean-then-project
+(mean_a(W h + b) = W mean_a(h) + b), so only one small matmul per layer and direction.
+
+Batching: a leading episode axis E everywhere; θ is either shared ([L, P]) or one set per
+episode ([E, L, P], an ES population).  No Python loop runs over sub-LSTMs or episodes; the
+only Python loops are over time, layers and micro-ticks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .config import VSMLConfig
+from .params import CellParams, check_theta, unflatten
+from .state import VSMLState, init_state
+
+GATE_I_OFFSET = -5.0
+GATE_F_OFFSET = 5.0
+
+
+@dataclass
+class EpisodeOutput:
+    """Result of an online unroll.
+
+    logits  [E, T, C]  ŷ_t, computed before y_t was seen
+    loss    [E, T]     cross-entropy CE(ŷ_t, y_t)
+    correct [E, T]     argmax ŷ_t == y_t
+    state   the state after the last example (pass it back in to continue the episode)
+    """
+
+    logits: torch.Tensor
+    loss: torch.Tensor
+    correct: torch.Tensor
+    state: VSMLState
+
+    @property
+    def accuracy(self) -> torch.Tensor:
+        """Online accuracy per episode [E]."""
+        return self.correct.float().mean(1)
+
+
+# --------------------------------------------------------------------------------------------
+# building blocks
+
+
+def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ wᵀ (+ b) with either a shared weight or one weight per episode.
+
+    x: [E, *, in]; w: [out, in] (shared) or [E, out, in] (per episode); b: [out] or [E, out].
+    Returns [E, *, out].
+    """
+    if w.dim() == 2:
+        y = x @ w.t()
+        return y if b is None else y + b
+    e = x.shape[0]
+    xf = x.reshape(e, -1, x.shape[-1])                      # [E, X, in]
+    y = torch.bmm(xf, w.transpose(1, 2))                    # [E, X, out]
+    if b is not None:
+        y = y + b[:, None, :]
+    return y.reshape(*x.shape[:-1], w.shape[-2])            # [E, *, out]
+
+
+def _expand_to_grid(v: torch.Tensor, ndim: int) -> torch.Tensor:
+    """Per-episode vector [E, F] -> [E, 1, ..., 1, F] to broadcast against an ndim tensor;
+    a shared vector [F] broadcasts as is."""
+    if v.dim() == 1:
+        return v
+    return v.reshape(v.shape[0], *([1] * (ndim - 2)), v.shape[-1])
+
+
+def _layer_norm(x: torch.Tensor, g: torch.Tensor, b: torch.Tensor, eps: float) -> torch.Tensor:
+    """LayerNorm over the last (message) axis with biased variance (haiku's LayerNorm)."""
+    mu = x.mean(-1, keepdim=True)
+    var = (x - mu).square().mean(-1, keepdim=True)
+    y = (x - mu) * torch.rsqrt(var + eps)
+    return y * _expand_to_grid(g, x.dim()) + _expand_to_grid(b, x.dim())
+
+
+def lstm_micro_steps(p: CellParams, fwd_in: torch.Tensor, bwd_in: torch.Tensor, h: torch.Tensor,
+                     c: torch.Tensor, micro_ticks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``micro_ticks`` sub-LSTM steps of every pair of a dense layer with frozen messages (§1.2-1.3).
+
+    fwd_in [E, A, M], bwd_in [E, B, M], h, c [E, A, B, N]  ->  h', c' [E, A, B, N]
+    """
+    e, a, b, n = h.shape
+    f_term = _linear(fwd_in, p.W_f)                         # [E, A, 4N]
+    r_term = _linear(bwd_in, p.W_r, p.beta)                 # [E, B, 4N]  (β folded in)
+    x_term = f_term[:, :, None, :] + r_term[:, None, :, :]  # [E, A, B, 4N], fixed for all micro-ticks
+    for _ in range(micro_ticks):
+        gates = x_term + _linear(h, p.W_h)                  # [E, A, B, 4N]
+        gi, gg, gf, go = gates.split(n, dim=-1)             # 4 x [E, A, B, N], order i, g, f, o
+        c = torch.sigmoid(gf + GATE_F_OFFSET) * c + torch.sigmoid(gi + GATE_I_OFFSET) * torch.tanh(gg)
+        h = torch.sigmoid(go) * torch.tanh(c)
+    return h, c
+
+
+def readout_fwd(p: CellParams, h: torch.Tensor, ln_eps: float) -> torch.Tensor:
+    """Forward message sent on: →m'_b = mean_a φ_ab, φ = [LN](W_fwd h + b_fwd).  h [E, A, B, N] -> [E, B, M]."""
+    if p.ln_fwd_g is None:
+        return _linear(h.mean(1), p.W_fwd, p.b_fwd)         # mean-then-project, [E, B, M]
+    phi = _linear(h, p.W_fwd, p.b_fwd)                      # [E, A, B, M]
+    return _layer_norm(phi, p.ln_fwd_g, p.ln_fwd_b, ln_eps).mean(1)
+
+
+def readout_bwd(p: CellParams, h: torch.Tensor, ln_eps: float) -> torch.Tensor:
+    """Backward message sent back: ←m'_a = mean_b ψ_ab.  h [E, A, B, N] -> [E, A, M]."""
+    if p.ln_bwd_g is None:
+        return _linear(h.mean(2), p.W_bwd, p.b_bwd)         # [E, A, M]
+    psi = _linear(h, p.W_bwd, p.b_bwd)                      # [E, A, B, M]
+    return _layer_norm(psi, p.ln_bwd_g, p.ln_bwd_b, ln_eps).mean(2)
+
+
+# --------------------------------------------------------------------------------------------
+# the network
+
+
+class VSMLNetwork:
+    """Functional VSML network: θ and the state are passed in, nothing is stored but the config.
+
+    Typical use::
+
+        net = VSMLNetwork(VSMLConfig())
+        theta = net.init_theta(torch.Generator().manual_seed(0))           # [1, 2384]
+        out = net.unroll(theta, x, y, num_classes=10, generator=g)        # x [E, T, D], y [E, T]
+        out2 = net.unroll(theta, x2, y2, state=out.state)                 # continue the episode
+    """
+
+    def __init__(self, cfg: VSMLConfig):
+        self.cfg = cfg
+
+    # -- parameters and state ---------------------------------------------------------------
+
+    def init_theta(self, generator: torch.Generator | None = None, dtype=torch.float32, device=None):
+        from .params import init_theta
+        return init_theta(self.cfg, generator, dtype, device)
+
+    def init_state(self, num_episodes: int, in_dim: int, num_classes: int,
+                   generator: torch.Generator | None = None, dtype=torch.float32, device=None) -> VSMLState:
+        return init_state(self.cfg, num_episodes, in_dim, num_classes, generator, dtype, device)
+
+    def layer_params(self, theta: torch.Tensor) -> list[CellParams]:
+        """Named views of θ for each layer k: θ[..., min(k, L-1), :]."""
+        nl = self.cfg.num_theta_sets
+        sets = [unflatten(theta[..., i, :], self.cfg.cell) for i in range(nl)]
+        return [sets[min(k, nl - 1)] for k in range(self.cfg.num_layers)]
+
+    # -- boundary conditions -----------------------------------------------------------------
+
+    def embed_input(self, x_t: torch.Tensor) -> torch.Tensor:
+        """x_t [E, D] -> forward messages into layer 1 [E, D, M], pixel in element ``input_idx``."""
+        msg = x_t.new_zeros(*x_t.shape, self.cfg.cell.msg)
+        msg[..., self.cfg.input_idx] = x_t
+        return msg
+
+    def logits_from(self, fwd_out: torch.Tensor) -> torch.Tensor:
+        """Last layer's forward message [E, C, M] -> logits [E, C] = bound · tanh(m[output_idx] / bound)."""
+        bound = self.cfg.tanh_bound
+        return bound * torch.tanh(fwd_out[..., self.cfg.output_idx] / bound)
+
+    def error_message(self, logits: torch.Tensor, y_t: torch.Tensor) -> torch.Tensor:
+        """e = softmax(ŷ) − onehot(y): the gradient of CE w.r.t. the clipped logits (inner batch 1).
+        Returns the backward message into the last layer [E, C, M] = (e, λ·y, 0, ...)."""
+        onehot = F.one_hot(y_t, logits.shape[-1]).to(logits.dtype)   # [E, C]
+        err = torch.softmax(logits, dim=-1) - onehot
+        msg = logits.new_zeros(*logits.shape, self.cfg.cell.msg)
+        msg[..., self.cfg.error_idx] = err
+        if self.cfg.feed_label:
+            msg[..., self.cfg.label_idx] = onehot
+        return msg
+
+    # -- one tick ------------------------------------------------------------------------------
+
+    def _layer(self, p: CellParams, fwd_in, bwd_in, h, c):
+        return lstm_micro_steps(p, fwd_in, bwd_in, h, c, self.cfg.micro_ticks)
+
+    def tick(self, params: list[CellParams], state: VSMLState, x_t: torch.Tensor,
+             y_t: torch.Tensor) -> tuple[torch.Tensor, VSMLState]:
+        """Process example t: predict ŷ_t from x_t (before y_t is used), then feed y_t's error.
+
+        x_t [E, D], y_t [E] -> logits [E, C] and the new state.
+        """
+        cfg = self.cfg
+        eps = cfg.cell.ln_eps
+        k_last = cfg.num_layers - 1
+        h, c, bwd = list(state.h), list(state.c), list(state.bwd)
+        fwd = self.embed_input(x_t)                                   # [E, D, M]
+        if not cfg.backward_pass:
+            # one sweep: layer k reads fwd from layer k-1 (this tick) and bwd from layer k+1 (last tick)
+            for k in range(cfg.num_layers):
+                h[k], c[k] = self._layer(params[k], fwd, bwd[k], h[k], c[k])
+                if k > 0:
+                    bwd[k - 1] = readout_bwd(params[k], h[k], eps)    # [E, A_k, M], read next tick
+                fwd = readout_fwd(params[k], h[k], eps)               # [E, B_k, M]
+            logits = self.logits_from(fwd)                            # [E, C]
+            bwd[k_last] = self.error_message(logits, y_t)             # enters the last layer at t+1
+        else:
+            # forward sweep (the last layer's error input is zero), remembering each layer's input
+            fwd_ins = []
+            for k in range(cfg.num_layers):
+                fwd_ins.append(fwd)
+                h[k], c[k] = self._layer(params[k], fwd, bwd[k], h[k], c[k])
+                fwd = readout_fwd(params[k], h[k], eps)
+            logits = self.logits_from(fwd)
+            # reverse sweep: the error enters the last layer and moves down one layer per update
+            msg = self.error_message(logits, y_t)
+            for k in range(k_last, -1, -1):
+                h[k], c[k] = self._layer(params[k], fwd_ins[k], msg, h[k], c[k])
+                if k > 0:
+                    msg = readout_bwd(params[k], h[k], eps)           # [E, A_k, M]
+                    bwd[k - 1] = msg
+            bwd[k_last] = torch.zeros_like(bwd[k_last])               # error reset after the sweep
+        return logits, VSMLState(h, c, bwd)
+
+    # -- an online episode ---------------------------------------------------------------------
+
+    def check_inputs(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, num_classes: int | None,
+                     state: VSMLState | None) -> tuple[torch.Tensor, int]:
+        """Validate an unroll's inputs; returns x flattened to [E, T, D] and the class count."""
+        if not torch.is_tensor(x) or not x.is_floating_point():
+            raise TypeError(f"x must be a floating-point tensor [E, T, D] (or [E, T, H, W, ...]), got "
+                            f"{type(x).__name__} {getattr(x, 'dtype', '')}")
+        if x.dim() < 3:
+            raise ValueError(f"x must have shape [E, T, D] (episodes, time, features); got {list(x.shape)}. "
+                             f"For a single episode use x[None].")
+        x = x.reshape(x.shape[0], x.shape[1], -1)                    # [E, T, D]
+        if not torch.is_tensor(y) or y.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+            raise TypeError(f"y must be an integer tensor of class indices [E, T], got "
+                            f"{type(y).__name__} {getattr(y, 'dtype', '')}")
+        if tuple(y.shape) != tuple(x.shape[:2]):
+            raise ValueError(f"y has shape {list(y.shape)} but x has [E, T] = {list(x.shape[:2])}")
+        if x.dtype != theta.dtype:
+            raise TypeError(f"x has dtype {x.dtype} but θ has {theta.dtype}; cast one of them")
+        if x.device != theta.device or y.device != theta.device:
+            raise ValueError(f"x ({x.device}), y ({y.device}) and θ ({theta.device}) must be on one device")
+        check_theta(theta, self.cfg, x.shape[0])
+        if state is not None:
+            if num_classes is not None and num_classes != state.num_classes:
+                raise ValueError(f"num_classes={num_classes} but the carried state has {state.num_classes}")
+            num_classes = state.num_classes
+            if state.num_episodes != x.shape[0] or state.in_dim != x.shape[2]:
+                raise ValueError(f"the carried state is for E={state.num_episodes}, D={state.in_dim} but x "
+                                 f"has E={x.shape[0]}, D={x.shape[2]}")
+        if num_classes is None:
+            raise ValueError("num_classes is required when no state is passed in")
+        if num_classes < 2:
+            raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+        if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+            raise ValueError(f"labels must lie in [0, {num_classes}), got range [{int(y.min())}, {int(y.max())}]")
+        return x, num_classes
+
+    def unroll(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, num_classes: int | None = None,
+               state: VSMLState | None = None, generator: torch.Generator | None = None) -> EpisodeOutput:
+        """Run a stream of examples online through the network.
+
+        Args:
+            theta: [L, P] shared by all episodes, or [E, L, P] one set per episode.
+            x: [E, T, D] (or [E, T, H, W, ...], flattened) inputs.
+            y: [E, T] integer labels; y_t is only used after ŷ_t has been computed.
+            num_classes: C; required unless ``state`` is given.
+            state: carried state from a previous call (truncated unrolls); None draws a fresh
+                random state with ``generator`` (one draw per episode).
+        Returns:
+            EpisodeOutput with logits [E, T, C], loss [E, T], correct [E, T] and the final state.
+        """
+        x, num_classes = self.check_inputs(theta, x, y, num_classes, state)
+        e, t_len, d = x.shape
+        y = y.long()
+        if state is None:
+            state = self.init_state(e, d, num_classes, generator, theta.dtype, theta.device)
+        params = self.layer_params(theta)
+        logits = []
+        for t in range(t_len):
+            lg, state = self.tick(params, state, x[:, t], y[:, t])
+            logits.append(lg)
+        logits_t = torch.stack(logits, 1) if logits else x.new_zeros(e, 0, num_classes)   # [E, T, C]
+        loss = F.cross_entropy(logits_t.reshape(-1, num_classes), y.reshape(-1),
+                               reduction="none").reshape(e, t_len)                        # [E, T]
+        correct = logits_t.argmax(-1) == y
+        return EpisodeOutput(logits_t, loss, correct, state)
