@@ -103,21 +103,33 @@ def _layer_norm(x: torch.Tensor, g: torch.Tensor, b: torch.Tensor, eps: float) -
     return y * _expand_to_grid(g, x.dim()) + _expand_to_grid(b, x.dim())
 
 
+def tanh_via_sigmoid(x: torch.Tensor) -> torch.Tensor:
+    """tanh(x) = 2σ(2x) − 1: one exp instead of the costlier vectorised tanh in fused CPU code
+    (equal to torch.tanh to float32 rounding)."""
+    return 2.0 * torch.sigmoid(2.0 * x) - 1.0
+
+
 def lstm_micro_steps(p: CellParams, fwd_in: torch.Tensor, bwd_in: torch.Tensor, h: torch.Tensor,
-                     c: torch.Tensor, micro_ticks: int) -> tuple[torch.Tensor, torch.Tensor]:
+                     c: torch.Tensor, micro_ticks: int, fused: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """``micro_ticks`` sub-LSTM steps of every pair of a dense layer with frozen messages (§1.2-1.3).
 
     fwd_in [E, A, M], bwd_in [E, B, M], h, c [E, A, B, N]  ->  h', c' [E, A, B, N]
+
+    ``fused=True`` is the form used under torch.compile: the message terms are broadcast inside
+    every micro-step (never materialised as [E, A, B, 4N]) and tanh is written through σ, so the
+    compiler fuses everything after the h-matmul into one pass over the grid.
     """
     e, a, b, n = h.shape
-    f_term = _linear(fwd_in, p.W_f)                         # [E, A, 4N]
-    r_term = _linear(bwd_in, p.W_r, p.beta)                 # [E, B, 4N]  (β folded in)
-    x_term = f_term[:, :, None, :] + r_term[:, None, :, :]  # [E, A, B, 4N], fixed for all micro-ticks
+    f_term = _linear(fwd_in, p.W_f)[:, :, None, :]          # [E, A, 1, 4N]
+    r_term = _linear(bwd_in, p.W_r, p.beta)[:, None, :, :]  # [E, 1, B, 4N]  (β folded in)
+    tanh = tanh_via_sigmoid if fused else torch.tanh
+    x_term = None if fused else f_term + r_term             # [E, A, B, 4N], fixed for all micro-ticks
     for _ in range(micro_ticks):
-        gates = x_term + _linear(h, p.W_h)                  # [E, A, B, 4N]
+        hw = _linear(h, p.W_h)                              # [E, A, B, 4N]
+        gates = (hw + f_term + r_term) if fused else (hw + x_term)
         gi, gg, gf, go = gates.split(n, dim=-1)             # 4 x [E, A, B, N], order i, g, f, o
-        c = torch.sigmoid(gf + GATE_F_OFFSET) * c + torch.sigmoid(gi + GATE_I_OFFSET) * torch.tanh(gg)
-        h = torch.sigmoid(go) * torch.tanh(c)
+        c = torch.sigmoid(gf + GATE_F_OFFSET) * c + torch.sigmoid(gi + GATE_I_OFFSET) * tanh(gg)
+        h = torch.sigmoid(go) * tanh(c)
     return h, c
 
 
@@ -152,8 +164,14 @@ class VSMLNetwork:
         out2 = net.unroll(theta, x2, y2, state=out.state)                 # continue the episode
     """
 
-    def __init__(self, cfg: VSMLConfig):
+    def __init__(self, cfg: VSMLConfig, compile: bool = False):
+        """``compile=True`` runs each tick through ``torch.compile`` (fused elementwise work, see
+        ``lstm_micro_steps(fused=True)``) whenever autograd is off, e.g. ES populations and
+        meta-testing; with autograd on, the eager path runs.  The first call per shape compiles
+        (seconds to a minute on a small CPU)."""
         self.cfg = cfg
+        self.compile = compile
+        self._compiled_tick = None
 
     # -- parameters and state ---------------------------------------------------------------
 
@@ -197,16 +215,18 @@ class VSMLNetwork:
 
     # -- one tick ------------------------------------------------------------------------------
 
-    def _layer(self, p: CellParams, fwd_in, bwd_in, h, c):
-        return lstm_micro_steps(p, fwd_in, bwd_in, h, c, self.cfg.micro_ticks)
-
-    def tick(self, params: list[CellParams], state: VSMLState, x_t: torch.Tensor,
-             y_t: torch.Tensor) -> tuple[torch.Tensor, VSMLState]:
+    def tick(self, theta: torch.Tensor, state: VSMLState, x_t: torch.Tensor, y_t: torch.Tensor,
+             fused: bool = False) -> tuple[torch.Tensor, VSMLState]:
         """Process example t: predict ŷ_t from x_t (before y_t is used), then feed y_t's error.
 
-        x_t [E, D], y_t [E] -> logits [E, C] and the new state.
+        theta [L, P] or [E, L, P], x_t [E, D], y_t [E] -> logits [E, C] and the new state.
         """
         cfg = self.cfg
+        params = self.layer_params(theta)
+
+        def layer(p, fwd_in, bwd_in, h_k, c_k):
+            return lstm_micro_steps(p, fwd_in, bwd_in, h_k, c_k, cfg.micro_ticks, fused)
+
         eps = cfg.cell.ln_eps
         k_last = cfg.num_layers - 1
         h, c, bwd = list(state.h), list(state.c), list(state.bwd)
@@ -214,7 +234,7 @@ class VSMLNetwork:
         if not cfg.backward_pass:
             # one sweep: layer k reads fwd from layer k-1 (this tick) and bwd from layer k+1 (last tick)
             for k in range(cfg.num_layers):
-                h[k], c[k] = self._layer(params[k], fwd, bwd[k], h[k], c[k])
+                h[k], c[k] = layer(params[k], fwd, bwd[k], h[k], c[k])
                 if k > 0:
                     bwd[k - 1] = readout_bwd(params[k], h[k], eps)    # [E, A_k, M], read next tick
                 fwd = readout_fwd(params[k], h[k], eps)               # [E, B_k, M]
@@ -225,13 +245,13 @@ class VSMLNetwork:
             fwd_ins = []
             for k in range(cfg.num_layers):
                 fwd_ins.append(fwd)
-                h[k], c[k] = self._layer(params[k], fwd, bwd[k], h[k], c[k])
+                h[k], c[k] = layer(params[k], fwd, bwd[k], h[k], c[k])
                 fwd = readout_fwd(params[k], h[k], eps)
             logits = self.logits_from(fwd)
             # reverse sweep: the error enters the last layer and moves down one layer per update
             msg = self.error_message(logits, y_t)
             for k in range(k_last, -1, -1):
-                h[k], c[k] = self._layer(params[k], fwd_ins[k], msg, h[k], c[k])
+                h[k], c[k] = layer(params[k], fwd_ins[k], msg, h[k], c[k])
                 if k > 0:
                     msg = readout_bwd(params[k], h[k], eps)           # [E, A_k, M]
                     bwd[k - 1] = msg
@@ -294,10 +314,14 @@ class VSMLNetwork:
         y = y.long()
         if state is None:
             state = self.init_state(e, d, num_classes, generator, theta.dtype, theta.device)
-        params = self.layer_params(theta)
+        tick, fused = self.tick, False
+        if self.compile and not (torch.is_grad_enabled() and theta.requires_grad):
+            if self._compiled_tick is None:
+                self._compiled_tick = torch.compile(self.tick, dynamic=False)
+            tick, fused = self._compiled_tick, True
         logits = []
         for t in range(t_len):
-            lg, state = self.tick(params, state, x[:, t], y[:, t])
+            lg, state = tick(theta, state, x[:, t], y[:, t], fused)
             logits.append(lg)
         logits_t = torch.stack(logits, 1) if logits else x.new_zeros(e, 0, num_classes)   # [E, T, C]
         loss = F.cross_entropy(logits_t.reshape(-1, num_classes), y.reshape(-1),
