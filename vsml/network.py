@@ -317,6 +317,11 @@ class VSMLNetwork:
         tick, fused = self.tick, False
         if self.compile and not (torch.is_grad_enabled() and theta.requires_grad):
             if self._compiled_tick is None:
+                import torch._dynamo.config as dcfg
+                # one graph per (E, D, C, θ mode): ES populations, meta-test batches and several tasks
+                for name in ("recompile_limit", "cache_size_limit"):
+                    if hasattr(dcfg, name):
+                        setattr(dcfg, name, max(getattr(dcfg, name), 64))
                 self._compiled_tick = torch.compile(self.tick, dynamic=False)
             tick, fused = self._compiled_tick, True
         logits = []

@@ -1,0 +1,92 @@
+"""Meta-test a trained learner online on unseen tasks, next to baselines.
+
+    python eval.py --checkpoint runs/default                          # a run directory
+    python eval.py --checkpoint runs/default/theta.safetensors --tasks "digits;sum" --length 2000
+    python eval.py --checkpoint runs/cpu-mnist --tasks "fashion_mnist+resize14" --data_dir ../shared/datasets
+    python eval.py --baselines sgd,adam --tasks digits                # baselines only
+
+Writes <out>/results.json (per task and learner: online accuracy, final accuracy, loss, the per-step
+curve with its 95% band) and one PNG learning-curve plot per task, and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def load_learner(path: str, device: str = "cpu", compile: bool = True):
+    """(name, learner, θ, train config dict) from a run dir, a .pt checkpoint or a θ .safetensors file."""
+    import torch
+
+    from vsml.checkpoint import CheckpointError, load_checkpoint, load_theta
+    from vsml.trainer import build_learner, config_from_dict
+    p = Path(path)
+    if p.suffix == ".safetensors" or (p.is_dir() and (p / "theta.safetensors").exists()
+                                      and not (p / "checkpoints" / "last.pt").exists()):
+        theta, cfg_dict, _ = load_theta(p if p.suffix == ".safetensors" else p / "theta.safetensors")
+    else:
+        ck = load_checkpoint(p)
+        theta, cfg_dict = ck["theta"], ck["config"]
+    cfg = config_from_dict(cfg_dict)
+    from dataclasses import replace
+    cfg = replace(cfg, compile=compile, device=device)
+    learner = build_learner(cfg)
+    want = tuple(learner.init_theta().shape)
+    if tuple(theta.shape) != want:
+        raise CheckpointError(f"{path}: θ has shape {list(theta.shape)} but its config ({cfg.learner}) needs {list(want)}")
+    return cfg.learner, learner, theta.to(device=device, dtype=torch.float32), cfg_dict
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", default=None, help="run directory, checkpoint .pt or θ .safetensors")
+    ap.add_argument("--tasks", default=None, help="task specs separated by ';' (default: the run's eval tasks)")
+    ap.add_argument("--baselines", default="sgd,adam", help="comma-separated baselines ('' for none)")
+    ap.add_argument("--episodes", type=int, default=16)
+    ap.add_argument("--length", type=int, default=2000, help="examples per episode (T)")
+    ap.add_argument("--seed", type=int, default=22)
+    ap.add_argument("--out", default=None, help="output folder (default <run>/eval or eval_out)")
+    ap.add_argument("--data_dir", default=None, help="folder with the dataset files (or set VSML_DATA_DIR)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--no-compile", action="store_true", help="eager PyTorch path (no torch.compile)")
+    ap.add_argument("--no-plot", action="store_true")
+    args = ap.parse_args(argv)
+    if args.episodes < 1 or args.length < 1:
+        ap.error("--episodes and --length must be >= 1")
+
+    from vsml.baselines import make_learner
+    from vsml.checkpoint import CheckpointError
+    from vsml.evaluate import FrozenLearner, evaluate, parse_task_list, summary_table, write_results
+
+    learners, tasks, out = [], args.tasks, args.out
+    try:
+        if args.checkpoint:
+            name, learner, theta, cfg_dict = load_learner(args.checkpoint, args.device, not args.no_compile)
+            learners.append(FrozenLearner(name, learner, theta))
+            tasks = tasks or cfg_dict.get("eval", {}).get("tasks", "digits")
+            if out is None:
+                p = Path(args.checkpoint)
+                out = str((p if p.is_dir() else p.parent) / "eval")
+        for b in [s.strip() for s in args.baselines.split(",") if s.strip()]:
+            bl = make_learner(b)
+            learners.append(FrozenLearner(b, bl, bl.init_theta()))
+    except (CheckpointError, KeyError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if not learners:
+        ap.error("nothing to evaluate: pass --checkpoint and/or --baselines")
+    tasks = tasks or "digits"
+    res = evaluate(learners, parse_task_list(tasks), args.episodes, args.length, args.seed, args.data_dir)
+    paths = write_results(res, out or "eval_out", plot=not args.no_plot)
+    print(summary_table(res))
+    print(f"\nresults: {paths['json']}")
+    for k, p in paths.items():
+        if k != "json":
+            print(f"plot {k}: {p}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

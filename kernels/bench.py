@@ -1,0 +1,214 @@
+"""Microbenchmark: torch eager vs torch.compile vs the fused Triton kernel, one table per device.
+
+    python -m kernels.bench                                   # defaults per device (below)
+    python -m kernels.bench --episodes 1,16 --steps 20        # quick CPU check
+    python -m kernels.bench --backends triton --episodes 64,1024,2048 --steps 100   # GPU, kernel only
+
+Every backend runs the public entry points: ``VSMLNetwork(cfg).unroll`` (torch eager),
+``VSMLNetwork(cfg, compile=True).unroll`` (torch.compile, when the engine offers it) and
+``kernels.backend.unroll(..., backend="triton")`` -- so the numbers follow whatever the engine is.
+All runs use an ES-style population (one θ per episode, [E, L, P]) under ``torch.no_grad()``.
+
+Columns:
+    examples/s        E x T / wall time (all episodes together)
+    µsteps/s          sub-LSTM micro-steps per second = examples/s x pairs x micro_ticks x sweeps
+                      (pairs = Σ_k A_k B_k, sweeps = 2 with backward_pass)
+    GFLOP/s           µsteps/s x 4608 (nominal FLOPs of one micro-step: 2 (4N(2M+N) + 2NM), N=16, M=8,
+                      whatever the backend actually computes)
+    % peak            GFLOP/s over the float32 matmul peak measured in the same run (torch.mm of two
+                      n x n float32 matrices, best of several; TF32 disabled on GPU)
+    vs eager          speedup over torch eager at the same E and network
+
+Defaults: on CUDA E in {1, 64, 1024, 2048}, 100 examples; on CPU E in {1, 16, 64} and at most 100
+examples, with a per-cell time budget (--budget, default 20 s on CPU): a cell stops after the chunk in
+which the budget ran out and reports how many examples it timed.  The first chunk (compilation,
+warm-up) is never timed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import math
+import platform
+import time
+
+import torch
+
+from vsml import SubLSTMConfig, VSMLConfig, VSMLNetwork
+
+NOMINAL_FLOPS_PER_MICROSTEP = 4608   # 2 * (4N(2M+N) + 2NM) with N=16, M=8
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_fp32_peak(device: torch.device, repeats: int = 5) -> tuple[float, int]:
+    """Best float32 matmul GFLOP/s of torch.mm on n x n matrices (TF32 off)."""
+    n = 8192 if device.type == "cuda" else 1024
+    prev_tf32 = torch.backends.cuda.matmul.allow_tf32 if device.type == "cuda" else None
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        a = torch.randn(n, n, device=device)
+        b = torch.randn(n, n, device=device)
+        out = torch.empty(n, n, device=device)
+        torch.mm(a, b, out=out)                       # warm-up
+        _sync(device)
+        best = math.inf
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            torch.mm(a, b, out=out)
+            _sync(device)
+            best = min(best, time.perf_counter() - t0)
+        return 2 * n ** 3 / best / 1e9, n
+    finally:
+        if device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = prev_tf32
+
+
+def parse_net(spec: str) -> tuple[int, tuple[int, ...], int]:
+    """'784-32-10' -> (784, (32,), 10)."""
+    sizes = [int(v) for v in spec.split("-")]
+    if len(sizes) < 2:
+        raise ValueError(f"network spec {spec!r} must be IN-[HIDDEN-...]-CLASSES, e.g. 784-10 or 784-32-10")
+    return sizes[0], tuple(sizes[1:-1]), sizes[-1]
+
+
+def _has_compile_option() -> bool:
+    return "compile" in inspect.signature(VSMLNetwork.__init__).parameters
+
+
+def make_runner(backend: str, cfg: VSMLConfig):
+    """A function (theta, x, y, state) -> new state for one chunk, or a string saying why not."""
+    if backend == "eager":
+        net = VSMLNetwork(cfg)
+        return lambda th, x, y, st: net.unroll(th, x, y, state=st).state
+    if backend == "compile":
+        if not _has_compile_option():
+            return "VSMLNetwork has no compile option in this version"
+        net = VSMLNetwork(cfg, compile=True)
+        return lambda th, x, y, st: net.unroll(th, x, y, state=st).state
+    if backend == "triton":
+        from . import backend as kb
+        net = VSMLNetwork(cfg)
+        try:
+            kb.resolve_backend("triton", "cuda" if torch.cuda.is_available() else "cpu")
+        except RuntimeError as exc:
+            return f"skipped: {exc}"
+        if not torch.cuda.is_available():
+            return "skipped: no GPU (the CPU interpreter is for tests only)"
+        return lambda th, x, y, st: kb.unroll(net, th, x, y, state=st, backend="triton").state
+    raise ValueError(f"unknown backend {backend!r}")
+
+
+def bench_cell(run, cfg: VSMLConfig, e: int, d: int, c: int, steps: int, chunk: int, budget: float,
+               device: torch.device, seed: int = 0) -> tuple[float, int]:
+    """Examples/s (all episodes) and the number of examples per episode that were timed."""
+    net = VSMLNetwork(cfg)
+    g = torch.Generator().manual_seed(seed)
+    theta = net.init_theta(g)
+    theta = (theta[None] + 0.05 * torch.randn((e, *theta.shape), generator=g)).to(device).contiguous()
+    state = net.init_state(e, d, c, g).to(device)
+    total = chunk + steps
+    x = torch.randn(e, total, d, generator=g).to(device)
+    y = torch.randint(0, c, (e, total), generator=g).to(device)
+    with torch.no_grad():
+        state = run(theta, x[:, :chunk].contiguous(), y[:, :chunk].contiguous(), state)   # warm-up/compile
+        _sync(device)
+        done, elapsed = 0, 0.0
+        while done < steps and (elapsed < budget or done == 0):
+            n = min(chunk, steps - done)
+            xs = x[:, chunk + done:chunk + done + n].contiguous()
+            ys = y[:, chunk + done:chunk + done + n].contiguous()
+            t0 = time.perf_counter()
+            state = run(theta, xs, ys, state)
+            _sync(device)
+            elapsed += time.perf_counter() - t0
+            done += n
+    return e * done / elapsed, done
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    ap.add_argument("--episodes", default=None, help="comma list of E (default 1,64,1024,2048 on CUDA, 1,16,64 on CPU)")
+    ap.add_argument("--steps", type=int, default=100, help="timed examples per episode (max)")
+    ap.add_argument("--chunk", type=int, default=None, help="examples per unroll call (default: all steps on "
+                    "CUDA, 5 on CPU so the budget can stop a cell)")
+    ap.add_argument("--budget", type=float, default=None, help="seconds per cell before it stops early "
+                    "(default 20 on CPU, unlimited on CUDA)")
+    ap.add_argument("--nets", default="784-10,784-32-10")
+    ap.add_argument("--backends", default="eager,compile,triton", help="subset of eager,compile,triton")
+    ap.add_argument("--backward-pass", action="store_true", help="backward-pass schedule (2 sweeps)")
+    ap.add_argument("--layer-norm", action="store_true")
+    args = ap.parse_args(argv)
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    gpu = device.type == "cuda"
+    episodes = [int(v) for v in (args.episodes or ("1,64,1024,2048" if gpu else "1,16,64")).split(",")]
+    chunk = args.chunk or (args.steps if gpu else min(5, args.steps))
+    budget = args.budget if args.budget is not None else (math.inf if gpu else 20.0)
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+
+    name = torch.cuda.get_device_name(device) if gpu else (platform.processor() or platform.machine())
+    peak, n = measure_fp32_peak(device)
+    try:
+        import triton
+        tv = triton.__version__
+    except Exception:  # pragma: no cover
+        tv = "not installed"
+    print(f"\n## {device.type.upper()}: {name} ({torch.get_num_threads() if not gpu else ''}"
+          f"{' threads' if not gpu else ''}) - torch {torch.__version__}, triton {tv}")
+    print(f"float32 peak measured in this run: {peak:,.1f} GFLOP/s (torch.mm {n}x{n}, best of 5"
+          f"{', TF32 off' if gpu else ''})")
+    print(f"schedule: {'backward-pass' if args.backward_pass else 'forward-only'}, micro_ticks 2, "
+          f"layer_norm {args.layer_norm}, per-episode θ; up to {args.steps} timed examples per cell, "
+          f"chunks of {chunk}{'' if math.isinf(budget) else f', budget {budget:g} s per cell'}\n")
+    print("| backend | net | E | examples/s | µsteps/s | GFLOP/s | % peak | vs eager | timed T |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    notes, es_lines = [], []
+    for spec in args.nets.split(","):
+        d, hidden, c = parse_net(spec)
+        cfg = VSMLConfig(cell=SubLSTMConfig(layer_norm=args.layer_norm), hidden_sizes=hidden,
+                         backward_pass=args.backward_pass)
+        pairs = sum(a * b for a, b in cfg.layer_dims(d, c))
+        usteps_per_example = pairs * cfg.micro_ticks * (2 if cfg.backward_pass else 1)
+        for e in episodes:
+            eager_rate = None
+            for be in backends:
+                run = make_runner(be, cfg)
+                label = {"eager": "torch eager", "compile": "torch.compile", "triton": "fused Triton"}[be]
+                if isinstance(run, str):
+                    note = f"{label}: {run}"
+                    if note not in notes:
+                        notes.append(note)
+                    continue
+                try:
+                    rate, timed = bench_cell(run, cfg, e, d, c, args.steps, chunk, budget, device)
+                except torch.cuda.OutOfMemoryError:
+                    print(f"| {label} | {spec} | {e} | OOM | | | | | |")
+                    torch.cuda.empty_cache()
+                    continue
+                except Exception as exc:  # keep the table going; say what failed
+                    print(f"| {label} | {spec} | {e} | failed: {type(exc).__name__}: {str(exc)[:80]} | | | | | |")
+                    continue
+                us = rate * usteps_per_example
+                gf = us * NOMINAL_FLOPS_PER_MICROSTEP / 1e9
+                if be == "eager":
+                    eager_rate = rate
+                speed = f"{rate / eager_rate:.1f}x" if eager_rate else "-"
+                print(f"| {label} | {spec} | {e} | {rate:,.1f} | {us:.3g} | {gf:,.1f} | {100 * gf / peak:.1f}% | "
+                      f"{speed} | {timed} |", flush=True)
+                if spec == "784-10" and not cfg.backward_pass and e >= 64:
+                    es = 2048 * 500 / rate
+                    es_lines.append(f"{label}, E={e}: reference ES step (2048 episodes x 500 MNIST examples, "
+                                    f"~74 TFLOP) would take ~{es:,.1f} s at this rate (goal on H100: < 3 s)")
+    for line in notes + es_lines:
+        print(f"- {line}")
+
+
+if __name__ == "__main__":
+    main()

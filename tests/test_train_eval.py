@@ -1,0 +1,172 @@
+"""End-to-end tests of train.py / eval.py on tiny configs: resume, signals, checkpoints, config errors, wandb.
+
+Run: python -m pytest tests/test_train_eval.py -q
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import eval as eval_cli
+import train as train_cli
+from vsml.checkpoint import CheckpointError, load_checkpoint, load_theta
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--preset", "tiny", "--log.progress", "false"]
+
+
+def _run(tmp_path, *extra, name="t"):
+    rc = train_cli.main([*TINY, "--out_dir", str(tmp_path), "--name", name, *extra])
+    assert rc == 0
+    return tmp_path / name
+
+
+def test_train_tiny_writes_run_directory(tmp_path, capsys):
+    rd = _run(tmp_path)
+    cfg = json.loads((rd / "config.json").read_text())
+    assert cfg["task"] == "digits+proj" and cfg["resolved_lr"] == 0.025
+    rows = [json.loads(line) for line in (rd / "metrics.jsonl").read_text().splitlines()]
+    assert any("meta_train/loss_mean" in r for r in rows)
+    assert any("meta_test/digits/online_acc" in r for r in rows)
+    ck = load_checkpoint(rd)
+    assert ck["step"] == 3 and ck["config"]["name"] == "t"
+    theta, tcfg, meta = load_theta(rd / "theta.safetensors")
+    assert torch.equal(theta, ck["theta"]) and tcfg["learner"] == "vsml"
+    res = json.loads((rd / "meta_test" / "results.json").read_text())
+    assert 0.0 <= res["digits"]["vsml"]["online_accuracy"] <= 1.0
+    assert (rd / "meta_test" / "curve_digits.png").exists()
+    out = capsys.readouterr().out
+    assert "final meta-test" in out and "results" in out
+
+
+def test_existing_run_is_never_overwritten(tmp_path):
+    _run(tmp_path)
+    rc = train_cli.main([*TINY, "--out_dir", str(tmp_path), "--name", "t", "--steps", "1"])
+    assert rc == 0
+    assert (tmp_path / "t-2" / "config.json").exists()
+    assert load_checkpoint(tmp_path / "t")["step"] == 3
+
+
+@pytest.mark.parametrize("estimator", ["es", "bptt"])
+def test_resume_equals_uninterrupted(tmp_path, estimator):
+    extra = ["--estimator", estimator, "--eval.every", "0"]
+    if estimator == "bptt":
+        extra += ["--meta_batch", "2", "--bptt.truncation", "3"]
+    full = _run(tmp_path, *extra, "--steps", "4", name="full")
+    part = _run(tmp_path, *extra, "--steps", "2", name="part")
+    assert load_checkpoint(part)["step"] == 2
+    assert train_cli.main(["--resume", str(part), "--steps", "4", "--log.progress", "false"]) == 0
+    a, b = load_checkpoint(full), load_checkpoint(part)
+    assert b["step"] == 4
+    assert torch.equal(a["theta"], b["theta"])
+    assert torch.equal(a["optimizer"]["state"][0]["exp_avg"], b["optimizer"]["state"][0]["exp_avg"])
+
+
+def test_resume_refuses_incompatible_config(tmp_path, capsys):
+    rd = _run(tmp_path, "--eval.every", "0")
+    rc = train_cli.main(["--resume", str(rd), "--vsml.cell.layer_norm", "true"])
+    assert rc == 2
+    assert "cannot resume" in capsys.readouterr().err
+
+
+def test_corrupt_checkpoint_clear_error(tmp_path):
+    rd = _run(tmp_path, "--eval.every", "0")
+    ck = rd / "checkpoints" / "last.pt"
+    ck.write_bytes(ck.read_bytes()[: 200])
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_checkpoint(rd)
+    assert train_cli.main(["--resume", str(rd)]) == 2
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "nope.pt")
+    torch.save({"format": "something-else"}, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="not a vsml"):
+        load_checkpoint(tmp_path / "other.pt")
+    (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(CheckpointError):
+        load_theta(tmp_path / "bad.safetensors")
+
+
+@pytest.mark.parametrize("flag,value,msg", [
+    ("--steps", "0", "steps must be >= 1"),
+    ("--es.sigma", "-1", "sigma"),
+    ("--vsml.micro_ticks", "0", "micro_ticks"),
+    ("--lr", "-0.1", "lr must be"),
+    ("--estimator", "sgd", "expected one of"),
+])
+def test_bad_config_values(flag, value, msg, capsys):
+    with pytest.raises(SystemExit) as exc:
+        train_cli.main([*TINY, flag, value])
+    assert exc.value.code == 2
+    assert msg in capsys.readouterr().err
+
+
+def test_help_lists_presets_and_fields(capsys):
+    with pytest.raises(SystemExit):
+        train_cli.main(["--help"])
+    out = capsys.readouterr().out
+    for word in ("default", "tiny", "bptt", "cpu-mnist", "--es.sigma", "--vsml.hidden_sizes", "--estimator"):
+        assert word in out
+
+
+def test_sigint_writes_checkpoint_and_resume_works(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "disabled"}
+    cmd = [sys.executable, str(ROOT / "train.py"), *TINY, "--steps", "100000", "--eval.every", "0",
+           "--ckpt_every", "0", "--out_dir", str(tmp_path), "--name", "sig"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    lines = []
+    while time.time() < deadline:
+        line = proc.stdout.readline()
+        lines.append(line)
+        if "step 2/" in line:
+            break
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGINT, "".join(lines) + out
+    assert "Resume with" in out
+    ck = load_checkpoint(tmp_path / "sig")
+    assert ck["step"] >= 2
+    assert train_cli.main(["--resume", str(tmp_path / "sig"), "--steps", str(ck["step"] + 1),
+                           "--log.progress", "false"]) == 0
+    assert load_checkpoint(tmp_path / "sig")["step"] == ck["step"] + 1
+
+
+def test_wandb_offline_run_has_logged_keys(tmp_path):
+    pytest.importorskip("wandb")
+    os.environ.pop("WANDB_MODE", None)
+    try:
+        rd = _run(tmp_path, "--log.wandb", "offline", "--steps", "2")
+    finally:
+        os.environ["WANDB_MODE"] = "disabled"
+    runs = list((rd / "wandb").glob("offline-run-*"))
+    assert runs, list(rd.iterdir())
+    files = list(runs[0].rglob("*.wandb"))
+    assert files
+    blob = files[0].read_bytes()
+    assert b"meta_train/loss_mean" in blob and b"meta_test/digits/online_acc" in blob
+
+
+def test_eval_cli_on_run_and_baselines(tmp_path, capsys):
+    rd = _run(tmp_path, "--eval.every", "0")
+    out = tmp_path / "ev"
+    rc = eval_cli.main(["--checkpoint", str(rd), "--tasks", "digits;sum", "--episodes", "2", "--length", "15",
+                        "--baselines", "sgd,adam", "--out", str(out), "--no-compile"])
+    assert rc == 0
+    res = json.loads((out / "results.json").read_text())
+    assert set(res) == {"digits", "sum"}
+    assert set(res["digits"]) == {"vsml", "sgd", "adam"}
+    assert len(res["sum"]["vsml"]["curve_mean"]) == 15
+    assert (out / "curve_digits.png").exists() and (out / "curve_sum.png").exists()
+    table = capsys.readouterr().out
+    assert "online acc" in table and "adam" in table
+    rc = eval_cli.main(["--checkpoint", str(tmp_path / "missing"), "--episodes", "1", "--length", "2"])
+    assert rc == 2

@@ -1,0 +1,96 @@
+"""Meta-test: frozen learners run online on test-split task families (vsml.md §3.6).
+
+Each learner predicts every example before its label is seen; ``tasks.protocol.meta_test`` turns
+the per-step correctness into online accuracy (mean over the curve), final accuracy (last 100
+steps) and the per-step curve with a 95% band.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tasks import make_family
+from tasks.protocol import meta_test
+
+
+@dataclass
+class FrozenLearner:
+    """A learner with fixed meta-parameters θ (empty for SGD/Adam baselines)."""
+
+    name: str
+    learner: Any
+    theta: torch.Tensor
+    max_batch: int = 64      # episodes per forward call (memory)
+
+    def run(self, batch) -> dict[str, torch.Tensor]:
+        """EpisodeBatch -> {"correct": [E, T], "loss": [E, T]} (no gradients, fresh state per episode)."""
+        outs_c, outs_l = [], []
+        dev = self.theta.device
+        with torch.no_grad():
+            for e0 in range(0, batch.x.shape[0], self.max_batch):
+                x = batch.x[e0:e0 + self.max_batch].to(dev)
+                y = batch.y[e0:e0 + self.max_batch].to(dev)
+                gen = torch.Generator(device="cpu").manual_seed(10_007 * (e0 + 1))
+                out = self.learner.unroll(self.theta, x, y, batch.num_classes, generator=gen)
+                outs_c.append(out.correct.float().cpu())
+                outs_l.append(out.loss.float().cpu())
+        return {"correct": torch.cat(outs_c), "loss": torch.cat(outs_l)}
+
+
+def parse_task_list(spec: str) -> list[str]:
+    """Task specs separated by ';' (a single spec may contain ',' as in ``mix:a,b``)."""
+    return [s.strip() for s in spec.split(";") if s.strip()]
+
+
+def evaluate(learners: list[FrozenLearner], task_specs: list[str], episodes: int, length: int, seed: int,
+             data_dir: str | None = None, split: str = "test") -> dict[str, dict[str, dict[str, Any]]]:
+    """{task: {learner: result dict of tasks.protocol.meta_test}}; all learners see the same episodes."""
+    results: dict[str, dict[str, dict[str, Any]]] = {}
+    for spec in task_specs:
+        fam = make_family(spec, data_dir=data_dir)
+        results[spec] = {}
+        for fl in learners:
+            r = meta_test(fl.run, fam, num_episodes=episodes, length=length, seed=seed, split=split)
+            results[spec][fl.name] = {k: (v.tolist() if torch.is_tensor(v) else v) for k, v in r.items()}
+    return results
+
+
+def chance_level(results_for_task: dict[str, dict[str, Any]]) -> float | None:
+    for r in results_for_task.values():
+        if "num_classes" in r:
+            return 1.0 / r["num_classes"]
+    return None
+
+
+def summary_table(results: dict[str, dict[str, dict[str, Any]]]) -> str:
+    """A plain-text table: task, learner, online accuracy, final accuracy, loss."""
+    rows = [("task", "learner", "online acc", "final acc", "loss", "episodes x T")]
+    for task, per in results.items():
+        for name, r in per.items():
+            rows.append((task, name, f"{r['online_accuracy']:.4f}", f"{r['final_accuracy']:.4f}",
+                         f"{r['loss']:.4f}", f"{r['num_episodes']} x {r['length']}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def write_results(results: dict, out_dir: str | Path, plot: bool = True, smooth: int = 25) -> dict[str, Path]:
+    """results.json plus one PNG per task; returns {"json": path, task: png path, ...}."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths: dict[str, Path] = {"json": out_dir / "results.json"}
+    with open(paths["json"], "w") as fh:
+        json.dump(results, fh)
+    if plot:
+        from .plotting import plot_task_curves
+        for task, per in results.items():
+            safe = "".join(ch if ch.isalnum() or ch in "-_+" else "_" for ch in task)
+            paths[task] = plot_task_curves(task, per, out_dir / f"curve_{safe}.png",
+                                           chance=chance_level(per), smooth=smooth)
+    return paths

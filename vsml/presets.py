@@ -1,0 +1,70 @@
+"""Named starting configs for ``train.py --preset NAME`` (every field can still be overridden)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from .bptt import BPTTConfig
+from .config import SubLSTMConfig, VSMLConfig
+from .es import ESConfig
+from .trainer import EvalConfig, LogConfig, TrainConfig
+
+_LN = VSMLConfig(cell=SubLSTMConfig(layer_norm=True))
+
+PRESETS: dict[str, tuple[str, TrainConfig]] = {
+    "default": (
+        "the README's main job: offline, ~10 min on 2 CPU cores; ES meta-training on generated and "
+        "projected digit tasks, meta-test on unseen data next to SGD/Adam",
+        TrainConfig(name="default", task="mnist5k+resize8+proj", es=ESConfig(pairs=32), episode_length=100,
+                    steps=300, eval=EvalConfig(tasks="digits", every=100, episodes=16, length=500,
+                                               baselines="sgd,adam"))),
+    "tiny": (
+        "seconds-long smoke test of every code path (used by the tests)",
+        TrainConfig(name="tiny", task="digits+proj", es=ESConfig(pairs=2), episode_length=6, steps=3,
+                    compile=False, ckpt_every=1, eval=EvalConfig(tasks="digits", every=2, episodes=2, length=12),
+                    log=LogConfig(every=1, progress=False))),
+    "bptt": (
+        "backprop meta-training (truncated BPTT, LayerNorm, Adam 1e-3, clip 25) on projected digits",
+        TrainConfig(name="bptt", estimator="bptt", vsml=_LN, task="digits+proj", meta_batch=16,
+                    episode_length=100, bptt=BPTTConfig(truncation=50, clip_grad_norm=25.0), steps=300,
+                    eval=EvalConfig(tasks="digits", every=50, episodes=16, length=500, baselines="sgd,adam"))),
+    "cpu-mnist": (
+        "CPU-sized reproduction of MNIST -> Fashion-MNIST (inputs resized to 14x14 + random projections); "
+        "needs the MNIST files (--data_dir)",
+        TrainConfig(name="cpu-mnist", task="mnist+resize14+proj", es=ESConfig(pairs=32), episode_length=200,
+                    steps=1500, ckpt_every=100,
+                    eval=EvalConfig(tasks="fashion_mnist+resize14;mnist+resize14", every=250, episodes=16,
+                                    length=2000, baselines="sgd,adam"))),
+    "paper-mnist": (
+        "the reference experiment (vsml.md §2.2): MNIST + projections, 1024 pairs, T=500, 10001 steps "
+        "(GPU cluster scale)",
+        TrainConfig(name="paper-mnist", task="mnist+proj", es=ESConfig(pairs=1024), episode_length=500,
+                    steps=10001, ckpt_every=500,
+                    eval=EvalConfig(tasks="fashion_mnist;mnist", every=100, episodes=32, length=2000,
+                                    baselines="sgd,adam"))),
+    "deep": (
+        "784->32->C VSML with LayerNorm and label feeding (vsml.md deep.yaml), ES",
+        TrainConfig(name="deep", vsml=VSMLConfig(cell=SubLSTMConfig(layer_norm=True), hidden_sizes=(32,),
+                                                 feed_label=True),
+                    task="mnist+proj", es=ESConfig(pairs=64), episode_length=200, steps=2000,
+                    eval=EvalConfig(tasks="fashion_mnist;mnist", every=200, episodes=16, length=2000))),
+    "metarnn": (
+        "Meta-RNN baseline (LSTM fed [x, e, y]) meta-trained by ES on the default family",
+        TrainConfig(name="metarnn", learner="metarnn", task="mnist5k+resize8+proj", es=ESConfig(pairs=32),
+                    episode_length=100, steps=300, compile=False,
+                    eval=EvalConfig(tasks="digits", every=100, episodes=16, length=500))),
+    "hebbian": (
+        "Hebbian/Oja fast-weight baseline meta-trained by ES on the default family",
+        TrainConfig(name="hebbian", learner="hebbian", task="mnist5k+resize8+proj", es=ESConfig(pairs=32),
+                    episode_length=100, steps=300, compile=False,
+                    eval=EvalConfig(tasks="digits", every=100, episodes=16, length=500))),
+}
+
+
+def get(name: str) -> TrainConfig:
+    if name not in PRESETS:
+        raise KeyError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return PRESETS[name][1]
+
+
+__all__ = ["PRESETS", "get", "replace"]

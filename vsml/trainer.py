@@ -1,0 +1,336 @@
+"""Meta-training loop: learner x task family x meta-gradient estimator, with logging, periodic
+meta-tests, checkpoints, exact resume and signal handling.
+
+Every random draw of meta-step s (the data episodes, the ES noise, the initial inner states)
+is derived from (seed, s), so a resumed run repeats exactly the numbers of an uninterrupted one
+given θ, the Adam state and s from the checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from .checkpoint import CheckpointError, atomic_write_text, load_checkpoint, save_checkpoint, save_theta
+from .config import ConfigError, VSMLConfig
+from .bptt import BPTTConfig
+from .es import ESConfig
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Meta-test during training (held-out families, test split)."""
+
+    tasks: str = "digits"             # task specs separated by ';'
+    every: int = 100                  # meta-steps between meta-tests (0: only at the end)
+    episodes: int = 16
+    length: int = 500
+    seed: int = 22
+    baselines: str = ""               # e.g. "sgd,adam": also run these at the final meta-test
+
+    def __post_init__(self):
+        if self.every < 0 or self.episodes < 1 or self.length < 1:
+            raise ConfigError(f"eval.every >= 0, eval.episodes >= 1, eval.length >= 1 required; got "
+                              f"{self.every}, {self.episodes}, {self.length}")
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    every: int = 10                   # meta-steps between log lines / metrics rows
+    wandb: Literal["disabled", "offline", "online"] = "disabled"
+    project: str = "vsml"
+    progress: bool = True             # tqdm bar (off automatically when not a TTY)
+
+    def __post_init__(self):
+        if self.every < 1:
+            raise ConfigError(f"log.every must be >= 1, got {self.every}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One meta-training run.  ``lr`` defaults by estimator (ES 0.025, BPTT 1e-3) when None."""
+
+    name: str = "run"
+    learner: Literal["vsml", "metarnn", "hebbian"] = "vsml"
+    vsml: VSMLConfig = field(default_factory=VSMLConfig)
+    estimator: Literal["es", "bptt"] = "es"
+    es: ESConfig = field(default_factory=ESConfig)
+    bptt: BPTTConfig = field(default_factory=BPTTConfig)
+    lr: float | None = None
+    weight_decay: float = 0.0
+    task: str = "digits+proj"         # meta-training family spec (train split)
+    episode_length: int = 100
+    meta_batch: int = 16              # BPTT: episodes per meta-step (ES: es.pairs data episodes)
+    steps: int = 200
+    seed: int = 0
+    device: str = "cpu"
+    compile: bool = True              # torch.compile the no-grad VSML tick (ES, meta-test)
+    data_dir: str | None = None
+    out_dir: str = "runs"
+    ckpt_every: int = 50
+    keep_checkpoints: bool = False    # also keep step_<n>.pt next to last.pt
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def __post_init__(self):
+        for name in ("episode_length", "meta_batch", "steps"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ConfigError(f"lr must be a positive number, got {self.lr}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.ckpt_every < 0:
+            raise ConfigError(f"ckpt_every must be >= 0, got {self.ckpt_every}")
+
+    @property
+    def resolved_lr(self) -> float:
+        return self.lr if self.lr is not None else (0.025 if self.estimator == "es" else 1e-3)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["resolved_lr"] = self.resolved_lr
+        return d
+
+
+def config_from_dict(d: dict[str, Any]) -> TrainConfig:
+    """Rebuild a TrainConfig from its ``to_dict`` (tolerates derived keys; rejects unknown ones)."""
+    d = {k: v for k, v in d.items() if k != "resolved_lr"}
+    sub = {"vsml": VSMLConfig.from_dict, "es": lambda v: ESConfig(**v), "bptt": lambda v: BPTTConfig(**v),
+           "eval": lambda v: EvalConfig(**v), "log": lambda v: LogConfig(**v)}
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = set(d) - known
+    if unknown:
+        raise CheckpointError(f"config has unknown keys {sorted(unknown)}; it was written by another vsml version")
+    for k, fn in sub.items():
+        if k in d and isinstance(d[k], dict):
+            d[k] = fn(d[k])
+    return TrainConfig(**d)
+
+
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed from integers (splitmix64 mixing), stable across runs and platforms."""
+    x = 0x9E3779B97F4A7C15
+    for p in parts:
+        x = (x ^ (int(p) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        x ^= x >> 31
+    return x & 0x7FFFFFFFFFFFFFFF
+
+
+def build_learner(cfg: TrainConfig):
+    from .baselines import make_learner
+    from .network import VSMLNetwork
+    if cfg.learner == "vsml":
+        return VSMLNetwork(cfg.vsml, compile=cfg.compile)
+    return make_learner(cfg.learner)
+
+
+class _StopFlag:
+    """SIGINT/SIGTERM set a flag; the loop writes a checkpoint and exits cleanly at the next step."""
+
+    def __init__(self):
+        self.signal: int | None = None
+        self._old = {}
+
+    def __enter__(self):
+        for s in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[s] = signal.signal(s, self._handle)
+            except ValueError:   # not in the main thread
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signal is not None:          # second signal: give up immediately
+            raise KeyboardInterrupt
+        self.signal = signum
+        print(f"\n[vsml] received signal {signum}; finishing this meta-step and writing a checkpoint "
+              "(send again to abort)", file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+def _new_run_dir(out_dir: str, name: str) -> Path:
+    """runs/<name>, or runs/<name>-2, -3, ... so an earlier run is never overwritten."""
+    base = Path(out_dir) / name
+    cand, i = base, 1
+    while cand.exists() and any(cand.iterdir()):
+        i += 1
+        cand = Path(f"{base}-{i}")
+    cand.mkdir(parents=True, exist_ok=True)
+    return cand
+
+
+def _check_resume_compatible(saved: TrainConfig, cfg: TrainConfig) -> None:
+    for key in ("learner", "vsml", "estimator"):
+        if getattr(saved, key) != getattr(cfg, key):
+            raise CheckpointError(
+                f"cannot resume: the checkpoint was trained with {key}={getattr(saved, key)!r} but the "
+                f"requested config has {key}={getattr(cfg, key)!r}; resume without overriding {key}")
+
+
+def _estimator(cfg: TrainConfig, learner):
+    from .estimators import BPTTEstimator, ESEstimator
+    if cfg.estimator == "es":
+        return ESEstimator(learner, dataclasses.replace(cfg.es, seed=derive_seed(cfg.seed, cfg.es.seed)))
+    return BPTTEstimator(learner, cfg.bptt, seed=cfg.seed)
+
+
+def run_meta_test(cfg: TrainConfig, learner, theta: torch.Tensor, step: int, logger, run_dir: Path,
+                  final: bool = False) -> dict:
+    from .evaluate import FrozenLearner, evaluate, parse_task_list, write_results
+    learners = [FrozenLearner(cfg.learner, learner, theta.detach())]
+    if final and cfg.eval.baselines:
+        from .baselines import make_learner
+        for b in [s.strip() for s in cfg.eval.baselines.split(",") if s.strip()]:
+            bl = make_learner(b)
+            learners.append(FrozenLearner(b, bl, bl.init_theta().to(theta.device)))
+    tasks = parse_task_list(cfg.eval.tasks)
+    res = evaluate(learners, tasks, cfg.eval.episodes, cfg.eval.length, cfg.eval.seed, cfg.data_dir)
+    metrics = {}
+    for task, per in res.items():
+        r = per[cfg.learner]
+        metrics[f"meta_test/{task}/online_acc"] = r["online_accuracy"]
+        metrics[f"meta_test/{task}/final_acc"] = r["final_accuracy"]
+        metrics[f"meta_test/{task}/loss"] = r["loss"]
+        logger.log_curves(task, {n: {"mean": v["curve_mean"], "lo": v["curve_lo"], "hi": v["curve_hi"]}
+                                 for n, v in per.items()}, step)
+    logger.log(metrics, step)
+    if final:
+        paths = write_results(res, run_dir / "meta_test")
+        for task, p in paths.items():
+            if task != "json":
+                logger.log_image(f"meta_test/{task}/plot", p, step)
+        res["_paths"] = {k: str(v) for k, v in paths.items()}
+    return res
+
+
+def train(cfg: TrainConfig, resume: str | None = None, run_dir: str | None = None) -> Path:
+    """Meta-train; returns the run directory.  ``resume``: a run directory or checkpoint file."""
+    from .loggers import RunLogger
+
+    ck = None
+    if resume is not None:
+        ck = load_checkpoint(resume)
+        saved = config_from_dict(ck["config"])
+        _check_resume_compatible(saved, cfg)
+        rd = Path(resume) if Path(resume).is_dir() else Path(ck["path"]).parent.parent
+    else:
+        rd = Path(run_dir) if run_dir else _new_run_dir(cfg.out_dir, cfg.name)
+        rd.mkdir(parents=True, exist_ok=True)
+    device = torch.device(cfg.device)
+    cfg_dict = cfg.to_dict()
+    atomic_write_text(rd / "config.json", json.dumps(cfg_dict, indent=2))
+
+    from tasks import make_family
+    learner = build_learner(cfg)
+    family = make_family(cfg.task, data_dir=cfg.data_dir)
+    gen = torch.Generator().manual_seed(derive_seed(cfg.seed, 0xC0FFEE))
+    theta = torch.nn.Parameter(learner.init_theta(gen).to(device))
+    from .estimators import clip_grad, make_optimizer
+    opt = make_optimizer(theta, cfg.resolved_lr, weight_decay=cfg.weight_decay)
+    start = 0
+    wandb_id = None
+    if ck is not None:
+        if tuple(ck["theta"].shape) != tuple(theta.shape):
+            raise CheckpointError(f"checkpoint θ has shape {list(ck['theta'].shape)} but the config needs "
+                                  f"{list(theta.shape)}")
+        with torch.no_grad():
+            theta.copy_(ck["theta"].to(device))
+        opt.load_state_dict(ck["optimizer"])
+        torch.set_rng_state(ck["rng"]["torch"])
+        start = int(ck["step"])
+        wandb_id = ck.get("extra", {}).get("wandb_id")
+        print(f"[vsml] resumed {rd} at step {start}", flush=True)
+    logger = RunLogger(rd, cfg_dict, cfg.log.wandb, project=cfg.log.project, name=rd.name,
+                       group=f"{cfg.learner}-{cfg.estimator}-{cfg.task}", resume_id=wandb_id)
+    estimator = _estimator(cfg, learner)
+    n_data = cfg.es.pairs if cfg.estimator == "es" else cfg.meta_batch
+
+    def checkpoint(step: int) -> None:
+        extra = {"wandb_id": logger.wandb_id} if logger.wandb_id else {}
+        kw = dict(theta=theta, optimizer=opt.state_dict(), rng={"torch": torch.get_rng_state()}, step=step,
+                  config=cfg_dict, extra=extra)
+        save_checkpoint(rd / "checkpoints" / "last.pt", **kw)
+        if cfg.keep_checkpoints:
+            save_checkpoint(rd / "checkpoints" / f"step_{step:06d}.pt", **kw)
+        save_theta(rd / "theta.safetensors", theta, cfg_dict, step)
+
+    from tqdm.auto import tqdm
+    bar = tqdm(total=cfg.steps, initial=start, disable=(not cfg.log.progress) or None, dynamic_ncols=True,
+               desc=rd.name, file=sys.stderr)
+    step = start
+    t_last, nonfinite_total = time.time(), 0
+    interrupted = None
+    try:
+        with _StopFlag() as stop:
+            while step < cfg.steps:
+                batch = family.sample(n_data, cfg.episode_length, seed=derive_seed(cfg.seed, step, 1), split="train")
+                x, y = batch.x.to(device), batch.y.to(device)
+                grad, m = estimator.estimate(theta.detach(), x, y, batch.num_classes, step)
+                if not torch.isfinite(grad).all():
+                    m["skipped_nonfinite_grad"] = 1
+                    grad = torch.zeros_like(grad)
+                if cfg.estimator == "bptt" and cfg.bptt.clip_grad_norm > 0:
+                    grad = clip_grad(grad, cfg.bptt.clip_grad_norm)
+                theta.grad = grad.to(theta.dtype)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                step += 1
+                bar.update(1)
+                nonfinite_total += int(m.get("nonfinite", 0))
+                if step % cfg.log.every == 0 or step == cfg.steps:
+                    now = time.time()
+                    row = {f"meta_train/{k}": v for k, v in m.items()}
+                    row["meta_train/nonfinite_total"] = nonfinite_total
+                    row["meta_train/theta_norm"] = theta.detach().norm().item()
+                    row["perf/sec_per_step"] = (now - t_last) / cfg.log.every
+                    t_last = now
+                    logger.log(row, step)
+                    loss = m.get("loss_mean", m.get("loss", float("nan")))
+                    bar.set_postfix(loss=f"{loss:.4f}")
+                    print(f"[vsml] step {step}/{cfg.steps} meta_loss {loss:.4f} "
+                          f"({row['perf/sec_per_step']:.2f} s/step) task={batch.name}", flush=True)
+                if cfg.ckpt_every and step % cfg.ckpt_every == 0:
+                    checkpoint(step)
+                if cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.steps:
+                    res = run_meta_test(cfg, learner, theta, step, logger, rd)
+                    print("[vsml] meta-test " + ", ".join(
+                        f"{t}: online acc {per[cfg.learner]['online_accuracy']:.3f}" for t, per in res.items()),
+                        flush=True)
+                if stop.signal is not None:
+                    interrupted = stop.signal
+                    break
+    except KeyboardInterrupt:
+        interrupted = signal.SIGINT
+    finally:
+        bar.close()
+        checkpoint(step)            # never lose a run's results, whatever happened
+    if interrupted is not None:
+        logger.close()
+        print(f"[vsml] interrupted at step {step}; checkpoint written to {rd / 'checkpoints' / 'last.pt'}. "
+              f"Resume with: python train.py --resume {rd}", flush=True)
+        raise SystemExit(128 + int(interrupted))
+    res = run_meta_test(cfg, learner, theta, step, logger, rd, final=True)
+    summary = {f"final/{t}/{n}/online_acc": r["online_accuracy"] for t, per in res.items() if t != "_paths"
+               for n, r in per.items()}
+    logger.summary(summary)
+    logger.close()
+    from .evaluate import summary_table
+    print("\n[vsml] final meta-test (test split, θ frozen):")
+    print(summary_table({t: v for t, v in res.items() if t != "_paths"}))
+    print(f"\n[vsml] run directory: {rd}")
+    for k, p in res.get("_paths", {}).items():
+        print(f"[vsml]   {'results' if k == 'json' else 'plot ' + k}: {p}")
+    return rd
