@@ -67,9 +67,9 @@ def _needs_grad(theta: torch.Tensor, state: VSMLState | None) -> bool:
     return any(torch.is_tensor(t) and t.requires_grad for t in tensors)
 
 
-def unroll(net: VSMLNetwork, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, num_classes: int | None = None,
-           state: VSMLState | None = None, generator: torch.Generator | None = None, backend: str = "auto",
-           **kernel_kwargs) -> EpisodeOutput:
+def unroll(net: VSMLNetwork, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
+           num_classes: int | None = None, state: VSMLState | None = None,
+           generator: torch.Generator | None = None, backend: str = "auto", **kernel_kwargs) -> EpisodeOutput:
     """``VSMLNetwork.unroll`` with a backend switch; same arguments, same ``EpisodeOutput``.
 
     With the fused backend the inputs are checked exactly like the torch path (``net.check_inputs``), a

@@ -6,25 +6,22 @@ inside one kernel launch; per-example logits (and the cross-entropy) come out, a
 Design, limits, roofline and precision notes: ``kernels/README.md``.  In short:
 
 * grid = (E,): **one program per episode**.  It loops over time, over layers (forward sweep, and the
-  reverse sweep with ``backward_pass``), and over tiles of the layer's A x B grid of sub-LSTMs
-  (b-tiles outer, a-tiles inner).  A tile is ``BA x BB`` pairs flattened to ``[BA*BB, N]`` rows.
-* The sub-LSTM state h, c lives in **global memory** (one flat buffer per quantity, layer-major,
-  so each layer's ``[E, A_k, B_k, N]`` block is a contiguous view); a tile loads h, c once per layer
-  update, runs all ``micro_ticks`` micro-steps in registers (the messages are frozen within an
-  update) and stores them once.
-* Messages live in small per-episode buffers: the forward-message scratch (slot 0 = embedded x_t,
-  slot k = output of layer k-1, slot K = last layer's output -> logits) and the backward messages,
-  which are the state's ``bwd`` list itself.  The mean over a is accumulated in registers across the
-  a-tiles of a b-tile; the mean over b is accumulated in place in the destination backward-message
-  slot across b-tiles.  ``tl.debug_barrier()`` orders the scratch writes of one layer before the
-  reads of the next (all in one program, so no grid-wide synchronisation is needed).
-* Gates: ``u = [fwd_in[a], bwd_in[b]]`` (2M) is gathered per pair and ``u @ W_x^T + beta`` is computed
-  once per layer update; each micro-step adds ``h @ W_h^T`` (four N x N gate blocks, ``tl.dot``, or a
-  broadcast-and-sum fallback with ``use_dot=False``).  Sizes are padded to powers of two (>= 16 for
-  ``tl.dot``) with masked loads, so any D, hidden width, class count, N and M work.
+  reverse sweep with ``backward_pass``), over a-tiles of BA inputs and, inside, over the B outputs.
+  A tile is ``[BA, N]``: the sub-LSTMs (a0..a0+BA-1, b), so padding is only ever on the a axis.
+* The sub-LSTM state h, c lives in **global memory** (flat layer-major buffers, so each layer's
+  ``[E, A_k, B_k, N]`` block is a contiguous view); a tile loads h, c once per layer update, runs all
+  ``micro_ticks`` micro-steps in registers (messages are frozen within an update) and stores them once.
+* Gates = F[a] + R[b] + h W_h^T: F = fwd_in W_f^T once per a-tile, R = bwd_in W_r^T + β once per layer
+  update (in scratch), four [BA, N] x [N, N] gate dots per micro-step (``tl.dot``, or a broadcast-sum
+  fallback with ``use_dot=False``).  Sizes are padded to powers of two (>= 16 for tl.dot), masked.
+* Messages live in a small per-episode scratch (slot 0 = embedded x_t, slot k = output of layer k-1,
+  slot K -> logits; plus R) and in the state's ``bwd`` buffer.  Mean over a: load-add-store into the
+  output slot per (a-tile, b); mean over b: a register accumulator per a-tile.  ``tl.debug_barrier()``
+  orders every write of one phase before the reads of the next (all within one program).
 
-The kernel must be imported with ``TRITON_INTERPRET=1`` already in the environment to run on CPU
-(tests only; slow).  Without CUDA and without the interpreter ``fused_unroll`` raises ``RuntimeError``.
+Run on CPU only under the Triton interpreter: ``TRITON_INTERPRET=1`` must be in the environment before
+this module is imported (tests only; slow).  Without CUDA and without the interpreter ``fused_unroll``
+raises ``RuntimeError`` saying so.
 """
 
 from __future__ import annotations
@@ -57,9 +54,6 @@ MAX_CLASSES = 4096
 #: Largest hidden size N and message size M (tiles are [pairs, next_pow2(N)] register blocks).
 MAX_HIDDEN = 64
 MAX_MSG = 32
-#: Row count of the per-layer descriptor table.
-_META_COLS = 8
-
 PRECISIONS = ("ieee", "tf32", "tf32x3")
 
 
@@ -100,8 +94,10 @@ if HAS_TRITON:
             return (tl.dot(a, b_i, input_precision=PRECISION), tl.dot(a, b_g, input_precision=PRECISION),
                     tl.dot(a, b_f, input_precision=PRECISION), tl.dot(a, b_o, input_precision=PRECISION))
         else:
-            return (tl.sum(a[:, :, None] * b_i[None, :, :], axis=1), tl.sum(a[:, :, None] * b_g[None, :, :], axis=1),
-                    tl.sum(a[:, :, None] * b_f[None, :, :], axis=1), tl.sum(a[:, :, None] * b_o[None, :, :], axis=1))
+            return (tl.sum(a[:, :, None] * b_i[None, :, :], axis=1),
+                    tl.sum(a[:, :, None] * b_g[None, :, :], axis=1),
+                    tl.sum(a[:, :, None] * b_f[None, :, :], axis=1),
+                    tl.sum(a[:, :, None] * b_o[None, :, :], axis=1))
 
     @triton.jit
     def _cell(h, c, x_i, x_g, x_f, x_o, w_i, w_g, w_f, w_o,
@@ -515,7 +511,7 @@ def fused_episode(cfg: VSMLConfig, theta: torch.Tensor, x: torch.Tensor, y: torc
         l_sets = cfg.num_theta_sets
         meta = []
         h_off, bwd_offs, off = 0, [], 0
-        for a, b in dims:
+        for _, b in dims:
             bwd_offs.append(off)
             off += e * b * m
         slot_rows = [d] + [b for _, b in dims]            # slot 0 = x_t, slot k = output of layer k-1

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from vsml import SubLSTMConfig, VSMLConfig, VSMLNetwork
-from vsml.baselines import (BASELINES, HebbianLearner, MetaRNN, OnlineSGD, OnlineSGDState, make_learner)
+from vsml.baselines import BASELINES, HebbianLearner, MetaRNN, OnlineSGD, OnlineSGDState, make_learner
 from vsml.bptt import BPTTConfig, bptt_gradient
 from vsml.es import ESConfig
 from vsml.estimators import ESEstimator

@@ -13,12 +13,19 @@ import pytest
 import torch
 
 from vsml import SubLSTMConfig, VSMLConfig, VSMLNetwork, VSMLState
-from vsml.bptt import BPTTConfig, bptt_gradient
-from vsml.estimators import BPTTEstimator, Estimator, ESEstimator
-from vsml.es import ESConfig
-from vsml.learner import (Learner, is_meta_trainable, state_cat, state_detach, state_index,
-                          state_repeat_interleave, tree_flatten)
 from vsml.baselines import OnlineSGD
+from vsml.bptt import BPTTConfig, bptt_gradient
+from vsml.es import ESConfig
+from vsml.estimators import BPTTEstimator, ESEstimator, Estimator
+from vsml.learner import (
+    Learner,
+    is_meta_trainable,
+    state_cat,
+    state_detach,
+    state_index,
+    state_repeat_interleave,
+    tree_flatten,
+)
 
 DT = torch.float64
 
@@ -114,7 +121,7 @@ def test_clipping_and_unclipped_norm():
     net = _net()
     theta = _theta(net, 3)
     x, y = _data(seed=3)
-    g, m = bptt_gradient(net, theta, x, y, 2, BPTTConfig(truncation=0, clip_grad_norm=0),
+    g, _ = bptt_gradient(net, theta, x, y, 2, BPTTConfig(truncation=0, clip_grad_norm=0),
                          torch.Generator().manual_seed(0))
     norm = float(g.norm())
     gc, mc = bptt_gradient(net, theta, x, y, 2, BPTTConfig(truncation=0, clip_grad_norm=norm / 4),

@@ -259,3 +259,19 @@ def test_gradients_flow_finite_difference():
     torch.autograd.gradcheck(lambda th: net.unroll(th, x[:, :2], y[:, :2], 2, state=st.clone()).loss.sum(),
                              (theta.detach()[:, :].clone().requires_grad_(True),), eps=1e-6, atol=1e-5,
                              nondet_tol=0, fast_mode=True)
+
+
+def test_compiled_tick_matches_eager():
+    """The torch.compile'd no-grad path (fused gates, tanh via σ) equals the eager path to float32 rounding."""
+    gen = torch.Generator().manual_seed(0)
+    cfg = _cfg((3,), ln=True, label=True)
+    eager, comp = VSMLNetwork(cfg), VSMLNetwork(cfg, compile=True)
+    theta = _random_theta(eager, gen, e=2).float()
+    x, y = torch.randn(2, 4, 5, generator=gen), torch.randint(0, 3, (2, 4), generator=gen)
+    st = eager.init_state(2, 5, 3, gen)
+    with torch.no_grad():
+        a = eager.unroll(theta, x, y, 3, state=st.clone())
+        b = comp.unroll(theta, x, y, 3, state=st.clone())
+    assert comp._compiled_tick is not None
+    torch.testing.assert_close(b.logits, a.logits, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(b.state.c[0], a.state.c[0], rtol=1e-4, atol=1e-5)

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from vsml import SubLSTMConfig, VSMLConfig, VSMLNetwork
+from vsml.baselines import OnlineSGD
 from vsml.es import ESConfig, centered_ranks, es_ask, es_gradient, es_tell, pair_seed, sample_noise
 from vsml.estimators import ESEstimator, clip_grad, make_optimizer
-from vsml.baselines import OnlineSGD
 
 DT = torch.float64
 
@@ -141,9 +141,10 @@ def test_nonfinite_fitness_is_ranked_worst_and_counted():
     # raw: a non-finite member counts as the worst finite loss of the population
     losses = loss(es_ask(th, cfg, 0))
     ref = losses.clone()
-    for i in bad:
-        ref[i] = losses[[j for j in range(400) if j not in bad]].max()
-        losses[i] = bad[i]
+    worst = losses[[j for j in range(400) if j not in bad]].max()
+    for i, v in bad.items():
+        ref[i] = worst
+        losses[i] = v
     g1, _ = es_tell(th, losses, cfg, 0)
     g2, _ = es_tell(th, ref, cfg, 0)
     torch.testing.assert_close(g1, g2)

@@ -24,9 +24,10 @@ classes are read), which is equivalent to padding but cheaper.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -35,8 +36,15 @@ from .network import EpisodeOutput, _linear
 from .params import truncated_normal
 
 __all__ = [
-    "OnlineSGD", "OnlineSGDState", "HebbianLearner", "HebbianState", "MetaRNN", "MetaRNNState",
-    "BASELINES", "LEARNERS", "make_learner",
+    "BASELINES",
+    "LEARNERS",
+    "HebbianLearner",
+    "HebbianState",
+    "MetaRNN",
+    "MetaRNNState",
+    "OnlineSGD",
+    "OnlineSGDState",
+    "make_learner",
 ]
 
 

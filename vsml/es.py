@@ -42,12 +42,13 @@ function.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Literal, Sequence
+from typing import Literal
 
 import torch
 
-__all__ = ["ESConfig", "pair_seed", "sample_noise", "centered_ranks", "es_ask", "es_tell", "es_gradient"]
+__all__ = ["ESConfig", "centered_ranks", "es_ask", "es_gradient", "es_tell", "pair_seed", "sample_noise"]
 
 _MASK64 = (1 << 64) - 1
 FITNESS_MODES = ("raw", "centered_rank")

@@ -26,7 +26,7 @@ from .bptt import BPTTConfig, bptt_gradient
 from .es import ESConfig, es_ask, es_tell, pair_seed
 from .learner import is_meta_trainable, state_index, state_repeat_interleave
 
-__all__ = ["Estimator", "ESEstimator", "BPTTEstimator", "make_optimizer", "clip_grad", "grad_norm"]
+__all__ = ["BPTTEstimator", "ESEstimator", "Estimator", "clip_grad", "grad_norm", "make_optimizer"]
 
 
 @runtime_checkable

@@ -23,15 +23,23 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from typing import Any, Callable, Protocol, Sequence, runtime_checkable
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
 from .network import EpisodeOutput
 
 __all__ = [
-    "Learner", "is_meta_trainable", "state_map", "state_detach", "state_repeat_interleave",
-    "state_index", "state_cat", "tree_flatten", "EpisodeOutput",
+    "EpisodeOutput",
+    "Learner",
+    "is_meta_trainable",
+    "state_cat",
+    "state_detach",
+    "state_index",
+    "state_map",
+    "state_repeat_interleave",
+    "tree_flatten",
 ]
 
 

@@ -33,6 +33,7 @@ only Python loops are over time, layers and micro-ticks.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -58,7 +59,7 @@ class EpisodeOutput:
     logits: torch.Tensor
     loss: torch.Tensor
     correct: torch.Tensor
-    state: VSMLState
+    state: Any          # VSMLState for VSML; the baselines return their own state types
 
     @property
     def accuracy(self) -> torch.Tensor:
@@ -163,6 +164,8 @@ class VSMLNetwork:
         out = net.unroll(theta, x, y, num_classes=10, generator=g)        # x [E, T, D], y [E, T]
         out2 = net.unroll(theta, x2, y2, state=out.state)                 # continue the episode
     """
+
+    meta_trainable = True
 
     def __init__(self, cfg: VSMLConfig, compile: bool = False):
         """``compile=True`` runs each tick through ``torch.compile`` (fused elementwise work, see

@@ -24,6 +24,7 @@ from .checkpoint import CheckpointError, atomic_write_text, load_checkpoint, sav
 from .config import ConfigError, VSMLConfig
 from .bptt import BPTTConfig
 from .es import ESConfig
+from tasks.base import derive_seed  # one seed-derivation rule for data, noise and states
 
 
 @dataclass(frozen=True)
@@ -117,15 +118,6 @@ def config_from_dict(d: dict[str, Any]) -> TrainConfig:
     return TrainConfig(**d)
 
 
-def derive_seed(*parts: int) -> int:
-    """A 63-bit seed from integers (splitmix64 mixing), stable across runs and platforms."""
-    x = 0x9E3779B97F4A7C15
-    for p in parts:
-        x = (x ^ (int(p) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
-        x ^= x >> 31
-    return x & 0x7FFFFFFFFFFFFFFF
-
-
 def build_learner(cfg: TrainConfig):
     from .baselines import make_learner
     from .network import VSMLNetwork
@@ -183,7 +175,7 @@ def _check_resume_compatible(saved: TrainConfig, cfg: TrainConfig) -> None:
 def _estimator(cfg: TrainConfig, learner):
     from .estimators import BPTTEstimator, ESEstimator
     if cfg.estimator == "es":
-        return ESEstimator(learner, dataclasses.replace(cfg.es, seed=derive_seed(cfg.seed, cfg.es.seed)))
+        return ESEstimator(learner, dataclasses.replace(cfg.es, seed=derive_seed(cfg.seed, "es-noise", cfg.es.seed)))
     return BPTTEstimator(learner, cfg.bptt, seed=cfg.seed)
 
 
@@ -236,9 +228,9 @@ def train(cfg: TrainConfig, resume: str | None = None, run_dir: str | None = Non
     from tasks import make_family
     learner = build_learner(cfg)
     family = make_family(cfg.task, data_dir=cfg.data_dir)
-    gen = torch.Generator().manual_seed(derive_seed(cfg.seed, 0xC0FFEE))
+    gen = torch.Generator().manual_seed(derive_seed(cfg.seed, "theta-init"))
     theta = torch.nn.Parameter(learner.init_theta(gen).to(device))
-    from .estimators import clip_grad, make_optimizer
+    from .estimators import make_optimizer  # BPTT clipping happens inside bptt_gradient
     opt = make_optimizer(theta, cfg.resolved_lr, weight_decay=cfg.weight_decay)
     start = 0
     wandb_id = None
@@ -276,14 +268,12 @@ def train(cfg: TrainConfig, resume: str | None = None, run_dir: str | None = Non
     try:
         with _StopFlag() as stop:
             while step < cfg.steps:
-                batch = family.sample(n_data, cfg.episode_length, seed=derive_seed(cfg.seed, step, 1), split="train")
+                batch = family.sample(n_data, cfg.episode_length, seed=derive_seed(cfg.seed, "meta-train-data", step), split="train")
                 x, y = batch.x.to(device), batch.y.to(device)
                 grad, m = estimator.estimate(theta.detach(), x, y, batch.num_classes, step)
                 if not torch.isfinite(grad).all():
                     m["skipped_nonfinite_grad"] = 1
                     grad = torch.zeros_like(grad)
-                if cfg.estimator == "bptt" and cfg.bptt.clip_grad_norm > 0:
-                    grad = clip_grad(grad, cfg.bptt.clip_grad_norm)
                 theta.grad = grad.to(theta.dtype)
                 opt.step()
                 opt.zero_grad(set_to_none=True)

@@ -38,8 +38,8 @@ ATOL, RTOL = 1e-5, 1e-4
 pytestmark = [
     pytest.mark.interpreter,
     pytest.mark.skipif(not (vsml_fused.INTERPRET or torch.cuda.is_available()),
-                       reason="kernels.vsml_fused was imported before TRITON_INTERPRET=1 was set and there is "
-                              "no GPU; run with TRITON_INTERPRET=1 in the environment"),
+                       reason="kernels.vsml_fused was imported before TRITON_INTERPRET=1 was set and "
+                              "there is no GPU; run with TRITON_INTERPRET=1 in the environment"),
 ]
 
 
@@ -60,7 +60,8 @@ def nan_poisoned_allocations(monkeypatch):
 
     monkeypatch.setattr(torch, "empty", lambda *a, **k: poison(real_empty(*a, **k)))
     monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poison(real_empty_like(*a, **k)))
-    monkeypatch.setattr(torch.Tensor, "new_empty", lambda self, *a, **k: poison(real_new_empty(self, *a, **k)))
+    monkeypatch.setattr(torch.Tensor, "new_empty",
+                        lambda self, *a, **k: poison(real_new_empty(self, *a, **k)))
     yield
 
 
@@ -89,7 +90,8 @@ def make_case(hidden=(), ln=False, bp=False, label=False, layerwise=False, per_e
 def assert_state_close(got: VSMLState, ref: VSMLState) -> None:
     for name in ("h", "c", "bwd"):
         for k, (a, b) in enumerate(zip(getattr(got, name), getattr(ref, name))):
-            torch.testing.assert_close(a, b, atol=ATOL, rtol=RTOL, msg=lambda m: f"state.{name}[{k}]: {m}")
+            torch.testing.assert_close(a, b, atol=ATOL, rtol=RTOL,
+                                       msg=lambda m, name=name, k=k: f"state.{name}[{k}]: {m}")
 
 
 def check_against_torch(net, theta, x, y, state, **kw):
@@ -110,19 +112,19 @@ CASES = {
     # id: (make_case kwargs, fused_episode kwargs)
     "K1-fwd-sharedθ": (dict(), dict()),
     "K1-bwdpass-episodeθ-LN-label": (dict(bp=True, ln=True, label=True, per_ep=True), dict()),
-    "K2-fwd-episodeθ-LN-label-layerwise": (dict(hidden=(3,), ln=True, label=True, layerwise=True, per_ep=True),
-                                           dict()),
+    "K2-fwd-episodeθ-LN-label-layerwise": (
+        dict(hidden=(3,), ln=True, label=True, layerwise=True, per_ep=True), dict()),
     "K2-bwdpass-sharedθ-layerwise": (dict(hidden=(3,), bp=True, layerwise=True, t=3), dict()),
     "K2-fwd-sharedθ-nodot-3x2tiles": (dict(hidden=(3,), t=2, seed=1), dict(use_dot=False, block_a=2)),
     "K2-bwdpass-episodeθ-LN-nodot-tiles": (dict(hidden=(3,), bp=True, ln=True, per_ep=True, t=2, seed=2),
                                            dict(use_dot=False, block_a=2)),
     "K2-fwd-dot-3atiles-D37": (dict(hidden=(3,), d=37, t=3, label=True, seed=3), dict(block_a=16)),
-    "K3-bwdpass-episodeθ-LN-layerwise": (dict(hidden=(4, 3), bp=True, ln=True, layerwise=True, per_ep=True, t=2,
-                                              seed=4), dict()),
+    "K3-bwdpass-episodeθ-LN-layerwise": (
+        dict(hidden=(4, 3), bp=True, ln=True, layerwise=True, per_ep=True, t=2, seed=4), dict()),
     # N=5, M=3 (padded to 16), 3 micro-ticks, C=10, non-default message indices
     "odd-cell-N5-M3-micro3-C10-indices": (
-        dict(hidden=(3,), cell=SubLSTMConfig(hidden=5, msg=3, layer_norm=True), micro=3, label=True, c=10, d=4,
-             t=3, input_idx=2, output_idx=0, error_idx=1, label_idx=2, seed=5), dict()),
+        dict(hidden=(3,), cell=SubLSTMConfig(hidden=5, msg=3, layer_norm=True), micro=3, label=True, c=10,
+             d=4, t=3, input_idx=2, output_idx=0, error_idx=1, label_idx=2, seed=5), dict()),
 }
 
 
@@ -173,8 +175,11 @@ def test_zero_length_chunk():
 
 def test_backend_unroll_matches_torch_backend():
     net, theta, x, y, _ = make_case(hidden=(3,), label=True, per_ep=True, seed=8, t=3)
-    ref = kb.unroll(net, theta, x, y, num_classes=3, generator=torch.Generator().manual_seed(1), backend="torch")
-    out = kb.unroll(net, theta, x, y, num_classes=3, generator=torch.Generator().manual_seed(1), backend="triton")
+    def gen():
+        return torch.Generator().manual_seed(1)
+
+    ref = kb.unroll(net, theta, x, y, num_classes=3, generator=gen(), backend="torch")
+    out = kb.unroll(net, theta, x, y, num_classes=3, generator=gen(), backend="triton")
     torch.testing.assert_close(out.logits, ref.logits, atol=ATOL, rtol=RTOL)
     torch.testing.assert_close(out.loss, ref.loss, atol=ATOL, rtol=RTOL)
     assert torch.equal(out.correct, ref.correct)
@@ -294,7 +299,7 @@ def test_compiles_for_sm90_without_gpu():
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     res = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True,
-                         timeout=300)
+                         timeout=300, check=False)
     if res.returncode != 0 and ("nvidia" in res.stderr.lower() and "backend" in res.stderr.lower()):
         pytest.skip(f"no NVIDIA compiler backend in this triton install: {res.stderr[-300:]}")
     assert res.returncode == 0 and "OK" in res.stdout, res.stderr[-3000:]
@@ -305,7 +310,8 @@ def test_compiles_for_sm90_without_gpu():
 @pytest.mark.parametrize("precision,atol", [("ieee", 1e-5), ("tf32x3", 1e-4), ("tf32", 5e-2)])
 @pytest.mark.parametrize("hidden,bp", [((), False), ((32,), True)])
 def test_gpu_mnist_sized(precision, atol, hidden, bp):
-    net, theta, x, y, state = make_case(hidden=hidden, bp=bp, per_ep=True, ln=bool(hidden), e=4, t=20, d=784, c=10)
+    net, theta, x, y, state = make_case(hidden=hidden, bp=bp, per_ep=True, ln=bool(hidden), e=4, t=20, d=784,
+                                        c=10)
     ref = net.unroll(theta, x, y, state=state.clone())
     res = fused_episode(net.cfg, theta, x, y, state, precision=precision)
     torch.testing.assert_close(res.logits, ref.logits, atol=atol, rtol=atol * 10)
