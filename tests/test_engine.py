@@ -261,8 +261,12 @@ def test_gradients_flow_finite_difference():
                              nondet_tol=0, fast_mode=True)
 
 
-def test_compiled_tick_matches_eager():
-    """The torch.compile'd no-grad path (fused gates, tanh via σ) equals the eager path to float32 rounding."""
+@pytest.mark.parametrize("chunk_pairs", [16384, 7])
+def test_compiled_tick_matches_eager(chunk_pairs, monkeypatch):
+    """The torch.compile'd no-grad path (fused gates, tanh via σ, chunks of inputs a) equals the eager path
+    to float32 rounding, in one chunk and in several (uneven) chunks."""
+    import vsml.network
+    monkeypatch.setattr(vsml.network, "CHUNK_PAIRS", chunk_pairs)
     gen = torch.Generator().manual_seed(0)
     cfg = _cfg((3,), ln=True, label=True)
     eager, comp = VSMLNetwork(cfg), VSMLNetwork(cfg, compile=True)
@@ -272,6 +276,6 @@ def test_compiled_tick_matches_eager():
     with torch.no_grad():
         a = eager.unroll(theta, x, y, 3, state=st.clone())
         b = comp.unroll(theta, x, y, 3, state=st.clone())
-    assert comp._compiled_tick is not None
+    assert comp._chunk_fn is not None
     torch.testing.assert_close(b.logits, a.logits, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(b.state.c[0], a.state.c[0], rtol=1e-4, atol=1e-5)

@@ -116,9 +116,8 @@ def lstm_micro_steps(p: CellParams, fwd_in: torch.Tensor, bwd_in: torch.Tensor, 
 
     fwd_in [E, A, M], bwd_in [E, B, M], h, c [E, A, B, N]  ->  h', c' [E, A, B, N]
 
-    ``fused=True`` is the form used under torch.compile: the message terms are broadcast inside
-    every micro-step (never materialised as [E, A, B, 4N]) and tanh is written through σ, so the
-    compiler fuses everything after the h-matmul into one pass over the grid.
+    ``fused=True`` is the arithmetic of the compiled path (``_chunk_update``): the message terms are
+    broadcast inside every micro-step and tanh is written through σ.
     """
     e, a, b, n = h.shape
     f_term = _linear(fwd_in, p.W_f)[:, :, None, :]          # [E, A, 1, 4N]
@@ -150,6 +149,45 @@ def readout_bwd(p: CellParams, h: torch.Tensor, ln_eps: float) -> torch.Tensor:
     return _layer_norm(psi, p.ln_bwd_g, p.ln_bwd_b, ln_eps).mean(2)
 
 
+def layer_update(p: CellParams, fwd_in: torch.Tensor, bwd_in: torch.Tensor, h: torch.Tensor, c: torch.Tensor,
+                 micro_ticks: int, ln_eps: float, fused: bool = False):
+    """One dense-layer update (§1.3): micro-steps, then both readouts.
+
+    Returns h', c' [E, A, B, N], →m' [E, B, M] (mean over a) and ←m' [E, A, M] (mean over b).
+    """
+    h, c = lstm_micro_steps(p, fwd_in, bwd_in, h, c, micro_ticks, fused)
+    return h, c, readout_fwd(p, h, ln_eps), readout_bwd(p, h, ln_eps)
+
+
+def _chunk_update(p: CellParams, f_term: torch.Tensor, r_term: torch.Tensor, h: torch.Tensor, c: torch.Tensor,
+                  micro_ticks: int, ln_eps: float):
+    """The compiled kernel of the no-grad path: micro-steps and readouts of a chunk of inputs a.
+
+    f_term [E, a, 4N] (this chunk's forward-message term), r_term [E, B, 4N] (with β), h, c [E, a, B, N].
+    Returns h', c', the chunk's *sum* over a of φ [E, B, M] (the caller divides by A) and the
+    chunk's ←m' [E, a, M].  Sized so the [E, a, B, 4N] gates stay in cache.
+    """
+    n = h.shape[-1]
+    f4, r4 = f_term[:, :, None, :], r_term[:, None, :, :]    # [E, a, 1, 4N], [E, 1, B, 4N]
+    for _ in range(micro_ticks):
+        gates = _linear(h, p.W_h) + f4 + r4                  # [E, a, B, 4N]
+        gi, gg, gf, go = gates.split(n, dim=-1)
+        c = torch.sigmoid(gf + GATE_F_OFFSET) * c + torch.sigmoid(gi + GATE_I_OFFSET) * tanh_via_sigmoid(gg)
+        h = torch.sigmoid(go) * tanh_via_sigmoid(c)
+    if p.ln_fwd_g is None:
+        fwd_sum = _linear(h.sum(1), p.W_fwd)                 # [E, B, M]  (bias added by the caller)
+        bwd_out = _linear(h.mean(2), p.W_bwd, p.b_bwd)       # [E, a, M]
+    else:
+        fwd_sum = _layer_norm(_linear(h, p.W_fwd, p.b_fwd), p.ln_fwd_g, p.ln_fwd_b, ln_eps).sum(1)
+        bwd_out = _layer_norm(_linear(h, p.W_bwd, p.b_bwd), p.ln_bwd_g, p.ln_bwd_b, ln_eps).mean(2)
+    return h, c, fwd_sum, bwd_out
+
+
+#: sub-LSTMs per compiled chunk on the no-grad path (measured on a 2-core AVX-512 CPU: chunks of
+#: ~16k pairs keep the gates in cache and run 1.4-1.7x faster than the whole grid at once)
+CHUNK_PAIRS = 16384
+
+
 # --------------------------------------------------------------------------------------------
 # the network
 
@@ -174,7 +212,37 @@ class VSMLNetwork:
         (seconds to a minute on a small CPU)."""
         self.cfg = cfg
         self.compile = compile
-        self._compiled_tick = None
+        self._chunk_fn = None
+
+    def _chunked_layer(self, p: CellParams, fwd_in, bwd_in, h, c):
+        """No-grad layer update through the compiled chunk function, looping over chunks of inputs a."""
+        if self._chunk_fn is None:
+            import torch._dynamo.config as dcfg
+            # one graph per chunk shape and θ mode: ES populations, meta-test batches, several tasks
+            for name in ("recompile_limit", "cache_size_limit"):
+                if hasattr(dcfg, name):
+                    setattr(dcfg, name, max(getattr(dcfg, name), 64))
+            self._chunk_fn = torch.compile(_chunk_update, dynamic=False)
+        e, a, b, _ = h.shape
+        f_term = _linear(fwd_in, p.W_f)                         # [E, A, 4N]
+        r_term = _linear(bwd_in, p.W_r, p.beta)                 # [E, B, 4N]
+        step = max(1, CHUNK_PAIRS // (e * b))
+        if step >= a:
+            h2, c2, fsum, bwd_out = self._chunk_fn(p, f_term, r_term, h, c, self.cfg.micro_ticks, self.cfg.cell.ln_eps)
+        else:
+            h2, c2 = torch.empty_like(h), torch.empty_like(c)
+            bwd_out = h.new_empty(e, a, self.cfg.cell.msg)
+            fsum = 0
+            for a0 in range(0, a, step):
+                a1 = min(a, a0 + step)
+                hh, cc, fs, bo = self._chunk_fn(p, f_term[:, a0:a1], r_term, h[:, a0:a1], c[:, a0:a1],
+                                                self.cfg.micro_ticks, self.cfg.cell.ln_eps)
+                h2[:, a0:a1], c2[:, a0:a1], bwd_out[:, a0:a1] = hh, cc, bo
+                fsum = fsum + fs
+        fwd_out = fsum / a                                      # mean over a, [E, B, M]
+        if p.ln_fwd_g is None:
+            fwd_out = fwd_out + _expand_to_grid(p.b_fwd, 3)
+        return h2, c2, fwd_out, bwd_out
 
     # -- parameters and state ---------------------------------------------------------------
 
@@ -223,24 +291,25 @@ class VSMLNetwork:
         """Process example t: predict ŷ_t from x_t (before y_t is used), then feed y_t's error.
 
         theta [L, P] or [E, L, P], x_t [E, D], y_t [E] -> logits [E, C] and the new state.
+        ``fused``: use the compiled, chunked layer update (no-grad only).
         """
         cfg = self.cfg
         params = self.layer_params(theta)
 
         def layer(p, fwd_in, bwd_in, h_k, c_k):
-            return lstm_micro_steps(p, fwd_in, bwd_in, h_k, c_k, cfg.micro_ticks, fused)
+            if fused:
+                return self._chunked_layer(p, fwd_in, bwd_in, h_k, c_k)
+            return layer_update(p, fwd_in, bwd_in, h_k, c_k, cfg.micro_ticks, cfg.cell.ln_eps)
 
-        eps = cfg.cell.ln_eps
         k_last = cfg.num_layers - 1
         h, c, bwd = list(state.h), list(state.c), list(state.bwd)
         fwd = self.embed_input(x_t)                                   # [E, D, M]
         if not cfg.backward_pass:
             # one sweep: layer k reads fwd from layer k-1 (this tick) and bwd from layer k+1 (last tick)
             for k in range(cfg.num_layers):
-                h[k], c[k] = layer(params[k], fwd, bwd[k], h[k], c[k])
+                h[k], c[k], fwd, bwd_out = layer(params[k], fwd, bwd[k], h[k], c[k])   # fwd: [E, B_k, M]
                 if k > 0:
-                    bwd[k - 1] = readout_bwd(params[k], h[k], eps)    # [E, A_k, M], read next tick
-                fwd = readout_fwd(params[k], h[k], eps)               # [E, B_k, M]
+                    bwd[k - 1] = bwd_out                              # [E, A_k, M], read by layer k-1 next tick
             logits = self.logits_from(fwd)                            # [E, C]
             bwd[k_last] = self.error_message(logits, y_t)             # enters the last layer at t+1
         else:
@@ -248,15 +317,14 @@ class VSMLNetwork:
             fwd_ins = []
             for k in range(cfg.num_layers):
                 fwd_ins.append(fwd)
-                h[k], c[k] = layer(params[k], fwd, bwd[k], h[k], c[k])
-                fwd = readout_fwd(params[k], h[k], eps)
+                h[k], c[k], fwd, _ = layer(params[k], fwd, bwd[k], h[k], c[k])
             logits = self.logits_from(fwd)
             # reverse sweep: the error enters the last layer and moves down one layer per update
             msg = self.error_message(logits, y_t)
             for k in range(k_last, -1, -1):
-                h[k], c[k] = layer(params[k], fwd_ins[k], msg, h[k], c[k])
+                h[k], c[k], _, bwd_out = layer(params[k], fwd_ins[k], msg, h[k], c[k])
                 if k > 0:
-                    msg = readout_bwd(params[k], h[k], eps)           # [E, A_k, M]
+                    msg = bwd_out                                     # [E, A_k, M]
                     bwd[k - 1] = msg
             bwd[k_last] = torch.zeros_like(bwd[k_last])               # error reset after the sweep
         return logits, VSMLState(h, c, bwd)
@@ -317,19 +385,10 @@ class VSMLNetwork:
         y = y.long()
         if state is None:
             state = self.init_state(e, d, num_classes, generator, theta.dtype, theta.device)
-        tick, fused = self.tick, False
-        if self.compile and not (torch.is_grad_enabled() and theta.requires_grad):
-            if self._compiled_tick is None:
-                import torch._dynamo.config as dcfg
-                # one graph per (E, D, C, θ mode): ES populations, meta-test batches and several tasks
-                for name in ("recompile_limit", "cache_size_limit"):
-                    if hasattr(dcfg, name):
-                        setattr(dcfg, name, max(getattr(dcfg, name), 64))
-                self._compiled_tick = torch.compile(self.tick, dynamic=False)
-            tick, fused = self._compiled_tick, True
+        fused = self.compile and not (torch.is_grad_enabled() and theta.requires_grad)
         logits = []
         for t in range(t_len):
-            lg, state = tick(theta, state, x[:, t], y[:, t], fused)
+            lg, state = self.tick(theta, state, x[:, t], y[:, t], fused)
             logits.append(lg)
         logits_t = torch.stack(logits, 1) if logits else x.new_zeros(e, 0, num_classes)   # [E, T, C]
         loss = F.cross_entropy(logits_t.reshape(-1, num_classes), y.reshape(-1),
