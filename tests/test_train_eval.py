@@ -38,7 +38,8 @@ def test_train_tiny_writes_run_directory(tmp_path, capsys):
     assert any("meta_train/loss_mean" in r for r in rows)
     assert any("meta_test/digits/online_acc" in r for r in rows)
     ck = load_checkpoint(rd)
-    assert ck["step"] == 3 and ck["config"]["name"] == "t"
+    assert ck["step"] == 5 and ck["config"]["name"] == "t"     # 2 cloning + 3 ES steps
+    assert any("meta_train/clone_loss" in r for r in rows)
     theta, tcfg, meta = load_theta(rd / "theta.safetensors")
     assert torch.equal(theta, ck["theta"]) and tcfg["learner"] == "vsml"
     res = json.loads((rd / "meta_test" / "results.json").read_text())
@@ -53,7 +54,7 @@ def test_existing_run_is_never_overwritten(tmp_path):
     rc = train_cli.main([*TINY, "--out_dir", str(tmp_path), "--name", "t", "--steps", "1"])
     assert rc == 0
     assert (tmp_path / "t-2" / "config.json").exists()
-    assert load_checkpoint(tmp_path / "t")["step"] == 3
+    assert load_checkpoint(tmp_path / "t")["step"] == 5
 
 
 @pytest.mark.parametrize("estimator", ["es", "bptt"])
@@ -63,12 +64,12 @@ def test_resume_equals_uninterrupted(tmp_path, estimator):
         extra += ["--meta_batch", "2", "--bptt.truncation", "3"]
     full = _run(tmp_path, *extra, "--steps", "4", name="full")
     part = _run(tmp_path, *extra, "--steps", "2", name="part")
-    assert load_checkpoint(part)["step"] == 2
+    assert load_checkpoint(part)["step"] == 4                 # 2 cloning + 2 meta-training steps
     assert train_cli.main(["--resume", str(part), "--steps", "4", "--log.progress", "false"]) == 0
     a, b = load_checkpoint(full), load_checkpoint(part)
-    assert b["step"] == 4
+    assert b["step"] == 6
     assert torch.equal(a["theta"], b["theta"])
-    assert torch.equal(a["optimizer"]["state"][0]["exp_avg"], b["optimizer"]["state"][0]["exp_avg"])
+    assert torch.equal(a["optimizer"]["meta"]["state"][0]["exp_avg"], b["optimizer"]["meta"]["state"][0]["exp_avg"])
 
 
 def test_resume_refuses_incompatible_config(tmp_path, capsys):
@@ -135,7 +136,8 @@ def test_sigint_writes_checkpoint_and_resume_works(tmp_path):
     assert "Resume with" in out
     ck = load_checkpoint(tmp_path / "sig")
     assert ck["step"] >= 2
-    assert train_cli.main(["--resume", str(tmp_path / "sig"), "--steps", str(ck["step"] + 1),
+    # --steps counts meta-training steps after the tiny preset's 2 cloning steps
+    assert train_cli.main(["--resume", str(tmp_path / "sig"), "--steps", str(ck["step"] - 2 + 1),
                            "--log.progress", "false"]) == 0
     assert load_checkpoint(tmp_path / "sig")["step"] == ck["step"] + 1
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from .bptt import BPTTConfig
+from .cloning import CloneConfig
 from .config import SubLSTMConfig, VSMLConfig
 from .es import ESConfig
 from .trainer import EvalConfig, LogConfig, TrainConfig
@@ -21,6 +22,7 @@ PRESETS: dict[str, tuple[str, TrainConfig]] = {
     "tiny": (
         "seconds-long smoke test of every code path (used by the tests)",
         TrainConfig(name="tiny", task="digits+proj", es=ESConfig(pairs=2), episode_length=6, steps=3,
+                    clone=CloneConfig(steps=2, episodes=2, length=4),
                     compile=False, ckpt_every=1, eval=EvalConfig(tasks="digits", every=2, episodes=2, length=12),
                     log=LogConfig(every=1, progress=False))),
     "bptt": (

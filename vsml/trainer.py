@@ -23,6 +23,7 @@ import torch
 from .checkpoint import CheckpointError, atomic_write_text, load_checkpoint, save_checkpoint, save_theta
 from .config import ConfigError, VSMLConfig
 from .bptt import BPTTConfig
+from .cloning import CloneConfig
 from .es import ESConfig
 from tasks.base import derive_seed  # one seed-derivation rule for data, noise and states
 
@@ -66,12 +67,13 @@ class TrainConfig:
     estimator: Literal["es", "bptt"] = "es"
     es: ESConfig = field(default_factory=ESConfig)
     bptt: BPTTConfig = field(default_factory=BPTTConfig)
+    clone: CloneConfig = field(default_factory=CloneConfig)   # supervised warm start (steps 0: none)
     lr: float | None = None
     weight_decay: float = 0.0
     task: str = "digits+proj"         # meta-training family spec (train split)
     episode_length: int = 100
     meta_batch: int = 16              # BPTT: episodes per meta-step (ES: es.pairs data episodes)
-    steps: int = 200
+    steps: int = 200                  # meta-training steps (after clone.steps cloning steps)
     seed: int = 0
     device: str = "cpu"
     compile: bool = True              # torch.compile the no-grad VSML tick (ES, meta-test)
@@ -83,6 +85,8 @@ class TrainConfig:
     log: LogConfig = field(default_factory=LogConfig)
 
     def __post_init__(self):
+        if self.clone.steps and (self.learner != "vsml"):
+            raise ConfigError("clone.steps > 0 needs learner=vsml (cloning makes sub-LSTMs imitate SGD weights)")
         for name in ("episode_length", "meta_batch", "steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -97,6 +101,10 @@ class TrainConfig:
     def resolved_lr(self) -> float:
         return self.lr if self.lr is not None else (0.025 if self.estimator == "es" else 1e-3)
 
+    @property
+    def total_steps(self) -> int:
+        return self.clone.steps + self.steps
+
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["resolved_lr"] = self.resolved_lr
@@ -107,6 +115,7 @@ def config_from_dict(d: dict[str, Any]) -> TrainConfig:
     """Rebuild a TrainConfig from its ``to_dict`` (tolerates derived keys; rejects unknown ones)."""
     d = {k: v for k, v in d.items() if k != "resolved_lr"}
     sub = {"vsml": VSMLConfig.from_dict, "es": lambda v: ESConfig(**v), "bptt": lambda v: BPTTConfig(**v),
+           "clone": lambda v: CloneConfig(**v),
            "eval": lambda v: EvalConfig(**v), "log": lambda v: LogConfig(**v)}
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = set(d) - known
@@ -165,7 +174,7 @@ def _new_run_dir(out_dir: str, name: str) -> Path:
 
 
 def _check_resume_compatible(saved: TrainConfig, cfg: TrainConfig) -> None:
-    for key in ("learner", "vsml", "estimator"):
+    for key in ("learner", "vsml", "estimator", "clone"):
         if getattr(saved, key) != getattr(cfg, key):
             raise CheckpointError(
                 f"cannot resume: the checkpoint was trained with {key}={getattr(saved, key)!r} but the "
@@ -232,6 +241,7 @@ def train(cfg: TrainConfig, resume: str | None = None, run_dir: str | None = Non
     theta = torch.nn.Parameter(learner.init_theta(gen).to(device))
     from .estimators import make_optimizer  # BPTT clipping happens inside bptt_gradient
     opt = make_optimizer(theta, cfg.resolved_lr, weight_decay=cfg.weight_decay)
+    opt_clone = make_optimizer(theta, cfg.clone.lr)
     start = 0
     wandb_id = None
     if ck is not None:
@@ -240,7 +250,11 @@ def train(cfg: TrainConfig, resume: str | None = None, run_dir: str | None = Non
                                   f"{list(theta.shape)}")
         with torch.no_grad():
             theta.copy_(ck["theta"].to(device))
-        opt.load_state_dict(ck["optimizer"])
+        if set(ck["optimizer"]) != {"meta", "clone"}:
+            raise CheckpointError(f"{ck['path']}: optimizer state has keys {sorted(ck['optimizer'])}, expected "
+                                  "['clone', 'meta']; the checkpoint comes from another vsml version")
+        opt.load_state_dict(ck["optimizer"]["meta"])
+        opt_clone.load_state_dict(ck["optimizer"]["clone"])
         torch.set_rng_state(ck["rng"]["torch"])
         start = int(ck["step"])
         wandb_id = ck.get("extra", {}).get("wandb_id")
@@ -249,10 +263,14 @@ def train(cfg: TrainConfig, resume: str | None = None, run_dir: str | None = Non
                        group=f"{cfg.learner}-{cfg.estimator}-{cfg.task}", resume_id=wandb_id)
     estimator = _estimator(cfg, learner)
     n_data = cfg.es.pairs if cfg.estimator == "es" else cfg.meta_batch
+    cloner = None
+    if cfg.clone.steps:
+        from .cloning import CloneEstimator
+        cloner = CloneEstimator(learner, cfg.clone, seed=cfg.seed)
 
     def checkpoint(step: int) -> None:
         extra = {"wandb_id": logger.wandb_id} if logger.wandb_id else {}
-        kw = dict(theta=theta, optimizer=opt.state_dict(), rng={"torch": torch.get_rng_state()}, step=step,
+        kw = dict(theta=theta, optimizer={"meta": opt.state_dict(), "clone": opt_clone.state_dict()}, rng={"torch": torch.get_rng_state()}, step=step,
                   config=cfg_dict, extra=extra)
         save_checkpoint(rd / "checkpoints" / "last.pt", **kw)
         if cfg.keep_checkpoints:
@@ -260,27 +278,35 @@ def train(cfg: TrainConfig, resume: str | None = None, run_dir: str | None = Non
         save_theta(rd / "theta.safetensors", theta, cfg_dict, step)
 
     from tqdm.auto import tqdm
-    bar = tqdm(total=cfg.steps, initial=start, disable=(not cfg.log.progress) or None, dynamic_ncols=True,
+    total = cfg.total_steps
+    bar = tqdm(total=total, initial=start, disable=(not cfg.log.progress) or None, dynamic_ncols=True,
                desc=rd.name, file=sys.stderr)
     step = start
     t_last, nonfinite_total = time.time(), 0
     interrupted = None
     try:
         with _StopFlag() as stop:
-            while step < cfg.steps:
-                batch = family.sample(n_data, cfg.episode_length, seed=derive_seed(cfg.seed, "meta-train-data", step), split="train")
+            while step < total:
+                cloning = step < cfg.clone.steps
+                seed_s = derive_seed(cfg.seed, "meta-train-data", step)
+                if cloning:
+                    batch = family.sample(cfg.clone.episodes, cfg.clone.length, seed=seed_s, split="train")
+                    est, optim = cloner, opt_clone
+                else:
+                    batch = family.sample(n_data, cfg.episode_length, seed=seed_s, split="train")
+                    est, optim = estimator, opt
                 x, y = batch.x.to(device), batch.y.to(device)
-                grad, m = estimator.estimate(theta.detach(), x, y, batch.num_classes, step)
+                grad, m = est.estimate(theta.detach(), x, y, batch.num_classes, step)
                 if not torch.isfinite(grad).all():
                     m["skipped_nonfinite_grad"] = 1
                     grad = torch.zeros_like(grad)
                 theta.grad = grad.to(theta.dtype)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
+                optim.step()
+                optim.zero_grad(set_to_none=True)
                 step += 1
                 bar.update(1)
                 nonfinite_total += int(m.get("nonfinite", 0))
-                if step % cfg.log.every == 0 or step == cfg.steps:
+                if step % cfg.log.every == 0 or step == total or step == cfg.clone.steps:
                     now = time.time()
                     row = {f"meta_train/{k}": v for k, v in m.items()}
                     row["meta_train/nonfinite_total"] = nonfinite_total
@@ -288,13 +314,14 @@ def train(cfg: TrainConfig, resume: str | None = None, run_dir: str | None = Non
                     row["perf/sec_per_step"] = (now - t_last) / cfg.log.every
                     t_last = now
                     logger.log(row, step)
-                    loss = m.get("loss_mean", m.get("loss", float("nan")))
+                    loss = m.get("loss_mean", m.get("loss", m.get("clone_loss", float("nan"))))
                     bar.set_postfix(loss=f"{loss:.4f}")
-                    print(f"[vsml] step {step}/{cfg.steps} meta_loss {loss:.4f} "
+                    what = "clone_loss" if cloning else "meta_loss"
+                    print(f"[vsml] step {step}/{total} {what} {loss:.4f} "
                           f"({row['perf/sec_per_step']:.2f} s/step) task={batch.name}", flush=True)
                 if cfg.ckpt_every and step % cfg.ckpt_every == 0:
                     checkpoint(step)
-                if cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.steps:
+                if cfg.eval.every and step < total and (step % cfg.eval.every == 0 or step == cfg.clone.steps):
                     res = run_meta_test(cfg, learner, theta, step, logger, rd)
                     print("[vsml] meta-test " + ", ".join(
                         f"{t}: online acc {per[cfg.learner]['online_accuracy']:.3f}" for t, per in res.items()),

@@ -1,0 +1,145 @@
+"""Learning-algorithm cloning: meta-train θ by supervised learning so that every sub-LSTM behaves
+like one weight of a linear model trained by online gradient descent (vsml.md §3.7, "VSML can
+implement backprop").
+
+The teacher, for a dense layer with A inputs and B outputs in the forward-only schedule (§1.5):
+at tick t the sub-LSTM (a, b) sees x_t[a] (forward element 0) and the error e_{t-1}[b] of the
+previous example (backward element 0), and the teacher weight evolves as
+
+    w_t[a, b] = w_{t-1}[a, b] − α · x_{t-1}[a] · e_{t-1}[b]         (the SGD step of example t−1)
+    ŷ_t[b]    = mean_a w_t[a, b] · x_t[a]                          (the layer's mean aggregation)
+    e_t       = softmax(ŷ_t) − onehot(y_t)
+
+i.e. online SGD on the linear model W = w / A with learning rate α / A (mean aggregation makes the
+effective rate shrink with the input count).  w_0 is the sub-LSTM's random initial cell element 0,
+so the teacher starts from the same random state the student starts from.  The clone is trained
+to emit φ_t[a, b][output_idx] = w_t[a, b] · x_t[a] (its contribution to logit b), under teacher
+forcing: the errors fed to the student are the teacher's.
+
+After cloning, the frozen θ is a learner: run through ``VSMLNetwork.unroll`` it learns new tasks
+online purely in its forward dynamics, and ES / BPTT meta-training can start from it.
+
+Scope: one dense layer, forward-only schedule, no LayerNorm on the messages (LayerNorm removes the
+magnitude that carries w·x).  Deep cloning is not implemented yet.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .config import ConfigError, VSMLConfig
+from .network import VSMLNetwork, _linear, lstm_micro_steps
+
+
+@dataclass(frozen=True)
+class CloneConfig:
+    """Cloning phase of a training run (``steps = 0``: none).
+
+    Attributes:
+        steps: supervised cloning steps before the meta-training estimator takes over.
+        alpha: the teacher's per-synapse step size α (see the module docstring).
+        lr: Adam learning rate of the cloning phase.
+        clip_grad_norm: global gradient-norm clip (0: none).
+        random_frac: fraction of episodes whose inputs are replaced by N(0, 1) noise (random
+            inputs with the same labels and teacher), for robustness beyond the task's inputs.
+        episodes: episodes per cloning step.
+        length: ticks per cloning episode (BPTT through all of them).
+    """
+
+    steps: int = 0
+    alpha: float = 1.0
+    lr: float = 3e-3
+    clip_grad_norm: float = 1.0
+    random_frac: float = 0.25
+    episodes: int = 8
+    length: int = 30
+
+    def __post_init__(self):
+        if self.steps < 0 or self.episodes < 1 or self.length < 2:
+            raise ConfigError(f"clone.steps >= 0, clone.episodes >= 1 and clone.length >= 2 required; got "
+                              f"{self.steps}, {self.episodes}, {self.length}")
+        if not (self.alpha > 0 and self.lr > 0):
+            raise ConfigError(f"clone.alpha and clone.lr must be > 0; got {self.alpha}, {self.lr}")
+        if not 0.0 <= self.random_frac <= 1.0:
+            raise ConfigError(f"clone.random_frac must lie in [0, 1], got {self.random_frac}")
+
+
+def check_cloneable(cfg: VSMLConfig) -> None:
+    if cfg.num_layers != 1 or cfg.backward_pass or cfg.cell.layer_norm or cfg.feed_label:
+        raise ConfigError(
+            "learning-algorithm cloning supports one dense layer in the forward-only schedule without "
+            f"LayerNorm or label feeding; got hidden_sizes={cfg.hidden_sizes}, backward_pass={cfg.backward_pass}, "
+            f"layer_norm={cfg.cell.layer_norm}, feed_label={cfg.feed_label} (set clone.steps 0 or change these)")
+
+
+def sgd_teacher(x: torch.Tensor, y: torch.Tensor, num_classes: int, w0: torch.Tensor, alpha: float
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Run the online-SGD teacher of the module docstring.
+
+    x [E, T, D], y [E, T], w0 [E, D, C] -> (w [E, T, D, C] the weight used at tick t,
+    e [E, T, C] the error of example t, logits [E, T, C]).
+    """
+    e_num, t_len, _ = x.shape
+    w = w0
+    ws, es, zs = [], [], []
+    for t in range(t_len):
+        if t > 0:
+            w = w - alpha * x[:, t - 1, :, None] * es[-1][:, None, :]       # [E, D, C]
+        ws.append(w)
+        z = (w * x[:, t, :, None]).mean(1)                                   # [E, C]
+        zs.append(z)
+        es.append(torch.softmax(z, -1) - F.one_hot(y[:, t], num_classes).to(z.dtype))
+    return torch.stack(ws, 1), torch.stack(es, 1), torch.stack(zs, 1)
+
+
+class CloneEstimator:
+    """Gradient of the cloning loss, behind the same ``estimate`` interface as ES and BPTT.
+
+    loss = mean_t mean_{e,a,b} (φ_t[a,b][output_idx] − w_t[a,b] x_t[a])² / Var(target), with BPTT
+    through the episode and the teacher's errors fed to the student (teacher forcing).
+    """
+
+    def __init__(self, net: VSMLNetwork, cfg: CloneConfig, seed: int = 0):
+        check_cloneable(net.cfg)
+        self.net, self.cfg, self.seed = net, cfg, seed
+
+    def loss(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, num_classes: int,
+             generator: torch.Generator) -> torch.Tensor:
+        net, cfg = self.net, self.net.cfg
+        e_num, t_len, d = x.shape
+        st = net.init_state(e_num, d, num_classes, generator, theta.dtype, theta.device)
+        w_seq, e_seq, _ = sgd_teacher(x, y, num_classes, st.c[0][..., 0], self.cfg.alpha)
+        p = net.layer_params(theta)[0]
+        h, c = st.h[0], st.c[0]
+        total = x.new_zeros(())
+        for t in range(t_len):
+            fwd = net.embed_input(x[:, t])                                   # [E, A, M]
+            bwd = x.new_zeros(e_num, num_classes, cfg.cell.msg)              # [E, B, M]
+            if t > 0:
+                bwd[..., cfg.error_idx] = e_seq[:, t - 1]
+            h, c = lstm_micro_steps(p, fwd, bwd, h, c, cfg.micro_ticks)
+            phi = _linear(h, p.W_fwd, p.b_fwd)[..., cfg.output_idx]          # [E, A, B]
+            target = w_seq[:, t] * x[:, t, :, None]                          # [E, A, B]
+            total = total + (phi - target).square().mean() / (target.var() + 1e-3)
+        return total / t_len
+
+    def estimate(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, num_classes: int, step: int):
+        from tasks.base import derive_seed
+        gen = torch.Generator().manual_seed(derive_seed(self.seed, "clone", step))
+        x = x[:, : self.cfg.length]
+        y = y[:, : self.cfg.length]
+        n_rand = int(round(self.cfg.random_frac * x.shape[0]))
+        if n_rand:
+            x = x.clone()
+            x[:n_rand] = torch.randn(x[:n_rand].shape, generator=gen, dtype=x.dtype).to(x.device)
+        th = theta.detach().clone().requires_grad_(True)
+        with torch.enable_grad():
+            loss = self.loss(th, x, y, num_classes, gen)
+            (grad,) = torch.autograd.grad(loss, th)
+        norm = grad.norm().item()
+        if self.cfg.clip_grad_norm > 0 and norm > self.cfg.clip_grad_norm:
+            grad = grad * (self.cfg.clip_grad_norm / norm)
+        return grad, {"clone_loss": loss.item(), "grad_norm": norm}
