@@ -47,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--episodes", type=int, default=16)
     ap.add_argument("--length", type=int, default=2000, help="examples per episode (T)")
     ap.add_argument("--seed", type=int, default=22)
+    ap.add_argument("--smooth", type=int, default=25,
+                    help="trailing window (steps) each episode's curve is averaged over before the band")
     ap.add_argument("--out", default=None, help="output folder (default <run>/eval or eval_out)")
     ap.add_argument("--data_dir", default=None, help="folder with the dataset files (or set VSML_DATA_DIR)")
     ap.add_argument("--device", default="cpu")
@@ -78,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     if not learners:
         ap.error("nothing to evaluate: pass --checkpoint and/or --baselines")
     tasks = tasks or "digits"
-    res = evaluate(learners, parse_task_list(tasks), args.episodes, args.length, args.seed, args.data_dir)
+    res = evaluate(learners, parse_task_list(tasks), args.episodes, args.length, args.seed, args.data_dir,
+                   smooth=max(1, args.smooth))
     paths = write_results(res, out or "eval_out", plot=not args.no_plot)
     print(summary_table(res))
     print(f"\nresults: {paths['json']}")

@@ -48,14 +48,20 @@ def parse_task_list(spec: str) -> list[str]:
 
 
 def evaluate(learners: list[FrozenLearner], task_specs: list[str], episodes: int, length: int, seed: int,
-             data_dir: str | None = None, split: str = "test") -> dict[str, dict[str, dict[str, Any]]]:
-    """{task: {learner: result dict of tasks.protocol.meta_test}}; all learners see the same episodes."""
+             data_dir: str | None = None, split: str = "test", smooth: int = 25
+             ) -> dict[str, dict[str, dict[str, Any]]]:
+    """{task: {learner: result dict of tasks.protocol.meta_test}}; all learners see the same episodes.
+
+    ``smooth``: each episode's 0/1 correctness curve is averaged over a trailing window of this many
+    steps before the mean curve and its 95% band over episodes are formed (the scalar accuracies are
+    never smoothed)."""
     results: dict[str, dict[str, dict[str, Any]]] = {}
     for spec in task_specs:
         fam = make_family(spec, data_dir=data_dir)
         results[spec] = {}
         for fl in learners:
-            r = meta_test(fl.run, fam, num_episodes=episodes, length=length, seed=seed, split=split)
+            r = meta_test(fl.run, fam, num_episodes=episodes, length=length, seed=seed, split=split,
+                          smooth=min(smooth, length))
             results[spec][fl.name] = {k: (v.tolist() if torch.is_tensor(v) else v) for k, v in r.items()}
     return results
 
@@ -80,7 +86,7 @@ def summary_table(results: dict[str, dict[str, dict[str, Any]]]) -> str:
     return "\n".join(lines)
 
 
-def write_results(results: dict, out_dir: str | Path, plot: bool = True, smooth: int = 25) -> dict[str, Path]:
+def write_results(results: dict, out_dir: str | Path, plot: bool = True) -> dict[str, Path]:
     """results.json plus one PNG per task; returns {"json": path, task: png path, ...}."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -91,6 +97,7 @@ def write_results(results: dict, out_dir: str | Path, plot: bool = True, smooth:
         from .plotting import plot_task_curves
         for task, per in results.items():
             safe = "".join(ch if ch.isalnum() or ch in "-_+" else "_" for ch in task)
+            smooth = max(int(r.get("smooth", 1)) for r in per.values())
             paths[task] = plot_task_curves(task, per, out_dir / f"curve_{safe}.png",
-                                           chance=chance_level(per), smooth=smooth)
+                                           chance=chance_level(per), smoothed_by=smooth)
     return paths

@@ -8,19 +8,13 @@ from typing import Any
 import numpy as np
 
 
-def _smooth(v: np.ndarray, window: int) -> np.ndarray:
-    if window <= 1 or len(v) < window:
-        return v
-    k = np.ones(window) / window
-    pad = np.concatenate([np.full(window - 1, v[0]), v])
-    return np.convolve(pad, k, mode="valid")
-
-
 def plot_task_curves(task: str, curves: dict[str, dict[str, Any]], path: str | Path, chance: float | None = None,
-                     smooth: int = 25, title: str | None = None) -> Path:
-    """One panel: online accuracy vs examples seen, one line per learner with its 95% band.
+                     smoothed_by: int = 1, title: str | None = None) -> Path:
+    """One panel: online accuracy vs examples seen, one line per learner with its 95% band over episodes.
 
-    curves: {learner: {"curve_mean": [T], "curve_lo": [T], "curve_hi": [T], "online_accuracy": float}}.
+    curves: {learner: {"curve_mean": [T], "curve_lo": [T], "curve_hi": [T], "online_accuracy": float}}, as
+    written by ``tasks.protocol.meta_test`` (``smoothed_by``: the trailing window it averaged each
+    episode's curve over, only used for the axis label).
     """
     import matplotlib
     matplotlib.use("Agg")
@@ -28,16 +22,16 @@ def plot_task_curves(task: str, curves: dict[str, dict[str, Any]], path: str | P
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for name, c in curves.items():
-        m = _smooth(np.asarray(c["curve_mean"], dtype=float), smooth)
-        lo = _smooth(np.asarray(c["curve_lo"], dtype=float), smooth)
-        hi = _smooth(np.asarray(c["curve_hi"], dtype=float), smooth)
+        m = np.asarray(c["curve_mean"], dtype=float)
+        lo = np.asarray(c["curve_lo"], dtype=float)
+        hi = np.asarray(c["curve_hi"], dtype=float)
         x = np.arange(1, len(m) + 1)
         line, = ax.plot(x, m, label=f"{name} (online acc {c['online_accuracy']:.3f})")
         ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.2, linewidth=0)
     if chance is not None:
         ax.axhline(chance, color="gray", linestyle="--", linewidth=1, label="chance")
     ax.set_xlabel("examples seen (online, each predicted before its label)")
-    ax.set_ylabel(f"accuracy (moving average over {smooth})" if smooth > 1 else "accuracy")
+    ax.set_ylabel(f"accuracy (trailing mean over {smoothed_by} steps)" if smoothed_by > 1 else "accuracy")
     ax.set_ylim(0, 1)
     ax.set_title(title or f"meta-test: {task}")
     ax.grid(alpha=0.3)

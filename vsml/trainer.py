@@ -68,6 +68,7 @@ class TrainConfig:
     es: ESConfig = field(default_factory=ESConfig)
     bptt: BPTTConfig = field(default_factory=BPTTConfig)
     clone: CloneConfig = field(default_factory=CloneConfig)   # supervised warm start (steps 0: none)
+    init_from: str | None = None      # start θ from a θ file / run directory (e.g. a shipped learner)
     lr: float | None = None
     weight_decay: float = 0.0
     task: str = "digits+proj"         # meta-training family spec (train split)
@@ -217,6 +218,16 @@ def run_meta_test(cfg: TrainConfig, learner, theta: torch.Tensor, step: int, log
     return res
 
 
+def _load_init_theta(path: str) -> torch.Tensor:
+    from .checkpoint import load_theta
+    p = Path(path)
+    if p.is_dir():
+        p = p / "theta.safetensors"
+    if p.suffix == ".safetensors":
+        return load_theta(p)[0]
+    return load_checkpoint(p)["theta"]
+
+
 def train(cfg: TrainConfig, resume: str | None = None, run_dir: str | None = None) -> Path:
     """Meta-train; returns the run directory.  ``resume``: a run directory or checkpoint file."""
     from .loggers import RunLogger
@@ -239,6 +250,13 @@ def train(cfg: TrainConfig, resume: str | None = None, run_dir: str | None = Non
     family = make_family(cfg.task, data_dir=cfg.data_dir)
     gen = torch.Generator().manual_seed(derive_seed(cfg.seed, "theta-init"))
     theta = torch.nn.Parameter(learner.init_theta(gen).to(device))
+    if cfg.init_from and ck is None:
+        init = _load_init_theta(cfg.init_from)
+        if tuple(init.shape) != tuple(theta.shape):
+            raise CheckpointError(f"init_from={cfg.init_from}: θ has shape {list(init.shape)} but this config "
+                                  f"needs {list(theta.shape)}")
+        with torch.no_grad():
+            theta.copy_(init.to(device))
     from .estimators import make_optimizer  # BPTT clipping happens inside bptt_gradient
     opt = make_optimizer(theta, cfg.resolved_lr, weight_decay=cfg.weight_decay)
     opt_clone = make_optimizer(theta, cfg.clone.lr)
