@@ -31,10 +31,10 @@ PRESETS: dict[str, tuple[str, TrainConfig]] = {
                     episode_length=100, bptt=BPTTConfig(truncation=50, clip_grad_norm=25.0), steps=300,
                     eval=EvalConfig(tasks="digits", every=50, episodes=16, length=500, baselines="sgd,adam"))),
     "cpu-mnist": (
-        "CPU-sized reproduction of MNIST -> Fashion-MNIST (inputs resized to 14x14 + random projections); "
-        "needs the MNIST files (--data_dir)",
-        TrainConfig(name="cpu-mnist", task="mnist+resize14+proj", es=ESConfig(pairs=32), episode_length=200,
-                    steps=1500, ckpt_every=100,
+        "CPU-sized reproduction of MNIST -> Fashion-MNIST (inputs resized to 14x14 + random projections; "
+        "SGD cloning then ES, ~1 h on 2 cores); needs the MNIST files (--data_dir)",
+        TrainConfig(name="cpu-mnist", task="mnist+resize14+proj", clone=CloneConfig(steps=1000),
+                    es=ESConfig(pairs=32), episode_length=200, steps=300, ckpt_every=50,
                     eval=EvalConfig(tasks="fashion_mnist+resize14;mnist+resize14", every=250, episodes=16,
                                     length=2000, baselines="sgd,adam"))),
     "paper-mnist": (
