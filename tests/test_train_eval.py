@@ -172,3 +172,20 @@ def test_eval_cli_on_run_and_baselines(tmp_path, capsys):
     assert "online acc" in table and "adam" in table
     rc = eval_cli.main(["--checkpoint", str(tmp_path / "missing"), "--episodes", "1", "--length", "2"])
     assert rc == 2
+
+
+@pytest.mark.parametrize("learner", ["metarnn", "hebbian"])
+def test_baseline_learners_meta_train_with_the_same_trainer(tmp_path, learner):
+    rd = _run(tmp_path, "--learner", learner, "--clone.steps", "0", "--eval.every", "0", "--steps", "2",
+              name=learner)
+    ck = load_checkpoint(rd)
+    assert ck["step"] == 2 and ck["config"]["learner"] == learner
+    res = json.loads((rd / "meta_test" / "results.json").read_text())
+    assert learner in res["digits"]
+
+
+def test_cloning_needs_vsml(capsys):
+    with pytest.raises(SystemExit) as exc:
+        train_cli.main([*TINY, "--learner", "metarnn"])
+    assert exc.value.code == 2
+    assert "clone.steps > 0 needs learner=vsml" in capsys.readouterr().err

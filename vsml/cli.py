@@ -118,12 +118,34 @@ def parse_config(argv: list[str] | None, presets: dict[str, tuple[str, Any]], de
         group.add_argument(f"--{name}", dest=f"cfg__{name}", type=_converter(tp), default=None,
                            metavar=_type_name(tp), help=f"(default: {shown})")
     ns = parser.parse_args(argv)
-    cfg = base
+    # apply every override to a plain dict first, then build (and validate) the config once, so that
+    # flags that are only consistent together (e.g. --learner metarnn --clone.steps 0) are accepted
+    values = dataclasses.asdict(base)
+    given = []
     for name in leaves:
         v = getattr(ns, f"cfg__{name}")
         if v is not None:
-            try:
-                cfg = replace_dotted(cfg, name, v)
-            except (ValueError, TypeError) as exc:
-                parser.error(f"--{name}={v!r}: {exc}")
+            d = values
+            *path, last = name.split(".")
+            for part in path:
+                d = d[part]
+            d[last] = v
+            given.append(f"--{name}={v!r}")
+    try:
+        cfg = rebuild(type(base), values)
+    except (ValueError, TypeError) as exc:
+        parser.error(f"{exc} (flags given: {' '.join(given) or 'none'})")
     return cfg, ns
+
+
+def rebuild(cls, values: dict[str, Any]) -> Any:
+    """Construct a (nested) dataclass from ``dataclasses.asdict``-style values (inner configs first)."""
+    hints = _field_types(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        v = values[f.name]
+        tp = hints[f.name]
+        if isinstance(v, dict) and isinstance(tp, type) and dataclasses.is_dataclass(tp):
+            v = rebuild(tp, v)
+        kwargs[f.name] = v
+    return cls(**kwargs)
