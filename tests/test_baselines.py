@@ -22,13 +22,6 @@ from vsml.learner import Learner, is_meta_trainable
 DT = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors: intra-op threading only adds overhead; restore the setting afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _data(e=3, t=10, d=5, c=3, seed=0, dtype=DT):

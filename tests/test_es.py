@@ -19,14 +19,6 @@ from vsml.estimators import ESEstimator, clip_grad, make_optimizer
 DT = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors: intra-op threading only adds overhead (and on a 2-core machine with OpenMP
-    spin-waiting it is ~100x slower); restore the setting afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _quadratic(d=10, seed=0):
