@@ -22,6 +22,9 @@ def load_learner(path: str, device: str = "cpu", compile: bool = True):
 
     from vsml.checkpoint import CheckpointError, load_checkpoint, load_theta
     from vsml.trainer import build_learner, config_from_dict
+    if path.startswith("pretrained:"):
+        from vsml.pretrained import path as pretrained_path
+        path = str(pretrained_path(path.split(":", 1)[1]))
     p = Path(path)
     if p.suffix == ".safetensors" or (p.is_dir() and (p / "theta.safetensors").exists()
                                       and not (p / "checkpoints" / "last.pt").exists()):
@@ -41,7 +44,10 @@ def load_learner(path: str, device: str = "cpu", compile: bool = True):
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", default=None, help="run directory, checkpoint .pt or θ .safetensors")
+    ap.add_argument("--checkpoint", default=None,
+                    help="run directory, checkpoint .pt, θ .safetensors, or pretrained:NAME (a shipped learner, "
+                         "see --list-pretrained)")
+    ap.add_argument("--list-pretrained", action="store_true", help="list the shipped learners and exit")
     ap.add_argument("--tasks", default=None, help="task specs separated by ';' (default: the run's eval tasks)")
     ap.add_argument("--baselines", default="sgd,adam", help="comma-separated baselines ('' for none)")
     ap.add_argument("--episodes", type=int, default=16)
@@ -55,6 +61,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-compile", action="store_true", help="eager PyTorch path (no torch.compile)")
     ap.add_argument("--no-plot", action="store_true")
     args = ap.parse_args(argv)
+    if args.list_pretrained:
+        from vsml.pretrained import HERE, available
+        for name in available():
+            print(f"pretrained:{name}    (model card: {HERE / (name + '.md')})")
+        return 0
     if args.episodes < 1 or args.length < 1:
         ap.error("--episodes and --length must be >= 1")
 
@@ -69,8 +80,11 @@ def main(argv: list[str] | None = None) -> int:
             learners.append(FrozenLearner(name, learner, theta))
             tasks = tasks or cfg_dict.get("eval", {}).get("tasks", "digits")
             if out is None:
-                p = Path(args.checkpoint)
-                out = str((p if p.is_dir() else p.parent) / "eval")
+                if args.checkpoint.startswith("pretrained:"):
+                    out = f"eval_{args.checkpoint.split(':', 1)[1]}"
+                else:
+                    p = Path(args.checkpoint)
+                    out = str((p if p.is_dir() else p.parent) / "eval")
         for b in [s.strip() for s in args.baselines.split(",") if s.strip()]:
             bl = make_learner(b)
             learners.append(FrozenLearner(b, bl, bl.init_theta()))

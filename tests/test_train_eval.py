@@ -189,3 +189,15 @@ def test_cloning_needs_vsml(capsys):
         train_cli.main([*TINY, "--learner", "metarnn"])
     assert exc.value.code == 2
     assert "clone.steps > 0 needs learner=vsml" in capsys.readouterr().err
+
+
+def test_shipped_pretrained_learner_loads_by_name_and_learns(tmp_path, capsys):
+    assert eval_cli.main(["--list-pretrained"]) == 0
+    assert "pretrained:mnist14-clone-es" in capsys.readouterr().out
+    out = tmp_path / "pre"
+    rc = eval_cli.main(["--checkpoint", "pretrained:mnist14-clone-es", "--tasks", "digits", "--episodes", "4",
+                        "--length", "200", "--baselines", "", "--no-compile", "--out", str(out)])
+    assert rc == 0
+    acc = json.loads((out / "results.json").read_text())["digits"]["vsml"]["online_accuracy"]
+    assert acc > 0.3, acc            # chance is 0.1: the frozen θ learns an unseen dataset online
+    assert eval_cli.main(["--checkpoint", "pretrained:nope", "--episodes", "1", "--length", "2"]) == 2
