@@ -111,25 +111,21 @@ def tanh_via_sigmoid(x: torch.Tensor) -> torch.Tensor:
 
 
 def lstm_micro_steps(p: CellParams, fwd_in: torch.Tensor, bwd_in: torch.Tensor, h: torch.Tensor,
-                     c: torch.Tensor, micro_ticks: int, fused: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                     c: torch.Tensor, micro_ticks: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``micro_ticks`` sub-LSTM steps of every pair of a dense layer with frozen messages (§1.2-1.3).
 
     fwd_in [E, A, M], bwd_in [E, B, M], h, c [E, A, B, N]  ->  h', c' [E, A, B, N]
-
-    ``fused=True`` is the arithmetic of the compiled path (``_chunk_update``): the message terms are
-    broadcast inside every micro-step and tanh is written through σ.
+    (The no-grad compiled path computes the same in ``_chunk_update``.)
     """
-    e, a, b, n = h.shape
-    f_term = _linear(fwd_in, p.W_f)[:, :, None, :]          # [E, A, 1, 4N]
-    r_term = _linear(bwd_in, p.W_r, p.beta)[:, None, :, :]  # [E, 1, B, 4N]  (β folded in)
-    tanh = tanh_via_sigmoid if fused else torch.tanh
-    x_term = None if fused else f_term + r_term             # [E, A, B, 4N], fixed for all micro-ticks
+    n = h.shape[-1]
+    f_term = _linear(fwd_in, p.W_f)                         # [E, A, 4N]
+    r_term = _linear(bwd_in, p.W_r, p.beta)                 # [E, B, 4N]  (β folded in)
+    x_term = f_term[:, :, None, :] + r_term[:, None, :, :]  # [E, A, B, 4N], fixed for all micro-ticks
     for _ in range(micro_ticks):
-        hw = _linear(h, p.W_h)                              # [E, A, B, 4N]
-        gates = (hw + f_term + r_term) if fused else (hw + x_term)
+        gates = x_term + _linear(h, p.W_h)                  # [E, A, B, 4N]
         gi, gg, gf, go = gates.split(n, dim=-1)             # 4 x [E, A, B, N], order i, g, f, o
-        c = torch.sigmoid(gf + GATE_F_OFFSET) * c + torch.sigmoid(gi + GATE_I_OFFSET) * tanh(gg)
-        h = torch.sigmoid(go) * tanh(c)
+        c = torch.sigmoid(gf + GATE_F_OFFSET) * c + torch.sigmoid(gi + GATE_I_OFFSET) * torch.tanh(gg)
+        h = torch.sigmoid(go) * torch.tanh(c)
     return h, c
 
 
@@ -150,18 +146,22 @@ def readout_bwd(p: CellParams, h: torch.Tensor, ln_eps: float) -> torch.Tensor:
 
 
 def layer_update(p: CellParams, fwd_in: torch.Tensor, bwd_in: torch.Tensor, h: torch.Tensor, c: torch.Tensor,
-                 micro_ticks: int, ln_eps: float, fused: bool = False):
+                 micro_ticks: int, ln_eps: float):
     """One dense-layer update (§1.3): micro-steps, then both readouts.
 
     Returns h', c' [E, A, B, N], →m' [E, B, M] (mean over a) and ←m' [E, A, M] (mean over b).
     """
-    h, c = lstm_micro_steps(p, fwd_in, bwd_in, h, c, micro_ticks, fused)
+    h, c = lstm_micro_steps(p, fwd_in, bwd_in, h, c, micro_ticks)
     return h, c, readout_fwd(p, h, ln_eps), readout_bwd(p, h, ln_eps)
 
 
 def _chunk_update(p: CellParams, f_term: torch.Tensor, r_term: torch.Tensor, h: torch.Tensor, c: torch.Tensor,
                   micro_ticks: int, ln_eps: float):
     """The compiled kernel of the no-grad path: micro-steps and readouts of a chunk of inputs a.
+
+    Same arithmetic as ``lstm_micro_steps`` + readouts, except that the message terms are broadcast
+    inside every micro-step (never materialised) and tanh is written through σ (one exp), so the
+    compiler fuses everything after the h-matmul into one pass over the chunk.
 
     f_term [E, a, 4N] (this chunk's forward-message term), r_term [E, B, 4N] (with β), h, c [E, a, B, N].
     Returns h', c', the chunk's *sum* over a of φ [E, B, M] (the caller divides by A) and the
@@ -206,10 +206,10 @@ class VSMLNetwork:
     meta_trainable = True
 
     def __init__(self, cfg: VSMLConfig, compile: bool = False):
-        """``compile=True`` runs each tick through ``torch.compile`` (fused elementwise work, see
-        ``lstm_micro_steps(fused=True)``) whenever autograd is off, e.g. ES populations and
-        meta-testing; with autograd on, the eager path runs.  The first call per shape compiles
-        (seconds to a minute on a small CPU)."""
+        """``compile=True`` runs every layer update through a ``torch.compile``d kernel
+        (``_chunk_update``, over cache-sized chunks of inputs a) whenever autograd is off, e.g. ES
+        populations and meta-testing; with autograd on, the eager path runs.  The first call per
+        shape compiles (seconds to a minute on a small CPU)."""
         self.cfg = cfg
         self.compile = compile
         self._chunk_fn = None
