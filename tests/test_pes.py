@@ -91,7 +91,7 @@ def test_pes_unbiased_truncated_es_biased(seed):
 
 def test_reduction_mean_is_sum_over_k():
     th, c = _problem()
-    kw = dict(particles=8, sigma=0.1, truncation=4, horizon=12, seed=3)
+    kw = {"particles": 8, "sigma": 0.1, "truncation": 4, "horizon": 12, "seed": 3}
     for cls in (PES, TruncatedES):
         gs, _, _ = _run(cls, PESConfig(reduction="sum", **kw), th, LinearSystem(c), 5)
         gm, _, _ = _run(cls, PESConfig(reduction="mean", **kw), th, LinearSystem(c), 5)
@@ -177,9 +177,9 @@ def test_pes_unbiased_with_split_truncations():
     assert _rel(g, 5 * true_grad(th, c, h)) < 0.1
 
 
-@pytest.mark.parametrize("kw", [dict(particles=0), dict(particles=1.5), dict(sigma=0.0), dict(sigma=-1.0),
-                                dict(sigma=math.inf), dict(truncation=0), dict(horizon=0),
-                                dict(reduction="max"), dict(seed=None)])
+@pytest.mark.parametrize("kw", [{"particles": 0}, {"particles": 1.5}, {"sigma": 0.0}, {"sigma": -1.0},
+                                {"sigma": math.inf}, {"truncation": 0}, {"horizon": 0},
+                                {"reduction": "max"}, {"seed": None}])
 def test_config_validation(kw):
     with pytest.raises(ConfigError):
         PESConfig(**kw)

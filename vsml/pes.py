@@ -65,8 +65,9 @@ reset together, as in evosax ``PersistentES``), fitness shaping, chunked populat
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
@@ -74,7 +75,7 @@ from .config import ConfigError
 from .es import pair_seed, sample_noise
 from .learner import state_index, state_repeat_interleave
 
-__all__ = ["LearnerSystem", "PES", "PESConfig", "PESState", "TruncatedES", "UnrolledSystem"]
+__all__ = ["PES", "LearnerSystem", "PESConfig", "PESState", "TruncatedES", "UnrolledSystem"]
 
 
 @runtime_checkable
