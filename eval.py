@@ -94,8 +94,13 @@ def main(argv: list[str] | None = None) -> int:
     if not learners:
         ap.error("nothing to evaluate: pass --checkpoint and/or --baselines")
     tasks = tasks or "digits"
-    res = evaluate(learners, parse_task_list(tasks), args.episodes, args.length, args.seed, args.data_dir,
-                   smooth=max(1, args.smooth))
+    from tasks import DatasetError
+    try:
+        res = evaluate(learners, parse_task_list(tasks), args.episodes, args.length, args.seed, args.data_dir,
+                       smooth=max(1, args.smooth))
+    except (DatasetError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     paths = write_results(res, out or "eval_out", plot=not args.no_plot)
     print(summary_table(res))
     print(f"\nresults: {paths['json']}")

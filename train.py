@@ -21,6 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     from vsml.cli import parse_config
     from vsml.config import ConfigError
     from vsml.presets import PRESETS
+    from tasks import DatasetError
     from vsml.trainer import config_from_dict, train
 
     def extra(p):
@@ -42,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             cfg, ns = parse_config(argv, PRESETS, "default", __doc__, extra)
         train(cfg, resume=ns.resume)
-    except (ConfigError, CheckpointError) as exc:
+    except (ConfigError, CheckpointError, DatasetError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

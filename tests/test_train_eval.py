@@ -201,3 +201,18 @@ def test_shipped_pretrained_learner_loads_by_name_and_learns(tmp_path, capsys):
     acc = json.loads((out / "results.json").read_text())["digits"]["vsml"]["online_accuracy"]
     assert acc > 0.3, acc            # chance is 0.1: the frozen θ learns an unseen dataset online
     assert eval_cli.main(["--checkpoint", "pretrained:nope", "--episodes", "1", "--length", "2"]) == 2
+
+
+def test_missing_data_is_a_clear_error_and_creates_no_run(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("VSML_OFFLINE", "1")
+    monkeypatch.setenv("VSML_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("VSML_DATA_DIR", raising=False)
+    (tmp_path / "empty").mkdir()
+    import tasks.datasets
+    tasks.datasets.clear_memory_cache()
+    rc = train_cli.main([*TINY, "--task", "mnist", "--data_dir", str(tmp_path / "empty"),
+                         "--out_dir", str(tmp_path / "runs"), "--name", "nodata"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and "mnist" in err
+    assert not (tmp_path / "runs" / "nodata").exists()

@@ -232,6 +232,13 @@ def train(cfg: TrainConfig, resume: str | None = None, run_dir: str | None = Non
     """Meta-train; returns the run directory.  ``resume``: a run directory or checkpoint file."""
     from .loggers import RunLogger
 
+    from tasks import make_family
+    from .evaluate import parse_task_list
+    # load (or fail on) every dataset the run needs before creating the run directory
+    family = make_family(cfg.task, data_dir=cfg.data_dir)
+    family.prepare(("train",))
+    for spec in parse_task_list(cfg.eval.tasks):
+        make_family(spec, data_dir=cfg.data_dir).prepare(("train", "test"))
     ck = None
     if resume is not None:
         ck = load_checkpoint(resume)
@@ -245,9 +252,7 @@ def train(cfg: TrainConfig, resume: str | None = None, run_dir: str | None = Non
     cfg_dict = cfg.to_dict()
     atomic_write_text(rd / "config.json", json.dumps(cfg_dict, indent=2))
 
-    from tasks import make_family
     learner = build_learner(cfg)
-    family = make_family(cfg.task, data_dir=cfg.data_dir)
     gen = torch.Generator().manual_seed(derive_seed(cfg.seed, "theta-init"))
     theta = torch.nn.Parameter(learner.init_theta(gen).to(device))
     if cfg.init_from and ck is None:
