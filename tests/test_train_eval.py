@@ -57,11 +57,13 @@ def test_existing_run_is_never_overwritten(tmp_path):
     assert load_checkpoint(tmp_path / "t")["step"] == 5
 
 
-@pytest.mark.parametrize("estimator", ["es", "bptt"])
+@pytest.mark.parametrize("estimator", ["es", "bptt", "pes", "tes"])
 def test_resume_equals_uninterrupted(tmp_path, estimator):
     extra = ["--estimator", estimator, "--eval.every", "0"]
     if estimator == "bptt":
         extra += ["--meta_batch", "2", "--bptt.truncation", "3"]
+    if estimator in ("pes", "tes"):     # 4 truncations of 3 over a horizon of 5: resets inside truncations
+        extra += ["--pes.particles", "2", "--pes.truncation", "3", "--pes.horizon", "5"]
     full = _run(tmp_path, *extra, "--steps", "4", name="full")
     part = _run(tmp_path, *extra, "--steps", "2", name="part")
     assert load_checkpoint(part)["step"] == 4                 # 2 cloning + 2 meta-training steps
@@ -70,6 +72,11 @@ def test_resume_equals_uninterrupted(tmp_path, estimator):
     assert b["step"] == 6
     assert torch.equal(a["theta"], b["theta"])
     assert torch.equal(a["optimizer"]["meta"]["state"][0]["exp_avg"], b["optimizer"]["meta"]["state"][0]["exp_avg"])
+    if estimator in ("pes", "tes"):     # the persistent inner states and the accumulator resumed too
+        pa, pb = a["extra"]["pes"], b["extra"]["pes"]
+        assert (pa["t"], pa["episode"]) == (pb["t"], pb["episode"])
+        assert torch.equal(pa["accum"], pb["accum"])
+        assert all(torch.equal(u, v) for u, v in zip(pa["inner_leaves"], pb["inner_leaves"]))
 
 
 def test_resume_refuses_incompatible_config(tmp_path, capsys):

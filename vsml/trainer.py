@@ -25,6 +25,7 @@ from .config import ConfigError, VSMLConfig
 from .bptt import BPTTConfig
 from .cloning import CloneConfig
 from .es import ESConfig
+from .pes import PESConfig
 from tasks.base import derive_seed  # one seed-derivation rule for data, noise and states
 
 
@@ -64,8 +65,9 @@ class TrainConfig:
     name: str = "run"
     learner: Literal["vsml", "metarnn", "hebbian"] = "vsml"
     vsml: VSMLConfig = field(default_factory=VSMLConfig)
-    estimator: Literal["es", "bptt"] = "es"
+    estimator: Literal["es", "bptt", "pes", "tes"] = "es"   # tes: truncated ES
     es: ESConfig = field(default_factory=ESConfig)
+    pes: PESConfig = field(default_factory=lambda: PESConfig(particles=32, truncation=20, horizon=100))
     bptt: BPTTConfig = field(default_factory=BPTTConfig)
     clone: CloneConfig = field(default_factory=CloneConfig)   # supervised warm start (steps 0: none)
     init_from: str | None = None      # start θ from a θ file / run directory (e.g. a shipped learner)
@@ -100,7 +102,7 @@ class TrainConfig:
 
     @property
     def resolved_lr(self) -> float:
-        return self.lr if self.lr is not None else (0.025 if self.estimator == "es" else 1e-3)
+        return self.lr if self.lr is not None else (1e-3 if self.estimator == "bptt" else 0.025)
 
     @property
     def total_steps(self) -> int:
@@ -116,7 +118,7 @@ def config_from_dict(d: dict[str, Any]) -> TrainConfig:
     """Rebuild a TrainConfig from its ``to_dict`` (tolerates derived keys; rejects unknown ones)."""
     d = {k: v for k, v in d.items() if k != "resolved_lr"}
     sub = {"vsml": VSMLConfig.from_dict, "es": lambda v: ESConfig(**v), "bptt": lambda v: BPTTConfig(**v),
-           "clone": lambda v: CloneConfig(**v),
+           "clone": lambda v: CloneConfig(**v), "pes": lambda v: PESConfig(**v),
            "eval": lambda v: EvalConfig(**v), "log": lambda v: LogConfig(**v)}
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = set(d) - known
@@ -175,7 +177,7 @@ def _new_run_dir(out_dir: str, name: str) -> Path:
 
 
 def _check_resume_compatible(saved: TrainConfig, cfg: TrainConfig) -> None:
-    for key in ("learner", "vsml", "estimator", "clone"):
+    for key in ("learner", "vsml", "estimator", "clone", "pes"):
         if getattr(saved, key) != getattr(cfg, key):
             raise CheckpointError(
                 f"cannot resume: the checkpoint was trained with {key}={getattr(saved, key)!r} but the "
@@ -184,6 +186,10 @@ def _check_resume_compatible(saved: TrainConfig, cfg: TrainConfig) -> None:
 
 def _estimator(cfg: TrainConfig, learner):
     from .estimators import BPTTEstimator, ESEstimator
+    if cfg.estimator in ("pes", "tes"):
+        from .pes import PES, TruncatedES
+        pcfg = dataclasses.replace(cfg.pes, seed=derive_seed(cfg.seed, "pes-noise", cfg.pes.seed))
+        return PES(pcfg) if cfg.estimator == "pes" else TruncatedES(pcfg)
     if cfg.estimator == "es":
         return ESEstimator(learner, dataclasses.replace(cfg.es, seed=derive_seed(cfg.seed, "es-noise", cfg.es.seed)))
     return BPTTEstimator(learner, cfg.bptt, seed=cfg.seed)
@@ -216,6 +222,30 @@ def run_meta_test(cfg: TrainConfig, learner, theta: torch.Tensor, step: int, log
                 logger.log_image(f"meta_test/{task}/plot", p, step)
         res["_paths"] = {k: str(v) for k, v in paths.items()}
     return res
+
+
+def _pes_state_dict(st) -> dict:
+    """PESState -> plain dict of tensors / ints (loads with weights_only=True)."""
+    from .learner import tree_flatten
+    leaves = [] if st.inner is None else tree_flatten(st.inner)[0]
+    return {"t": int(st.t), "episode": int(st.episode), "accum": st.accum.detach().cpu(),
+            "has_inner": st.inner is not None, "inner_leaves": [t.detach().cpu() for t in leaves]}
+
+
+def _restore_pes_state(estimator, system, fresh, d: dict):
+    """Inverse of ``_pes_state_dict``: the inner state's structure comes from a fresh draw of the
+    same episode, its tensors from the checkpoint."""
+    from .learner import tree_flatten
+    from .pes import PESState
+    inner = None
+    if d["has_inner"]:
+        template = estimator._fresh(system, d["episode"])
+        leaves, rebuild = tree_flatten(template)
+        if len(leaves) != len(d["inner_leaves"]):
+            raise CheckpointError("the checkpoint's PES inner state does not fit this learner/task; "
+                                  "resume with the config it was written with")
+        inner = rebuild([t.to(leaf.device) for t, leaf in zip(d["inner_leaves"], leaves)])
+    return PESState(inner=inner, accum=d["accum"].to(fresh.accum.device), t=d["t"], episode=d["episode"])
 
 
 def _load_init_theta(path: str) -> torch.Tensor:
@@ -286,6 +316,21 @@ def train(cfg: TrainConfig, resume: str | None = None, run_dir: str | None = Non
                        group=f"{cfg.learner}-{cfg.estimator}-{cfg.task}", resume_id=wandb_id)
     estimator = _estimator(cfg, learner)
     n_data = cfg.es.pairs if cfg.estimator == "es" else cfg.meta_batch
+    truncated = cfg.estimator in ("pes", "tes")
+    system = pes_state = None
+    if truncated:
+        # persistent inner states across meta-steps: episodes of pes.horizon examples, advanced by
+        # pes.truncation examples per meta-step (the data of each episode is drawn from its seed)
+        from .pes import LearnerSystem
+
+        def sample(num, length, seed):
+            b = family.sample(num, length, seed=seed, split="train")
+            return b.x.to(device), b.y.to(device), b.num_classes
+
+        system = LearnerSystem(learner, sample, horizon=cfg.pes.horizon, device=device)
+        pes_state = estimator.init(theta.detach())
+        if ck is not None and ck.get("extra", {}).get("pes") is not None:
+            pes_state = _restore_pes_state(estimator, system, pes_state, ck["extra"]["pes"])
     cloner = None
     if cfg.clone.steps:
         from .cloning import CloneEstimator
@@ -293,6 +338,8 @@ def train(cfg: TrainConfig, resume: str | None = None, run_dir: str | None = Non
 
     def checkpoint(step: int) -> None:
         extra = {"wandb_id": logger.wandb_id} if logger.wandb_id else {}
+        if pes_state is not None:
+            extra["pes"] = _pes_state_dict(pes_state)
         kw = dict(theta=theta, optimizer={"meta": opt.state_dict(), "clone": opt_clone.state_dict()}, rng={"torch": torch.get_rng_state()}, step=step,
                   config=cfg_dict, extra=extra)
         save_checkpoint(rd / "checkpoints" / "last.pt", **kw)
@@ -315,11 +362,16 @@ def train(cfg: TrainConfig, resume: str | None = None, run_dir: str | None = Non
                 if cloning:
                     batch = family.sample(cfg.clone.episodes, cfg.clone.length, seed=seed_s, split="train")
                     est, optim = cloner, opt_clone
+                elif truncated:
+                    batch, optim = None, opt
                 else:
                     batch = family.sample(n_data, cfg.episode_length, seed=seed_s, split="train")
                     est, optim = estimator, opt
-                x, y = batch.x.to(device), batch.y.to(device)
-                grad, m = est.estimate(theta.detach(), x, y, batch.num_classes, step)
+                if batch is None:
+                    grad, m, pes_state = estimator.step(theta.detach(), pes_state, system, step)
+                else:
+                    x, y = batch.x.to(device), batch.y.to(device)
+                    grad, m = est.estimate(theta.detach(), x, y, batch.num_classes, step)
                 if not torch.isfinite(grad).all():
                     m["skipped_nonfinite_grad"] = 1
                     grad = torch.zeros_like(grad)
@@ -341,7 +393,8 @@ def train(cfg: TrainConfig, resume: str | None = None, run_dir: str | None = Non
                     bar.set_postfix(loss=f"{loss:.4f}")
                     what = "clone_loss" if cloning else "meta_loss"
                     print(f"[vsml] step {step}/{total} {what} {loss:.4f} "
-                          f"({row['perf/sec_per_step']:.2f} s/step) task={batch.name}", flush=True)
+                          f"({row['perf/sec_per_step']:.2f} s/step) task={batch.name if batch else cfg.task}",
+                          flush=True)
                 if cfg.ckpt_every and step % cfg.ckpt_every == 0:
                     checkpoint(step)
                 if cfg.eval.every and step < total and (step % cfg.eval.every == 0 or step == cfg.clone.steps):
