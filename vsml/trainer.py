@@ -22,6 +22,7 @@ import torch
 
 from .checkpoint import CheckpointError, atomic_write_text, load_checkpoint, save_checkpoint, save_theta
 from .config import ConfigError, VSMLConfig
+from .bmg import BMGConfig
 from .bptt import BPTTConfig
 from .cloning import CloneConfig
 from .es import ESConfig
@@ -60,15 +61,16 @@ class LogConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """One meta-training run.  ``lr`` defaults by estimator (ES 0.025, BPTT 1e-3) when None."""
+    """One meta-training run.  ``lr`` defaults by estimator (ES 0.025, BPTT/BMG 1e-3) when None."""
 
     name: str = "run"
     learner: Literal["vsml", "metarnn", "hebbian"] = "vsml"
     vsml: VSMLConfig = field(default_factory=VSMLConfig)
-    estimator: Literal["es", "bptt", "pes", "tes"] = "es"   # tes: truncated ES
+    estimator: Literal["es", "bptt", "pes", "tes", "bmg"] = "es"   # tes: truncated ES; bmg: bootstrapped
     es: ESConfig = field(default_factory=ESConfig)
     pes: PESConfig = field(default_factory=lambda: PESConfig(particles=32, truncation=20, horizon=100))
     bptt: BPTTConfig = field(default_factory=BPTTConfig)
+    bmg: BMGConfig = field(default_factory=BMGConfig)   # estimator=bmg (vsml/bmg.py)
     clone: CloneConfig = field(default_factory=CloneConfig)   # supervised warm start (steps 0: none)
     init_from: str | None = None      # start θ from a θ file / run directory (e.g. a shipped learner)
     lr: float | None = None
@@ -97,12 +99,15 @@ class TrainConfig:
             raise ConfigError(f"lr must be a positive number, got {self.lr}")
         if self.weight_decay < 0:
             raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.estimator == "bmg" and self.episode_length < self.bmg.episode_length:
+            raise ConfigError(f"estimator=bmg needs episode_length >= bmg.k_steps + bmg.l_steps + bmg.probe = "
+                              f"{self.bmg.episode_length}, got {self.episode_length}")
         if self.ckpt_every < 0:
             raise ConfigError(f"ckpt_every must be >= 0, got {self.ckpt_every}")
 
     @property
     def resolved_lr(self) -> float:
-        return self.lr if self.lr is not None else (1e-3 if self.estimator == "bptt" else 0.025)
+        return self.lr if self.lr is not None else (1e-3 if self.estimator in ("bptt", "bmg") else 0.025)
 
     @property
     def total_steps(self) -> int:
@@ -118,7 +123,7 @@ def config_from_dict(d: dict[str, Any]) -> TrainConfig:
     """Rebuild a TrainConfig from its ``to_dict`` (tolerates derived keys; rejects unknown ones)."""
     d = {k: v for k, v in d.items() if k != "resolved_lr"}
     sub = {"vsml": VSMLConfig.from_dict, "es": lambda v: ESConfig(**v), "bptt": lambda v: BPTTConfig(**v),
-           "clone": lambda v: CloneConfig(**v), "pes": lambda v: PESConfig(**v),
+           "clone": lambda v: CloneConfig(**v), "pes": lambda v: PESConfig(**v), "bmg": lambda v: BMGConfig(**v),
            "eval": lambda v: EvalConfig(**v), "log": lambda v: LogConfig(**v)}
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = set(d) - known
@@ -190,6 +195,9 @@ def _estimator(cfg: TrainConfig, learner):
         from .pes import PES, TruncatedES
         pcfg = dataclasses.replace(cfg.pes, seed=derive_seed(cfg.seed, "pes-noise", cfg.pes.seed))
         return PES(pcfg) if cfg.estimator == "pes" else TruncatedES(pcfg)
+    if cfg.estimator == "bmg":
+        from .bmg import BMGEstimator
+        return BMGEstimator(learner, cfg.bmg, seed=cfg.seed)
     if cfg.estimator == "es":
         return ESEstimator(learner, dataclasses.replace(cfg.es, seed=derive_seed(cfg.seed, "es-noise", cfg.es.seed)))
     return BPTTEstimator(learner, cfg.bptt, seed=cfg.seed)
