@@ -409,6 +409,10 @@ def _check_tensor(name: str, t, dtype: torch.dtype, shape: tuple[int, ...], devi
 def _validate(cfg: VSMLConfig, theta, x, y, state,
               check_labels: bool = True) -> tuple[int, int, int, int, list[tuple[int, int]]]:
     _fail(isinstance(cfg, VSMLConfig), TypeError, f"cfg must be a VSMLConfig, got {type(cfg).__name__}")
+    _fail(not cfg.conv, NotImplementedError, "the fused kernel covers dense VSML layers only; conv layers "
+          f"({', '.join(map(str, cfg.conv))}) run on the PyTorch path (VSMLNetwork, vsml/conv.py)")
+    _fail(not cfg.bwd_reset, NotImplementedError, "the fused kernel does not implement VSMLConfig.bwd_reset; "
+          "use the PyTorch path (VSMLNetwork)")
     _fail(isinstance(state, VSMLState), TypeError,
           f"state must be a VSMLState (e.g. net.init_state(...)), got {type(state).__name__}")
     _fail(torch.is_tensor(x), TypeError, f"x must be a torch.Tensor [E, T, D], got {type(x).__name__}")

@@ -9,8 +9,10 @@ frozen dataclasses: validate once in ``__post_init__``, then pass around freely.
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 
 class ConfigError(ValueError):
@@ -59,6 +61,113 @@ class SubLSTMConfig:
         return int(self.hidden * self.init_rand_proportion)
 
 
+_CONV_RE = re.compile(r"^c(\d+)(?:k(\d+))?(?:s(\d+))?((?:-ref(?:bwd|init))*)$")
+
+
+@dataclass(frozen=True)
+class ConvSpec:
+    """One convolutional VSML layer (vsml.md §1.9; implemented in ``vsml/conv.py``).
+
+    One sub-LSTM per (kernel tap, in-channel, out-channel), its state shared by every output
+    position; SAME padding (TensorFlow's rule, ``ConvGeometry.pads``) so the output size is
+    ceil(in / stride).
+
+    Attributes:
+        channels: OC, output channels.
+        kernel: k, odd kernel size (k x k taps).
+        stride: s >= 1, the same along height and width.
+        bwd_norm: how the backward message into an input position is normalised:
+            ``"connected"`` = mean over the (output position, tap) pairs that touch it (the analogue
+            of the dense layer's mean over outputs b; equals the reference in the interior at stride 1);
+            ``"kernel"`` = the reference's sum / k² (missing taps count as zeros, vsml.md §1.9).
+        state_std: std of the random initial cell dims: ``"fan_in"`` = 1/√(k²·IC) (the dense rule
+            1/√A with A the taps feeding one output), ``"kernel"`` = the reference's 1/√k (§8 #3).
+
+    String form (CLI ``--vsml.conv c8k3s2,c16k3s1``): ``c<channels>[k<kernel>][s<stride>]`` with
+    optional suffixes ``-refbwd`` (bwd_norm="kernel") and ``-refinit`` (state_std="kernel");
+    kernel defaults to 3 and stride to 1.
+    """
+
+    channels: int
+    kernel: int = 3
+    stride: int = 1
+    bwd_norm: Literal["connected", "kernel"] = "connected"
+    state_std: Literal["fan_in", "kernel"] = "fan_in"
+
+    def __post_init__(self) -> None:
+        _check(int(self.channels) == self.channels and self.channels >= 1,
+               f"ConvSpec.channels must be an integer >= 1, got {self.channels}")
+        _check(int(self.kernel) == self.kernel and self.kernel >= 1 and self.kernel % 2 == 1,
+               f"ConvSpec.kernel must be an odd integer >= 1 (SAME padding k//2 on each side), got {self.kernel}")
+        _check(int(self.stride) == self.stride and self.stride >= 1,
+               f"ConvSpec.stride must be an integer >= 1, got {self.stride}")
+        _check(self.bwd_norm in ("connected", "kernel"),
+               f"ConvSpec.bwd_norm must be 'connected' or 'kernel', got {self.bwd_norm!r}")
+        _check(self.state_std in ("fan_in", "kernel"),
+               f"ConvSpec.state_std must be 'fan_in' or 'kernel', got {self.state_std!r}")
+
+    @classmethod
+    def parse(cls, spec: "str | dict | ConvSpec") -> "ConvSpec":
+        """A ConvSpec from its string form, a dict of its fields, or itself."""
+        if isinstance(spec, ConvSpec):
+            return spec
+        if isinstance(spec, dict):
+            known = {f.name for f in dataclasses.fields(cls)}
+            _check(set(spec) <= known, f"unknown ConvSpec keys {sorted(set(spec) - known)}; known: {sorted(known)}")
+            return cls(**spec)
+        m = _CONV_RE.match(str(spec).strip())
+        _check(m is not None, f"bad conv layer spec {spec!r}: expected c<channels>[k<kernel>][s<stride>] "
+               f"[-refbwd][-refinit], e.g. 'c8k3s2'")
+        ch, k, s, flags = m.groups()
+        return cls(int(ch), int(k) if k else 3, int(s) if s else 1,
+                   "kernel" if "-refbwd" in flags else "connected",
+                   "kernel" if "-refinit" in flags else "fan_in")
+
+    def __str__(self) -> str:
+        out = f"c{self.channels}k{self.kernel}s{self.stride}"
+        if self.bwd_norm == "kernel":
+            out += "-refbwd"
+        if self.state_std == "kernel":
+            out += "-refinit"
+        return out
+
+    def out_size(self, size: int) -> int:
+        """ceil(size / stride): the SAME-padded output length along one axis."""
+        return -(-size // self.stride)
+
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    """Shapes of one conv layer for a given input image (derived, not configured)."""
+
+    height: int
+    width: int
+    in_channels: int
+    out_height: int
+    out_width: int
+    out_channels: int
+    kernel: int
+    stride: int
+
+    @property
+    def in_dim(self) -> int:
+        return self.height * self.width * self.in_channels
+
+    @property
+    def pads(self) -> tuple[int, int, int, int]:
+        """SAME padding (top, bottom, left, right) as in TensorFlow: total = max((out − 1)·s + k − in, 0),
+        top/left = total // 2.  Equals the reference's k//2 on each side at stride 1; at stride > 1 the
+        reference keeps k//2 on each side, which can leave the last rows/columns outside every receptive
+        field (e.g. H = 9, k = 3, s = 3); this padding covers every input position whenever s <= k."""
+        th = max((self.out_height - 1) * self.stride + self.kernel - self.height, 0)
+        tw = max((self.out_width - 1) * self.stride + self.kernel - self.width, 0)
+        return th // 2, th - th // 2, tw // 2, tw - tw // 2
+
+    @property
+    def out_dim(self) -> int:
+        return self.out_height * self.out_width * self.out_channels
+
+
 @dataclass(frozen=True)
 class VSMLConfig:
     """A VSML network: a stack of dense VSML layers, each a grid of sub-LSTMs.
@@ -80,6 +189,15 @@ class VSMLConfig:
         output_idx: forward-message element read out as the logit (reference 1).
         error_idx: backward-message element carrying the error (reference 0).
         label_idx: backward-message element carrying the label when ``feed_label`` (reference 1).
+        conv: convolutional VSML layers before the dense ones (vsml.md §1.9, ``vsml/conv.py``), e.g.
+            ``(ConvSpec(8, 3, 2),)`` or the strings ``("c8k3s2",)``; ``()`` = dense only.
+        image_shape: how a flat input of D features is viewed by the first conv layer: ``(H, W)`` or
+            ``(H, W, C)`` (channel-last, the order of the flattening); ``()`` = a square single-channel
+            image (H = W = √D).  Ignored without conv layers.
+        bwd_reset: with ``backward_pass``, also zero every layer's stored backward message after the
+            reverse sweep (not only the last layer's error), so the forward sweep runs without error
+            input.  Not in the reference (which keeps the lower layers' messages, §1.5); used by deep
+            learning-algorithm cloning so that "error present" means "update now".
     """
 
     cell: SubLSTMConfig = field(default_factory=SubLSTMConfig)
@@ -93,10 +211,24 @@ class VSMLConfig:
     output_idx: int = 1
     error_idx: int = 0
     label_idx: int = 1
+    conv: tuple[ConvSpec, ...] = ()
+    image_shape: tuple[int, ...] = ()
+    bwd_reset: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.cell, dict):  # built from JSON
             object.__setattr__(self, "cell", SubLSTMConfig(**self.cell))
+        conv = self.conv
+        if isinstance(conv, (str, dict, ConvSpec)):
+            conv = (conv,)
+        object.__setattr__(self, "conv", tuple(ConvSpec.parse(c) for c in conv))
+        object.__setattr__(self, "image_shape", tuple(int(v) for v in self.image_shape))
+        _check(len(self.image_shape) in (0, 2, 3) and all(v >= 1 for v in self.image_shape),
+               f"VSMLConfig.image_shape must be () (square, one channel), (H, W) or (H, W, C) with positive "
+               f"entries, got {self.image_shape}")
+        _check(not self.bwd_reset or self.backward_pass,
+               "VSMLConfig.bwd_reset only applies to the backward-pass schedule; set backward_pass=True or "
+               "bwd_reset=False")
         object.__setattr__(self, "hidden_sizes", tuple(int(h) for h in self.hidden_sizes))
         _check(all(h >= 1 for h in self.hidden_sizes),
                f"VSMLConfig.hidden_sizes must be positive, got {self.hidden_sizes}")
@@ -111,7 +243,34 @@ class VSMLConfig:
 
     @property
     def num_layers(self) -> int:
-        return len(self.hidden_sizes) + 1
+        """K: conv layers plus dense layers."""
+        return len(self.conv) + len(self.hidden_sizes) + 1
+
+    def input_image(self, in_dim: int) -> tuple[int, int, int]:
+        """(H, W, C) of a flat input of ``in_dim`` features for the first conv layer."""
+        if self.image_shape:
+            hw = self.image_shape + (1,) * (3 - len(self.image_shape))
+            if math.prod(hw) != in_dim:
+                raise ValueError(f"the input has D={in_dim} features but VSMLConfig.image_shape={self.image_shape} "
+                                 f"has {math.prod(hw)}; set image_shape to the images' (H, W[, C])")
+            return hw[0], hw[1], hw[2]
+        side = math.isqrt(in_dim)
+        if side * side != in_dim:
+            raise ValueError(f"a conv VSML layer needs an image: D={in_dim} is not a square, so set "
+                             f"VSMLConfig.image_shape=(H, W) or (H, W, C)")
+        return side, side, 1
+
+    def conv_geometry(self, in_dim: int) -> list[ConvGeometry]:
+        """Shapes of every conv layer for inputs of ``in_dim`` features (empty without conv layers)."""
+        if not self.conv:
+            return []
+        h, w, ch = self.input_image(in_dim)
+        out = []
+        for spec in self.conv:
+            g = ConvGeometry(h, w, ch, spec.out_size(h), spec.out_size(w), spec.channels, spec.kernel, spec.stride)
+            out.append(g)
+            h, w, ch = g.out_height, g.out_width, g.out_channels
+        return out
 
     @property
     def num_theta_sets(self) -> int:
@@ -119,8 +278,10 @@ class VSMLConfig:
         return self.num_layers if self.layerwise else 1
 
     def layer_dims(self, in_dim: int, num_classes: int) -> list[tuple[int, int]]:
-        """[(A_k, B_k)] for every layer k, with B_k = A_{k+1}."""
-        sizes = [in_dim, *self.hidden_sizes, num_classes]
+        """[(A_k, B_k)] for every *dense* layer k, with B_k = A_{k+1}; after conv layers the first dense
+        layer's A is the last conv layer's flattened output Ho·Wo·OC."""
+        geo = self.conv_geometry(in_dim)
+        sizes = [geo[-1].out_dim if geo else in_dim, *self.hidden_sizes, num_classes]
         return list(zip(sizes[:-1], sizes[1:]))
 
     def to_dict(self) -> dict[str, Any]:
@@ -134,4 +295,6 @@ class VSMLConfig:
         d = dict(d)
         if "cell" in d and isinstance(d["cell"], dict):
             d["cell"] = SubLSTMConfig(**d["cell"])
+        if "conv" in d:
+            d["conv"] = tuple(ConvSpec.parse(c) for c in d["conv"])
         return cls(**d)

@@ -296,7 +296,14 @@ class VSMLNetwork:
         cfg = self.cfg
         params = self.layer_params(theta)
 
-        def layer(p, fwd_in, bwd_in, h_k, c_k):
+        geo = cfg.conv_geometry(x_t.shape[-1])                        # conv layers first (vsml/conv.py)
+
+        def layer(k, fwd_in, bwd_in, h_k, c_k):
+            p = params[k]
+            if k < len(geo):                                          # conv: eager PyTorch path only
+                from .conv import conv_layer_update
+                return conv_layer_update(p, cfg.conv[k], geo[k], fwd_in, bwd_in, h_k, c_k, cfg.micro_ticks,
+                                         cfg.cell.ln_eps)
             if fused:
                 return self._chunked_layer(p, fwd_in, bwd_in, h_k, c_k)
             return layer_update(p, fwd_in, bwd_in, h_k, c_k, cfg.micro_ticks, cfg.cell.ln_eps)
@@ -307,7 +314,7 @@ class VSMLNetwork:
         if not cfg.backward_pass:
             # one sweep: layer k reads fwd from layer k-1 (this tick) and bwd from layer k+1 (last tick)
             for k in range(cfg.num_layers):
-                h[k], c[k], fwd, bwd_out = layer(params[k], fwd, bwd[k], h[k], c[k])   # fwd: [E, B_k, M]
+                h[k], c[k], fwd, bwd_out = layer(k, fwd, bwd[k], h[k], c[k])   # fwd: [E, B_k, M]
                 if k > 0:
                     bwd[k - 1] = bwd_out                              # [E, A_k, M], read by layer k-1 next tick
             logits = self.logits_from(fwd)                            # [E, C]
@@ -317,16 +324,18 @@ class VSMLNetwork:
             fwd_ins = []
             for k in range(cfg.num_layers):
                 fwd_ins.append(fwd)
-                h[k], c[k], fwd, _ = layer(params[k], fwd, bwd[k], h[k], c[k])
+                h[k], c[k], fwd, _ = layer(k, fwd, bwd[k], h[k], c[k])
             logits = self.logits_from(fwd)
             # reverse sweep: the error enters the last layer and moves down one layer per update
             msg = self.error_message(logits, y_t)
             for k in range(k_last, -1, -1):
-                h[k], c[k], _, bwd_out = layer(params[k], fwd_ins[k], msg, h[k], c[k])
+                h[k], c[k], _, bwd_out = layer(k, fwd_ins[k], msg, h[k], c[k])
                 if k > 0:
                     msg = bwd_out                                     # [E, A_k, M]
                     bwd[k - 1] = msg
             bwd[k_last] = torch.zeros_like(bwd[k_last])               # error reset after the sweep
+            if cfg.bwd_reset:                                         # not in the reference (VSMLConfig.bwd_reset)
+                bwd = [torch.zeros_like(b) for b in bwd]
         return logits, VSMLState(h, c, bwd)
 
     # -- an online episode ---------------------------------------------------------------------
@@ -355,7 +364,10 @@ class VSMLNetwork:
             if num_classes is not None and num_classes != state.num_classes:
                 raise ValueError(f"num_classes={num_classes} but the carried state has {state.num_classes}")
             num_classes = state.num_classes
-            if state.num_episodes != x.shape[0] or state.in_dim != x.shape[2]:
+            if self.cfg.conv:
+                from .conv import check_state
+                check_state(self.cfg, state, x.shape[0], x.shape[2])
+            elif state.num_episodes != x.shape[0] or state.in_dim != x.shape[2]:
                 raise ValueError(f"the carried state is for E={state.num_episodes}, D={state.in_dim} but x "
                                  f"has E={x.shape[0]}, D={x.shape[2]}")
         if num_classes is None:

@@ -22,6 +22,12 @@ class VSMLState:
                                        update (for the last layer: the error/label message of
                                        the previous example; zero at the start of an episode)
     Forward messages need not be stored: within a tick they flow from layer 1 to K at once.
+
+    A conv layer k (vsml.md §1.9, ``vsml/conv.py``) with kernel k_k, IC in- and OC out-channels and
+    output image Ho x Wo instead has
+        h[k], c[k]  [E, k_k, k_k, IC, OC, N]   one state per (tap, in-channel, out-channel), shared
+                                              by every output position
+        bwd[k]      [E, Ho*Wo*OC, M]          its incoming backward message, flattened (Ho, Wo, OC)
     """
 
     h: list[torch.Tensor]
@@ -33,8 +39,10 @@ class VSMLState:
         return self.h[0].shape[0]
 
     @property
-    def in_dim(self) -> int:
-        return self.h[0].shape[1]
+    def in_dim(self) -> int | None:
+        """D of a dense first layer; None when the first layer is a conv layer (its state is shared
+        across positions and does not depend on the image size)."""
+        return self.h[0].shape[1] if self.h[0].dim() == 4 else None
 
     @property
     def num_classes(self) -> int:
@@ -84,6 +92,17 @@ def init_state(cfg: VSMLConfig, num_episodes: int, in_dim: int, num_classes: int
                          f"{num_episodes}, {in_dim}, {num_classes}")
     n, m, r = cfg.cell.hidden, cfg.cell.msg, cfg.cell.num_rand
     hs, cs, bwds = [], [], []
+    for spec, g in zip(cfg.conv, cfg.conv_geometry(in_dim)):
+        # conv tap states [E, k, k, IC, OC, N]; std 1/√(k²·IC) (fan-in) or the reference's 1/√k (§1.6, §8 #3)
+        shape = (num_episodes, g.kernel, g.kernel, g.in_channels, g.out_channels)
+        std = 1.0 / math.sqrt(g.kernel if spec.state_std == "kernel" else g.kernel * g.kernel * g.in_channels)
+        h = torch.zeros(*shape, n, dtype=dtype, device=device)
+        c = torch.zeros(*shape, n, dtype=dtype, device=device)
+        if r > 0:
+            c[..., :r] = truncated_normal((*shape, r), std, generator, dtype, device)
+        hs.append(h)
+        cs.append(c)
+        bwds.append(torch.zeros(num_episodes, g.out_dim, m, dtype=dtype, device=device))
     for a, b in cfg.layer_dims(in_dim, num_classes):
         h = torch.zeros(num_episodes, a, b, n, dtype=dtype, device=device)
         c = torch.zeros(num_episodes, a, b, n, dtype=dtype, device=device)
