@@ -50,8 +50,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--list-pretrained", action="store_true", help="list the shipped learners and exit")
     ap.add_argument("--tasks", default=None, help="task specs separated by ';' (default: the run's eval tasks)")
     ap.add_argument("--baselines", default="sgd,adam", help="comma-separated baselines ('' for none)")
-    ap.add_argument("--episodes", type=int, default=16)
-    ap.add_argument("--length", type=int, default=2000, help="examples per episode (T)")
+    ap.add_argument("--episodes", type=int, default=None, help="episodes per task (default 16; a badger run: "
+                    "its eval.episodes)")
+    ap.add_argument("--length", type=int, default=None, help="examples per episode (T) (default 2000; a badger "
+                    "run: its eval.length inner steps)")
     ap.add_argument("--seed", type=int, default=22)
     ap.add_argument("--smooth", type=int, default=25,
                     help="trailing window (steps) each episode's curve is averaged over before the band")
@@ -66,8 +68,11 @@ def main(argv: list[str] | None = None) -> int:
         for name in available():
             print(f"pretrained:{name}    (model card: {HERE / (name + '.md')})")
         return 0
-    if args.episodes < 1 or args.length < 1:
+    if (args.episodes is not None and args.episodes < 1) or (args.length is not None and args.length < 1):
         ap.error("--episodes and --length must be >= 1")
+    user_episodes, user_length = args.episodes, args.length     # None: not given (a badger run uses its own)
+    args.episodes = 16 if args.episodes is None else args.episodes
+    args.length = 2000 if args.length is None else args.length
 
     from vsml.baselines import make_learner
     from vsml.checkpoint import CheckpointError
@@ -77,6 +82,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.checkpoint:
             name, learner, theta, cfg_dict = load_learner(args.checkpoint, args.device, not args.no_compile)
+            if name == "badger":      # Guessing-Game meta-test, state analyses and the run's plots
+                from vsml.badger_eval import eval_run
+                return eval_run(args.checkpoint, learner, theta, cfg_dict, tasks, user_episodes, user_length,
+                                args.seed, args.out, plot=not args.no_plot)
             learners.append(FrozenLearner(name, learner, theta))
             tasks = tasks or cfg_dict.get("eval", {}).get("tasks", "digits")
             if out is None:

@@ -330,6 +330,9 @@ def make_family(spec: str, data_dir: str | None = None, **opts: Any) -> TaskFami
         raise TypeError(f"make_family: unknown option(s) {sorted(unknown)}; valid: {', '.join(_OPTS)}")
     if not isinstance(spec, str):
         raise TypeError(f"make_family: spec must be a string, got {type(spec).__name__}")
+    from .guessing import is_guessing_spec, make_guessing_family  # the Guessing Game (Micro-Badger)
+    if is_guessing_spec(spec):
+        return make_guessing_family(spec)
     return _make(spec, data_dir, opts)
 
 

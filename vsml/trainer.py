@@ -22,6 +22,7 @@ import torch
 
 from .checkpoint import CheckpointError, atomic_write_text, load_checkpoint, save_checkpoint, save_theta
 from .config import ConfigError, VSMLConfig
+from .badger import BadgerConfig
 from .bmg import BMGConfig
 from .bptt import BPTTConfig
 from .cloning import CloneConfig
@@ -64,8 +65,9 @@ class TrainConfig:
     """One meta-training run.  ``lr`` defaults by estimator (ES 0.025, BPTT/BMG 1e-3) when None."""
 
     name: str = "run"
-    learner: Literal["vsml", "metarnn", "hebbian"] = "vsml"
+    learner: Literal["vsml", "metarnn", "hebbian", "badger"] = "vsml"
     vsml: VSMLConfig = field(default_factory=VSMLConfig)
+    badger: BadgerConfig = field(default_factory=BadgerConfig)   # Micro-Badger (vsml/badger.py)
     estimator: Literal["es", "bptt", "pes", "tes", "bmg"] = "es"   # tes: truncated ES; bmg: bootstrapped
     es: ESConfig = field(default_factory=ESConfig)
     pes: PESConfig = field(default_factory=lambda: PESConfig(particles=32, truncation=20, horizon=100))
@@ -92,6 +94,8 @@ class TrainConfig:
     def __post_init__(self):
         if self.clone.steps and (self.learner != "vsml"):
             raise ConfigError("clone.steps > 0 needs learner=vsml (cloning makes sub-LSTMs imitate SGD weights)")
+        from .badger_eval import check_train_config
+        check_train_config(self)          # learner=badger <-> Guessing-Game tasks
         for name in ("episode_length", "meta_batch", "steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -125,6 +129,7 @@ def config_from_dict(d: dict[str, Any]) -> TrainConfig:
     sub = {"vsml": VSMLConfig.from_dict, "es": lambda v: ESConfig(**v), "bptt": lambda v: BPTTConfig(**v),
            "clone": lambda v: CloneConfig(**v), "pes": lambda v: PESConfig(**v), "bmg": lambda v: BMGConfig(**v),
            "eval": lambda v: EvalConfig(**v), "log": lambda v: LogConfig(**v)}
+    sub["badger"] = BadgerConfig.from_dict
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = set(d) - known
     if unknown:
@@ -140,6 +145,9 @@ def build_learner(cfg: TrainConfig):
     from .network import VSMLNetwork
     if cfg.learner == "vsml":
         return VSMLNetwork(cfg.vsml, compile=cfg.compile)
+    if cfg.learner == "badger":
+        from .badger import MicroBadger
+        return MicroBadger(cfg.badger)
     return make_learner(cfg.learner)
 
 
@@ -182,7 +190,7 @@ def _new_run_dir(out_dir: str, name: str) -> Path:
 
 
 def _check_resume_compatible(saved: TrainConfig, cfg: TrainConfig) -> None:
-    for key in ("learner", "vsml", "estimator", "clone", "pes"):
+    for key in ("learner", "vsml", "badger", "estimator", "clone", "pes"):
         if getattr(saved, key) != getattr(cfg, key):
             raise CheckpointError(
                 f"cannot resume: the checkpoint was trained with {key}={getattr(saved, key)!r} but the "
@@ -205,6 +213,9 @@ def _estimator(cfg: TrainConfig, learner):
 
 def run_meta_test(cfg: TrainConfig, learner, theta: torch.Tensor, step: int, logger, run_dir: Path,
                   final: bool = False) -> dict:
+    if cfg.learner == "badger":       # Guessing-Game meta-test + state analyses (vsml/badger_eval.py)
+        from .badger_eval import badger_meta_test
+        return badger_meta_test(cfg, learner, theta, step, logger, run_dir, final)
     from .evaluate import FrozenLearner, evaluate, parse_task_list, write_results
     learners = [FrozenLearner(cfg.learner, learner, theta.detach())]
     if final and cfg.eval.baselines:
