@@ -262,8 +262,10 @@ def bmg_gradient(learner: Any, theta: torch.Tensor, x: torch.Tensor, y: torch.Te
     with torch.enable_grad():
         lg_k = None
         if cfg.matching == "kl":
-            with torch.no_grad():
-                lg_target = probe_logits(learner, theta.detach(), s_t, xq, num_classes)
+            lg_target = lg_t                                 # grounding "data": the target's own probe outputs
+            if cfg.grounding == "gradient":
+                with torch.no_grad():
+                    lg_target = probe_logits(learner, theta.detach(), s_t, xq, num_classes)
             lg_k = probe_logits(learner, th, s_k, xq, num_classes)             # [E, Q, C]
             mu = _kl_target_current(lg_target, lg_k)
         else:

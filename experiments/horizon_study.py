@@ -1,0 +1,442 @@
+"""Long-horizon study (issue 8): meta-train with short horizons, meta-test far beyond them.
+
+Question: does a learner meta-trained on a horizon H keep improving past H at meta-test (accuracy at
+10H higher than at H)?  And how do ES, truncated ES, PES, BPTT (full and truncated) and bootstrapped
+meta-gradients (BMG) compare at the same compute budget?
+
+Protocol (all numbers in the JSON are measured by this script):
+
+* learners: VSML (``VSMLNetwork``, default config) and the Meta-RNN baseline (``--learner metarnn``).
+* shared warm start, so that the comparison starts from a working learner (from a random θ VSML stays
+  on the ln C plateau at CPU budgets, RESULTS.md §3): VSML θ0 = ``clone_steps`` steps of SGD cloning
+  (vsml/cloning.py); Meta-RNN θ0 = ``metarnn_pretrain_steps`` steps of full BPTT on
+  ``metarnn_pretrain_length``-example episodes.  Every arm of a learner starts from the same θ0 and
+  the θ0 themselves are evaluated as the "start" arm.
+* meta-training family ``train_task`` (train split); every arm gets the same compute budget
+  ``budget`` in **compute units = learner example-steps, a forward step counting 1 and its backward
+  step 2** (so a backprop example costs 3, an ES/PES example 1); the number of meta-steps of an arm
+  is ``budget // units_per_step`` (see ``ARMS``).  Wall time is recorded too.
+* meta-test: θ frozen, test split, ``eval_episodes`` episodes of ``eval_length`` examples on each of
+  ``test_tasks`` (Fashion-MNIST at 8x8 and a generated task: a random linear teacher per episode),
+  online protocol (predict, then see the label).  acc@s = mean accuracy over steps (0.8 s, s] (a
+  trailing window of 20% of s), ± 95% interval over episodes.  Online SGD / Adam run on the same
+  episodes.
+
+Usage::
+
+    OMP_NUM_THREADS=1 python experiments/horizon_study.py --out /tmp/horizon/study
+    python experiments/horizon_study.py --out /tmp/horizon/study --report_only true   # plots + table
+
+Resumable: each arm writes ``<out>/arms/<learner>-<arm>.json`` and is skipped when it exists.
+Outputs: ``<out>/study.json`` (config + every arm), ``<out>/horizon_<task>.png`` (accuracy vs step on
+a log axis), ``<out>/table.md``; wandb offline run under ``<out>/wandb``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import itertools
+
+from tasks import make_family
+from vsml.bmg import BMGConfig
+from vsml.bptt import BPTTConfig
+from vsml.checkpoint import load_theta, save_theta
+from vsml.config import ConfigError
+from vsml.es import ESConfig
+from vsml.pes import PESConfig
+from vsml.trainer import EvalConfig, LogConfig, TrainConfig, build_learner, train
+
+STEPS_REPORTED = (50, 500, 2000, 5000, 10000)
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    out: str = "/tmp/horizon/study"
+    data_dir: str = "/work/shared/datasets"
+    train_task: str = "mnist5k+resize8+proj"
+    test_tasks: str = "fashion_mnist+resize8;teacher_linear[d=64,c=10]"
+    learners: str = "vsml,metarnn"
+    arms: str = "es50,es500,tes500,pes500,bptt50,tbptt500,bmg500,pes2000,bmg2000"
+    budget: int = 160_000               # compute units per arm (forward example-step 1, backward 2)
+    pairs: int = 16                     # ES / PES / truncated-ES antithetic pairs
+    es_lr: float = 0.025
+    grad_lr: float = 1e-3               # BPTT / BMG (Adam)
+    clone_steps: int = 800
+    metarnn_pretrain_steps: int = 200
+    metarnn_pretrain_length: int = 100
+    eval_episodes: int = 8
+    eval_length: int = 10_000
+    eval_seed: int = 22
+    seed: int = 0
+    wandb: str = "offline"
+    report_only: bool = False
+
+    def __post_init__(self):
+        if self.budget < 1 or self.pairs < 1 or self.eval_episodes < 2 or self.eval_length < 50:
+            raise ConfigError("budget >= 1, pairs >= 1, eval_episodes >= 2 and eval_length >= 50 are required")
+        unknown = [a for a in self.arm_list if a not in ARMS]
+        if unknown:
+            raise ConfigError(f"unknown arms {unknown}; choose from {sorted(ARMS)}")
+        bad = [x for x in self.learner_list if x not in ("vsml", "metarnn")]
+        if bad:
+            raise ConfigError(f"learners must be vsml and/or metarnn, got {bad}")
+
+    @property
+    def arm_list(self) -> list[str]:
+        return [a.strip() for a in self.arms.split(",") if a.strip()]
+
+    @property
+    def learner_list(self) -> list[str]:
+        return [a.strip() for a in self.learners.split(",") if a.strip()]
+
+
+# --------------------------------------------------------------------------------------------
+# arms: (label, horizon H seen by the meta-objective, TrainConfig overrides, compute units per step)
+
+
+def _arm(name: str, sc: StudyConfig) -> tuple[str, int, dict, int]:
+    p = sc.pairs
+    if name in ("es50", "es500"):
+        t = int(name[2:])
+        return (f"ES H={t}", t, {"estimator": "es", "es": ESConfig(pairs=p), "episode_length": t,
+                                 "lr": sc.es_lr}, 2 * p * t)
+    if name in ("tes500", "pes500", "pes2000"):
+        h = int(name[3:])
+        est = name[:3]
+        label = ("truncated ES" if est == "tes" else "PES") + f" H={h} (K=50)"
+        return (label, h, {"estimator": est, "pes": PESConfig(particles=p, truncation=50, horizon=h),
+                           "lr": sc.es_lr}, 2 * p * 50)
+    if name == "bptt50":
+        e = 8
+        return ("BPTT H=50", 50, {"estimator": "bptt", "meta_batch": e, "episode_length": 50,
+                                  "bptt": BPTTConfig(truncation=0), "lr": sc.grad_lr}, 3 * e * 50)
+    if name == "tbptt500":
+        e = 4
+        return ("truncated BPTT H=500 (K=50)", 500, {"estimator": "bptt", "meta_batch": e, "episode_length": 500,
+                                                    "bptt": BPTTConfig(truncation=50), "lr": sc.grad_lr}, 3 * e * 500)
+    if name in ("bmg500", "bmg2000"):
+        h = int(name[3:])
+        e = 4 if h <= 500 else 2
+        k, q = 50, 10
+        cfg = BMGConfig(k_steps=k, l_steps=h - k, probe=q, matching="kl", grounding="data", task_weight=1.0)
+        units = 3 * e * k + e * (h - k) + e * q + 3 * e * q
+        return (f"BMG H={h} (K=50, L={h - k})", h, {"estimator": "bmg", "bmg": cfg, "meta_batch": e,
+                                                    "episode_length": cfg.episode_length, "lr": sc.grad_lr}, units)
+    raise KeyError(name)
+
+
+ARMS = ("es50", "es500", "tes500", "pes500", "pes2000", "bptt50", "tbptt500", "bmg500", "bmg2000")
+
+
+# --------------------------------------------------------------------------------------------
+# warm starts
+
+
+def _base_cfg(sc: StudyConfig, learner: str, name: str, **kw) -> TrainConfig:
+    cfg = TrainConfig(name=name, learner=learner, task=sc.train_task, data_dir=sc.data_dir,
+                      out_dir=str(Path(sc.out) / "runs"), seed=sc.seed, compile=(learner == "vsml"),
+                      ckpt_every=0, eval=EvalConfig(tasks="digits", every=0, episodes=2, length=20),
+                      log=LogConfig(every=10, wandb=sc.wandb, project="vsml-horizon", progress=False))
+    return dataclasses.replace(cfg, **kw)
+
+
+def warm_start(sc: StudyConfig, learner: str) -> tuple[Path, dict]:
+    """θ0 of a learner (cached in <out>/theta0_<learner>.safetensors); returns (path, info)."""
+    path = Path(sc.out) / f"theta0_{learner}.safetensors"
+    info_path = path.with_suffix(".json")
+    if path.exists() and info_path.exists():
+        return path, json.loads(info_path.read_text())
+    t0 = time.time()
+    if learner == "vsml":
+        from tasks.base import derive_seed
+        from vsml.cloning import CloneConfig, CloneEstimator
+        from vsml.estimators import make_optimizer
+        cfg = _base_cfg(sc, "vsml", "theta0-vsml")
+        net = build_learner(cfg)
+        theta = torch.nn.Parameter(net.init_theta(torch.Generator().manual_seed(derive_seed(sc.seed, "theta-init"))))
+        ccfg = CloneConfig(steps=sc.clone_steps)
+        est = CloneEstimator(net, ccfg, seed=sc.seed)
+        opt = make_optimizer(theta, ccfg.lr)
+        fam = make_family(sc.train_task, data_dir=sc.data_dir)
+        last = {}
+        for step in range(sc.clone_steps):
+            b = fam.sample(ccfg.episodes, ccfg.length, seed=derive_seed(sc.seed, "meta-train-data", step), split="train")
+            g, last = est.estimate(theta.detach(), b.x, b.y, b.num_classes, step)
+            theta.grad = g
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if (step + 1) % 100 == 0:
+                print(f"[horizon] clone step {step + 1}/{sc.clone_steps} {last}", flush=True)
+        info = {"how": f"{sc.clone_steps} SGD-cloning steps (CloneConfig defaults) on {sc.train_task}",
+                "wall_s": time.time() - t0, "last_metrics": last}
+        save_theta(path, theta.detach(), cfg.to_dict(), sc.clone_steps)
+    else:
+        cfg = _base_cfg(sc, "metarnn", "theta0-metarnn", estimator="bptt", meta_batch=16,
+                        episode_length=sc.metarnn_pretrain_length, bptt=BPTTConfig(truncation=0),
+                        steps=sc.metarnn_pretrain_steps, lr=sc.grad_lr)
+        rd = train(cfg)
+        theta, _, _ = load_theta(rd / "theta.safetensors")
+        save_theta(path, theta, cfg.to_dict(), sc.metarnn_pretrain_steps)
+        info = {"how": f"{sc.metarnn_pretrain_steps} full-BPTT steps (16 episodes x "
+                       f"{sc.metarnn_pretrain_length} examples, Adam {sc.grad_lr}) on {sc.train_task}",
+                "wall_s": time.time() - t0, "run_dir": str(rd)}
+    info_path.write_text(json.dumps(info, indent=1))
+    return path, info
+
+
+# --------------------------------------------------------------------------------------------
+# meta-test
+
+
+def _window_acc(correct: np.ndarray, s: int) -> tuple[float, float]:
+    """mean accuracy over steps (0.8 s, s] (0-based indices [floor(0.8 s), s)) and the 95% half-width."""
+    lo = math.floor(0.8 * s)
+    per_ep = correct[:, lo:s].mean(1)                                       # [E]
+    half = 1.96 * per_ep.std(ddof=1) / math.sqrt(len(per_ep)) if len(per_ep) > 1 else 0.0
+    return float(per_ep.mean()), float(half)
+
+
+def _log_binned_curve(correct: np.ndarray, n_bins: int = 40) -> tuple[list[float], list[float]]:
+    """Mean accuracy in log-spaced step bins (for plots on a log axis): (bin centres, means)."""
+    t = correct.shape[1]
+    edges = np.unique(np.round(np.logspace(0, math.log10(t), n_bins + 1)).astype(int))
+    xs, ys = [], []
+    for a, b in itertools.pairwise(edges):
+        xs.append(float(math.sqrt(a * b)))
+        ys.append(float(correct[:, a - 1:b - 1].mean()) if b > a else float("nan"))
+    return xs, ys
+
+
+_EVAL_CACHE: dict = {}
+
+
+def meta_test(sc: StudyConfig, learner_name: str, learner, theta: torch.Tensor) -> dict:
+    from vsml.evaluate import FrozenLearner
+    fl = FrozenLearner(learner_name, learner, theta.detach(), max_batch=sc.eval_episodes)
+    out = {}
+    for spec in [s.strip() for s in sc.test_tasks.split(";") if s.strip()]:
+        key = spec
+        if key not in _EVAL_CACHE:
+            fam = make_family(spec, data_dir=sc.data_dir)
+            fam.prepare(("test",))
+            _EVAL_CACHE[key] = fam.sample(sc.eval_episodes, sc.eval_length, seed=sc.eval_seed, split="test")
+        batch = _EVAL_CACHE[key]
+        t0 = time.time()
+        correct = fl.run(batch)["correct"].numpy().astype(np.float64)       # [E, T]
+        res = {"online_acc": float(correct.mean()), "eval_wall_s": time.time() - t0}
+        for s in STEPS_REPORTED:
+            if s <= correct.shape[1]:
+                m, h = _window_acc(correct, s)
+                res[f"acc@{s}"] = m
+                res[f"ci@{s}"] = h
+        res["curve_x"], res["curve_y"] = _log_binned_curve(correct)
+        out[spec] = res
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# the grid
+
+
+def run_arm(sc: StudyConfig, learner: str, arm: str, theta0_path: Path) -> dict:
+    label, horizon, overrides, units = _arm(arm, sc)
+    steps = max(1, sc.budget // units)
+    cfg = _base_cfg(sc, learner, f"{learner}-{arm}", init_from=str(theta0_path), steps=steps, **overrides)
+    t0 = time.time()
+    rd = train(cfg)
+    wall = time.time() - t0
+    theta, _, _ = load_theta(rd / "theta.safetensors")
+    rows = [json.loads(r) for r in (rd / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if any(k.startswith("meta_train/") for k in r)]
+    net = build_learner(cfg)
+    res = {"learner": learner, "arm": arm, "label": label, "horizon": horizon, "meta_steps": steps,
+           "units_per_step": units, "compute_units": steps * units, "train_wall_s": wall, "run_dir": str(rd),
+           "first_train_row": train_rows[0] if train_rows else None,
+           "last_train_row": train_rows[-1] if train_rows else None,
+           "meta_test": meta_test(sc, learner, net, theta)}
+    return res
+
+
+def run_start_and_baselines(sc: StudyConfig, learner: str, theta0_path: Path, info: dict) -> dict:
+    cfg = _base_cfg(sc, learner, f"{learner}-start")
+    net = build_learner(cfg)
+    theta, _, _ = load_theta(theta0_path)
+    return {"learner": learner, "arm": "start", "label": "θ0 (warm start, no fine-tuning)", "horizon": None,
+            "meta_steps": 0, "compute_units": 0, "warm_start": info, "meta_test": meta_test(sc, learner, net, theta)}
+
+
+def run_sgd_adam(sc: StudyConfig) -> dict:
+    from vsml.baselines import make_learner
+    out = {}
+    for b in ("sgd", "adam"):
+        bl = make_learner(b)
+        out[b] = {"learner": b, "arm": "baseline", "label": f"online {b.upper() if b == 'sgd' else 'Adam'}",
+                  "meta_test": meta_test(sc, b, bl, bl.init_theta())}
+    return out
+
+
+def _fmt(r: dict, task: str, s: int) -> str:
+    mt = r["meta_test"].get(task, {})
+    if f"acc@{s}" not in mt:
+        return "–"
+    return f"{mt[f'acc@{s}']:.3f}±{mt[f'ci@{s}']:.2f}"
+
+
+def _goal(r: dict, task: str) -> str:
+    """acc at 10H vs at H (or at the last reported step when 10H exceeds the meta-test length)."""
+    h = r.get("horizon")
+    mt = r["meta_test"].get(task, {})
+    if not h or f"acc@{h}" not in mt:
+        return "–"
+    t10 = min(10 * h, max(s for s in STEPS_REPORTED if f"acc@{s}" in mt))
+    if f"acc@{t10}" not in mt or t10 <= h:
+        return "–"
+    d = mt[f"acc@{t10}"] - mt[f"acc@{h}"]
+    ci = math.hypot(mt[f"ci@{t10}"], mt[f"ci@{h}"])
+    verdict = "yes" if d > ci else ("no" if d < -ci else "n.s.")
+    return f"{d:+.3f} ({'10H' if t10 == 10 * h else f'{t10 // h}H'}: {verdict})"
+
+
+def report(sc: StudyConfig, results: list[dict], out: Path) -> None:
+    tasks = [s.strip() for s in sc.test_tasks.split(";") if s.strip()]
+    lines = []
+    for task in tasks:
+        lines.append(f"\n### {task}\n")
+        lines.append("| learner | arm | meta-steps | units | train wall s | online acc | "
+                     + " | ".join(f"acc@{s}" for s in STEPS_REPORTED) + " | acc(10H) − acc(H) |")
+        lines.append("|---|---|---:|---:|---:|---:|" + "---:|" * len(STEPS_REPORTED) + "---|")
+        for r in results:
+            mt = r["meta_test"].get(task)
+            if mt is None:
+                continue
+            wall = f"{r['train_wall_s']:.0f}" if "train_wall_s" in r else "–"
+            lines.append(f"| {r['learner']} | {r['label']} | {r.get('meta_steps', '–')} | "
+                         f"{r.get('compute_units', '–')} | {wall} | {mt['online_acc']:.3f} | "
+                         + " | ".join(_fmt(r, task, s) for s in STEPS_REPORTED) + f" | {_goal(r, task)} |")
+    (out / "table.md").write_text("\n".join(lines) + "\n")
+    (out / "study.json").write_text(json.dumps({"config": dataclasses.asdict(sc), "results": results}, indent=1))
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    learners = [x for x in sc.learner_list if any(r["learner"] == x for r in results)]
+    for task in tasks:
+        if not learners:
+            break
+        fig, axes = plt.subplots(1, len(learners), figsize=(6.2 * len(learners), 4.2), squeeze=False)
+        for ax, ln in zip(axes[0], learners):
+            for r in results:
+                if task not in r["meta_test"] or r["learner"] not in (ln, "sgd", "adam"):
+                    continue
+                mt = r["meta_test"][task]
+                style = "--" if r["learner"] in ("sgd", "adam") else ("-" if r["arm"] != "start" else ":")
+                color = "0.5" if r["arm"] == "start" else None
+                ax.plot(mt["curve_x"], mt["curve_y"], style, label=r["label"], lw=1.4, color=color)
+            ax.set_xscale("log")
+            ax.set_xlabel("meta-test step (examples seen)")
+            ax.set_ylabel("accuracy (log-spaced bins)")
+            ax.set_title(f"{ln} on {task}")
+            for h in (50, 500, 2000):
+                ax.axvline(h, color="0.85", lw=0.8, zorder=0)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7, loc="upper left")
+        fig.tight_layout()
+        safe = "".join(c if c.isalnum() else "_" for c in task).strip("_")
+        fig.savefig(out / f"horizon_{safe}.png", dpi=80)
+        plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    for f in dataclasses.fields(StudyConfig):
+        tp = {"int": int, "float": float, "str": str, "bool": lambda s: s.lower() in ("1", "true", "yes")}[
+            f.type if isinstance(f.type, str) else f.type.__name__]
+        ap.add_argument(f"--{f.name}", type=tp, default=f.default)
+    try:
+        sc = StudyConfig(**vars(ap.parse_args(argv)))
+    except ConfigError as e:
+        ap.error(str(e))
+    torch.set_num_threads(1)
+    out = Path(sc.out)
+    (out / "arms").mkdir(parents=True, exist_ok=True)
+
+    def load_all() -> list[dict]:
+        return [json.loads(p.read_text()) for p in sorted((out / "arms").glob("*.json"))]
+
+    def save(name: str, r: dict) -> None:
+        (out / "arms" / f"{name}.json").write_text(json.dumps(r, indent=1))
+        report(sc, _order(sc, load_all()), out)
+
+    if not sc.report_only:
+        if not (out / "arms" / "baseline-sgd.json").exists():
+            for b, r in run_sgd_adam(sc).items():
+                save(f"baseline-{b}", r)
+        for ln in sc.learner_list:
+            th0, info = warm_start(sc, ln)
+            if not (out / "arms" / f"{ln}-start.json").exists():
+                save(f"{ln}-start", run_start_and_baselines(sc, ln, th0, info))
+        for arm in sc.arm_list:             # arm-major: both learners get each arm before the next arm
+            for ln in sc.learner_list:
+                name = f"{ln}-{arm}"
+                if (out / "arms" / f"{name}.json").exists():
+                    continue
+                th0, _ = warm_start(sc, ln)
+                print(f"[horizon] === {name} ===", flush=True)
+                try:
+                    r = run_arm(sc, ln, arm, th0)
+                except Exception as exc:  # noqa: BLE001  (record the failure, keep going with the grid)
+                    traceback.print_exc()
+                    r = {"learner": ln, "arm": arm, "label": _arm(arm, sc)[0], "error": repr(exc), "meta_test": {}}
+                save(name, r)
+                print(f"[horizon] {name}: " + json.dumps({t: {k: v for k, v in m.items() if k.startswith("acc@")}
+                                                          for t, m in r["meta_test"].items()}), flush=True)
+    results = _order(sc, load_all())
+    report(sc, results, out)
+    _wandb_summary(sc, results, out)
+    print((out / "table.md").read_text())
+    return 0
+
+
+def _order(sc: StudyConfig, results: list[dict]) -> list[dict]:
+    order = {a: i for i, a in enumerate(["start", *ARMS, "baseline"])}
+    lorder = {x: i for i, x in enumerate([*sc.learner_list, "sgd", "adam"])}
+    return sorted(results, key=lambda r: (lorder.get(r["learner"], 99), order.get(r["arm"], 99)))
+
+
+def _wandb_summary(sc: StudyConfig, results: list[dict], out: Path) -> None:
+    if sc.wandb == "disabled":
+        return
+    from vsml.loggers import RunLogger
+    lg = RunLogger(out / "summary_run", dataclasses.asdict(sc), sc.wandb, project="vsml-horizon",
+                   name="horizon-study", job_type="study")
+    summ = {}
+    for r in results:
+        for task, mt in r["meta_test"].items():
+            for k, v in mt.items():
+                if k.startswith("acc@") or k == "online_acc":
+                    summ[f"{r['learner']}/{r['arm']}/{task}/{k}"] = v
+    lg.summary(summ)
+    for p in sorted(out.glob("horizon_*.png")):
+        lg.log_image(f"study/{p.stem}", p, 0)
+    lg.close()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
