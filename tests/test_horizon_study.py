@@ -1,0 +1,59 @@
+"""Unit tests of the long-horizon study's bookkeeping (experiments/horizon_study.py): compute units
+per arm, windowed accuracies, the "accuracy at 10H vs H" verdict, config validation.  The study
+itself is an experiment (minutes to an hour), not run here."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from vsml.config import ConfigError
+
+_spec = importlib.util.spec_from_file_location(
+    "horizon_study", Path(__file__).resolve().parents[1] / "experiments" / "horizon_study.py")
+hs = importlib.util.module_from_spec(_spec)
+sys.modules["horizon_study"] = hs            # dataclasses look the module up
+_spec.loader.exec_module(hs)
+
+
+def test_every_arm_builds_a_valid_train_config_and_counts_units():
+    sc = hs.StudyConfig(pairs=16)
+    for arm in hs.ARMS:
+        _label, horizon, overrides, units = hs._arm(arm, sc)
+        cfg = hs._base_cfg(sc, "vsml", arm, **overrides)          # TrainConfig validates
+        assert units > 0 and horizon in (50, 500, 2000)
+        if cfg.estimator == "es":
+            assert units == 2 * 16 * cfg.episode_length and horizon == cfg.episode_length
+        if cfg.estimator in ("pes", "tes"):
+            assert units == 2 * 16 * cfg.pes.truncation and horizon == cfg.pes.horizon
+        if cfg.estimator == "bptt":
+            assert units == 3 * cfg.meta_batch * cfg.episode_length
+        if cfg.estimator == "bmg":
+            b = cfg.bmg
+            assert b.k_steps + b.l_steps == horizon and cfg.episode_length == b.episode_length
+            assert units == cfg.meta_batch * (3 * b.k_steps + b.l_steps + 4 * b.probe)
+
+
+def test_window_accuracy_and_goal_verdict():
+    correct = np.zeros((4, 1000))
+    correct[:, 400:] = 1.0                                        # learns at step 400
+    m, h = hs._window_acc(correct, 500)                            # steps (400, 500]
+    assert m == 1.0 and h == 0.0
+    m, _ = hs._window_acc(correct, 50)
+    assert m == 0.0
+    r = {"horizon": 50, "meta_test": {"t": {"acc@50": 0.2, "ci@50": 0.05, "acc@500": 0.6, "ci@500": 0.05}}}
+    assert hs._goal(r, "t").endswith("(10H: yes)")
+    r["meta_test"]["t"]["acc@500"] = 0.21
+    assert "n.s." in hs._goal(r, "t")
+    xs, ys = hs._log_binned_curve(correct)
+    assert len(xs) == len(ys) and xs == sorted(xs) and ys[-1] == 1.0 and ys[0] == 0.0
+
+
+@pytest.mark.parametrize("kw", [{"arms": "es50,nope"}, {"learners": "hebbian"}, {"budget": 0}])
+def test_study_config_validation(kw):
+    with pytest.raises(ConfigError):
+        hs.StudyConfig(**kw)
