@@ -97,8 +97,8 @@ class TrainConfig:
         from .badger_eval import check_train_config
         check_train_config(self)          # learner=badger <-> Guessing-Game tasks
         for name in ("episode_length", "meta_batch", "steps"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+            if getattr(self, name) < (0 if name == "steps" and self.clone.steps else 1):  # steps 0: cloning only
+                raise ConfigError(f"{name} must be >= 1 (steps >= 0 with clone.steps > 0), got {getattr(self, name)}")
         if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
             raise ConfigError(f"lr must be a positive number, got {self.lr}")
         if self.weight_decay < 0:
@@ -352,8 +352,8 @@ def train(cfg: TrainConfig, resume: str | None = None, run_dir: str | None = Non
             pes_state = _restore_pes_state(estimator, system, pes_state, ck["extra"]["pes"])
     cloner = None
     if cfg.clone.steps:
-        from .cloning import CloneEstimator
-        cloner = CloneEstimator(learner, cfg.clone, seed=cfg.seed)
+        from .cloning_deep import make_clone_estimator   # shallow (cloning.py) or deep (cloning_deep.py)
+        cloner = make_clone_estimator(learner, cfg.clone, seed=cfg.seed)
 
     def checkpoint(step: int) -> None:
         extra = {"wandb_id": logger.wandb_id} if logger.wandb_id else {}

@@ -1,0 +1,229 @@
+"""Deep learning-algorithm cloning: every sub-LSTM of every layer of a dense VSML stack imitates one
+weight of a multi-layer perceptron trained by online backprop (vsml.md §3.7, "VSML can implement
+backprop"); the shallow, forward-only case stays in ``vsml/cloning.py``.
+
+Schedule.  The student runs the backward-pass schedule (vsml.md §1.5) with ``bwd_reset`` (every
+stored backward message is zeroed after the reverse sweep): per example a forward sweep with no
+error input anywhere, then a reverse sweep carrying the error down.  So "an error is present" means
+exactly "this is the backward pass: propagate and update", which a sub-LSTM can tell from its
+inputs.  (With the reference's schedule the lower layers keep their last backward message during
+the next forward sweep, and a sub-LSTM cannot tell a fresh error from a stale one.)
+
+Teacher (``mlp_sgd_step``) for layers k = 0..K−1 with A_k inputs, B_k outputs, per-synapse weights
+w_k[a, b], and the same mean aggregation as the student (vsml.md §1.3):
+
+    a_0 = x_t;   z_k[b] = mean_a w_k[a, b] a_k[a];   a_{k+1} = tanh(z_k)    (logits = z_{K−1})
+    δ_{K−1} = e_t = softmax(z_{K−1}) − onehot(y_t)
+    g_k[a, b] = tanh'(z_{k−1}[a]) · w_k[a, b] · δ_k[b]      (k >= 1: the weight's share of the error)
+    δ_{k−1}[a] = mean_b g_k[a, b]
+    w_k[a, b] ← w_k[a, b] − α_k · a_k[a] · δ_k[b]
+
+This is exact online backprop on the MLP z_k = W_kᵀ a_k with W_k = w_k / A_k, except that the mean
+over b (instead of the sum) scales the propagated error by A_k / B_k per layer: i.e. exact backprop
+with the per-layer learning rates η_k = (α_k / A_k) · Π_{j>k} A_j / B_j.  w_k starts from the student's own
+random initial cell element 0 of layer k (vsml.md §1.6), so teacher and student start from the same
+random network.
+
+Sub-LSTM (a, b) of layer k sees a_k[a] in forward element ``input_idx`` (k = 0, the pixel) or the
+pre-activation z_{k−1}[a] in element ``output_idx`` (k >= 1: the mean of the previous layer's φ),
+and δ_k[b] in backward element ``error_idx``.  Targets (all regressions, normalised by the target's
+mean square):
+
+    forward sweep   φ_ab[output_idx] = w_k[a, b] · a_k[a]                 (its forward contribution)
+    reverse sweep   ψ_ab[error_idx]  = g_k[a, b]           (k >= 1)       (its backward contribution)
+                    φ_ab[output_idx] = w_k'[a, b] · a_k[a]                (after the update: the state
+                                                                           has moved by the gradient step)
+
+Teacher forcing: the error entering the last layer is the teacher's; every other message is the
+student's own (so errors compound across layers and ticks, as at meta-test time).  After cloning,
+θ is frozen and ``VSMLNetwork.unroll`` runs it as a learner with its own errors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .cloning import CloneConfig, CloneEstimator
+from .config import ConfigError, VSMLConfig
+from .network import EpisodeOutput, VSMLNetwork, _linear, lstm_micro_steps
+
+__all__ = ["DeepCloneEstimator", "TeacherLearner", "check_deep_cloneable", "make_clone_estimator",
+           "mlp_sgd_step", "teacher_alphas"]
+
+
+def check_deep_cloneable(cfg: VSMLConfig) -> None:
+    if cfg.conv or not cfg.backward_pass or not cfg.bwd_reset or cfg.cell.layer_norm or cfg.feed_label:
+        raise ConfigError(
+            "deep learning-algorithm cloning needs dense layers only, the backward-pass schedule with "
+            "bwd_reset, no LayerNorm (it removes the magnitude that carries w·x) and no label feeding; got "
+            f"conv={tuple(map(str, cfg.conv))}, backward_pass={cfg.backward_pass}, bwd_reset={cfg.bwd_reset}, "
+            f"layer_norm={cfg.cell.layer_norm}, feed_label={cfg.feed_label} "
+            "(e.g. --vsml.backward_pass true --vsml.bwd_reset true --vsml.layerwise true)")
+
+
+def teacher_alphas(cfg: VSMLConfig, clone: CloneConfig) -> list[float]:
+    """α_k per layer: ``clone.alpha`` for every layer (on 14x14 MNIST, 196->16->10, α = 1 everywhere is
+    within 0.015 online accuracy of the best per-layer pair we found, and keeps the cloned weights small)."""
+    return [clone.alpha] * cfg.num_layers
+
+
+@dataclass
+class TeacherStep:
+    """One example of the teacher: per layer k, tensors with the episode axis first."""
+
+    fwd_target: list[torch.Tensor]    # [E, A_k, B_k]  w_k · a_k (before the update)
+    post_target: list[torch.Tensor]   # [E, A_k, B_k]  w_k' · a_k (after the update)
+    bwd_target: list[torch.Tensor | None]   # [E, A_k, B_k] g_k (None for k = 0)
+    new_w: list[torch.Tensor]         # [E, A_k, B_k]
+    logits: torch.Tensor              # [E, C]
+    error: torch.Tensor               # [E, C]
+
+
+def mlp_sgd_step(ws: list[torch.Tensor], x_t: torch.Tensor, y_t: torch.Tensor, num_classes: int,
+                 alphas: list[float]) -> TeacherStep:
+    """One online-backprop step of the teacher in the module docstring (predict, then update).
+
+    ws: per layer [E, A_k, B_k]; x_t [E, D]; y_t [E].
+    """
+    acts = [x_t]
+    z = x_t
+    for k, w in enumerate(ws):
+        z = (w * acts[k][:, :, None]).mean(1)                              # [E, B_k]
+        if k < len(ws) - 1:
+            acts.append(torch.tanh(z))
+    err = torch.softmax(z, -1) - F.one_hot(y_t, num_classes).to(z.dtype)  # [E, C]
+    fwd_t = [w * a[:, :, None] for w, a in zip(ws, acts)]
+    post_t, bwd_t, new_w = [None] * len(ws), [None] * len(ws), [None] * len(ws)
+    delta = err
+    for k in range(len(ws) - 1, -1, -1):
+        new_w[k] = ws[k] - alphas[k] * acts[k][:, :, None] * delta[:, None, :]   # [E, A_k, B_k]
+        post_t[k] = new_w[k] * acts[k][:, :, None]
+        if k > 0:
+            dact = 1.0 - acts[k].square()                                 # tanh'(z_{k-1}) [E, A_k]
+            bwd_t[k] = dact[:, :, None] * ws[k] * delta[:, None, :]       # [E, A_k, B_k]
+            delta = bwd_t[k].mean(2)                                      # [E, A_k] = δ_{k-1}
+    return TeacherStep(fwd_t, post_t, bwd_t, new_w, z, err)
+
+
+def _rel_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return (pred - target).square().mean() / (target.square().mean() + 1e-6)
+
+
+class DeepCloneEstimator(CloneEstimator):
+    """Gradient of the deep cloning loss (module docstring), behind the ``estimate`` interface of ES and
+    BPTT (it reuses the shallow estimator's episode preparation: length cut and random-input episodes)."""
+
+    def __init__(self, net: VSMLNetwork, cfg: CloneConfig, seed: int = 0):
+        check_deep_cloneable(net.cfg)
+        self.net, self.cfg, self.seed = net, cfg, seed
+        self.alphas = teacher_alphas(net.cfg, cfg)
+
+    def loss(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, num_classes: int,
+             generator: torch.Generator, episodes: slice | None = None, teacher_forcing: bool = True,
+             return_logits: bool = False):
+        """Mean over ticks and targets of the relative squared errors.  ``episodes`` is accepted for
+        interface compatibility with the shallow estimator and must be None (no sharding here).
+        ``teacher_forcing=False`` feeds the student its own errors (used by the tests to check that the
+        student unroll here is exactly ``VSMLNetwork.unroll``)."""
+        if episodes is not None:
+            raise ValueError("DeepCloneEstimator does not shard episodes")
+        net, cfg = self.net, self.net.cfg
+        e_num, t_len, d = x.shape
+        st = net.init_state(e_num, d, num_classes, generator, theta.dtype, theta.device)
+        ws = [c[..., 0].clone() for c in st.c]                            # teacher starts at the student's w
+        params = net.layer_params(theta)
+        h, c = list(st.h), list(st.c)
+        k_num = cfg.num_layers
+        total, n_terms, logits_all = x.new_zeros(()), 0, []
+        for t in range(t_len):
+            with torch.no_grad():
+                tt = mlp_sgd_step(ws, x[:, t], y[:, t], num_classes, self.alphas)
+            fwd = net.embed_input(x[:, t])                                 # [E, D, M]
+            fwd_ins = []
+            for k in range(k_num):                                        # forward sweep, no error input
+                p = params[k]
+                fwd_ins.append(fwd)
+                zero = x.new_zeros(e_num, h[k].shape[2], cfg.cell.msg)    # [E, B_k, M]
+                h[k], c[k] = lstm_micro_steps(p, fwd, zero, h[k], c[k], cfg.micro_ticks)
+                phi = _linear(h[k], p.W_fwd, p.b_fwd)                     # [E, A_k, B_k, M]
+                total = total + _rel_mse(phi[..., cfg.output_idx], tt.fwd_target[k])
+                n_terms += 1
+                fwd = phi.mean(1)                                         # [E, B_k, M]
+            logits = net.logits_from(fwd)
+            logits_all.append(logits)
+            msg = net.error_message(tt.logits if teacher_forcing else logits, y[:, t])   # [E, C, M]
+            for k in range(k_num - 1, -1, -1):                            # reverse sweep
+                p = params[k]
+                h[k], c[k] = lstm_micro_steps(p, fwd_ins[k], msg, h[k], c[k], cfg.micro_ticks)
+                phi = _linear(h[k], p.W_fwd, p.b_fwd)
+                total = total + _rel_mse(phi[..., cfg.output_idx], tt.post_target[k])
+                n_terms += 1
+                if k > 0:
+                    psi = _linear(h[k], p.W_bwd, p.b_bwd)                 # [E, A_k, B_k, M]
+                    total = total + _rel_mse(psi[..., cfg.error_idx], tt.bwd_target[k])
+                    n_terms += 1
+                    msg = psi.mean(2)                                     # [E, A_k, M]
+            ws = tt.new_w
+        loss = total / max(n_terms, 1)
+        return (loss, torch.stack(logits_all, 1)) if return_logits else loss
+
+
+def make_clone_estimator(net: VSMLNetwork, cfg: CloneConfig, seed: int = 0):
+    """The shallow estimator (vsml/cloning.py) for one forward-only dense layer, the deep one for the
+    backward-pass schedule with ``bwd_reset``; a clear ConfigError otherwise."""
+    if net.cfg.backward_pass and net.cfg.bwd_reset:
+        return DeepCloneEstimator(net, cfg, seed)
+    return CloneEstimator(net, cfg, seed)
+
+
+class TeacherLearner:
+    """The gradient-descent teacher as a learner (the ``Learner`` protocol of vsml/learner.py), for
+    side-by-side meta-tests with its clone on the *same streams and the same initial weights*.
+
+    ``unroll`` draws the VSML initial state with the generator exactly as ``VSMLNetwork.unroll`` does
+    and starts the teacher's weights from its cell element 0, so with equal generators the clone and
+    the teacher start from the same random network.  Shallow forward-only configs run the shallow
+    teacher (``cloning.sgd_teacher``, errors one tick late as the student sees them); backward-pass
+    configs run :func:`mlp_sgd_step`.
+    """
+
+    meta_trainable = False
+
+    def __init__(self, cfg: VSMLConfig, alphas: list[float]):
+        if cfg.conv or len(alphas) != cfg.num_layers:
+            raise ConfigError(f"TeacherLearner needs a dense config and one α per layer; got "
+                              f"{cfg.num_layers} layers, alphas={alphas}")
+        self.cfg, self.alphas = cfg, list(alphas)
+        self.net = VSMLNetwork(cfg)
+
+    def init_theta(self, generator=None, dtype=torch.float32, device=None):
+        return torch.zeros(0, dtype=dtype, device=device)
+
+    def init_state(self, num_episodes, in_dim, num_classes, generator=None, dtype=torch.float32, device=None):
+        return self.net.init_state(num_episodes, in_dim, num_classes, generator, dtype, device)
+
+    def unroll(self, theta, x, y, num_classes=None, state=None, generator=None) -> EpisodeOutput:
+        from .cloning import sgd_teacher
+        x = x.reshape(x.shape[0], x.shape[1], -1)                         # [E, T, D]
+        e_num, t_len, d = x.shape
+        if state is None:
+            state = self.init_state(e_num, d, num_classes, generator, x.dtype, x.device)
+        num_classes = state.num_classes
+        ws = [c[..., 0].clone() for c in state.c]
+        y = y.long()
+        if not self.cfg.backward_pass:
+            if self.cfg.num_layers != 1:
+                raise ConfigError("the forward-only teacher is the shallow one (one dense layer)")
+            _, _, logits = sgd_teacher(x, y, num_classes, ws[0], self.alphas[0])
+        else:
+            out = []
+            for t in range(t_len):
+                tt = mlp_sgd_step(ws, x[:, t], y[:, t], num_classes, self.alphas)
+                out.append(tt.logits)
+                ws = tt.new_w
+            logits = torch.stack(out, 1)                                  # [E, T, C]
+        loss = F.cross_entropy(logits.reshape(-1, num_classes), y.reshape(-1), reduction="none").reshape(e_num, t_len)
+        return EpisodeOutput(logits, loss, logits.argmax(-1) == y, state)
