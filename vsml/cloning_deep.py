@@ -227,3 +227,64 @@ class TeacherLearner:
             logits = torch.stack(out, 1)                                  # [E, T, C]
         loss = F.cross_entropy(logits.reshape(-1, num_classes), y.reshape(-1), reduction="none").reshape(e_num, t_len)
         return EpisodeOutput(logits, loss, logits.argmax(-1) == y, state)
+
+
+# --------------------------------------------------------------------------------------------
+# side-by-side meta-test: the clone and the teacher it cloned, on the same streams
+
+
+def compare_with_teacher(checkpoint: str, tasks: str, episodes: int, length: int, seed: int = 22,
+                         data_dir: str | None = None, alpha: float | None = None, out_dir: str | None = None,
+                         baselines: str = "") -> dict:
+    """Meta-test a cloned θ (run dir, checkpoint, θ file or ``pretrained:NAME``) next to its teacher.
+
+    Both see the same test-split episodes (``vsml.evaluate.evaluate``) and, per batch of episodes, the
+    same generator, so the teacher's weights start from the clone's own random initial cell state.
+    ``alpha``: the teacher's α (default: the run's ``clone.alpha``).  ``baselines``: e.g. "sgd,adam"
+    (the standard linear baselines of vsml/baselines.py, for reference).  Returns evaluate()'s dict.
+    """
+    import eval as eval_cli  # the repository's eval.py (load_learner)
+
+    from .evaluate import FrozenLearner, evaluate, parse_task_list, summary_table, write_results
+    from .trainer import config_from_dict
+    name, learner, theta, cfg_dict = eval_cli.load_learner(checkpoint)
+    cfg = config_from_dict(cfg_dict)
+    a = cfg.clone.alpha if alpha is None else alpha
+    alphas = [a] * cfg.vsml.num_layers
+    learners = [FrozenLearner("vsml-clone", learner, theta),
+                FrozenLearner(f"teacher (online {'SGD' if cfg.vsml.num_layers == 1 else 'backprop'}, α={a:g})",
+                              TeacherLearner(cfg.vsml, alphas), torch.zeros(0))]
+    if baselines:
+        from .baselines import make_learner
+        for b in [s.strip() for s in baselines.split(",") if s.strip()]:
+            bl = make_learner(b)
+            learners.append(FrozenLearner(b, bl, bl.init_theta()))
+    res = evaluate(learners, parse_task_list(tasks), episodes, length, seed, data_dir)
+    print(summary_table(res))
+    if out_dir:
+        paths = write_results(res, out_dir)
+        print(f"results: {paths['json']}")
+    return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    ap = argparse.ArgumentParser(description="Meta-test a cloned VSML learner next to the gradient-descent "
+                                             "teacher it cloned, on the same streams and initial weights.")
+    ap.add_argument("--checkpoint", required=True, help="run directory, .pt, θ .safetensors or pretrained:NAME")
+    ap.add_argument("--tasks", default="mnist+resize14;fashion_mnist+resize14")
+    ap.add_argument("--episodes", type=int, default=16)
+    ap.add_argument("--length", type=int, default=2000)
+    ap.add_argument("--seed", type=int, default=22)
+    ap.add_argument("--alpha", type=float, default=None, help="teacher α (default: the run's clone.alpha)")
+    ap.add_argument("--baselines", default="", help='e.g. "sgd,adam"')
+    ap.add_argument("--data_dir", default=None)
+    ap.add_argument("--out_dir", default=None, help="write results.json and curve PNGs here")
+    args = ap.parse_args(argv)
+    compare_with_teacher(args.checkpoint, args.tasks, args.episodes, args.length, args.seed, args.data_dir,
+                         args.alpha, args.out_dir, args.baselines)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
