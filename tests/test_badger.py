@@ -250,25 +250,24 @@ def test_es_estimator_drives_the_badger():
 
 
 def test_meta_training_escapes_chance_on_one_number():
-    """BPTT + Adam learns the 1-number game well below chance (a real learning signal, ~10 s)."""
-    torch.manual_seed(0)
+    """BPTT + Adam learns the 1-number game far below chance within 150 meta-steps (~5 s), while the
+    first guess stays at chance: it is made knowing only |y| (e_1 = 3y²), so no learner can beat 1 there
+    without seeing the hidden target."""
     lrn = MicroBadger(BadgerConfig(n_experts=1, hidden=16, meta_loss="mean"))
     theta = torch.nn.Parameter(lrn.init_theta(_gen(0)))
     opt = torch.optim.Adam([theta], lr=1e-2)
     fam = make_family("guessing[n=1]")
     cfg = BPTTConfig(truncation=0, clip_grad_norm=1.0)
-    for s in range(TRAIN_STEPS):
-        b = fam.sample(32, 8, seed=s)
+    for s in range(150):
+        b = fam.sample(16, 6, seed=s)
         g, _ = bptt_gradient(lrn, theta.detach(), b.x, b.y, 1, cfg, _gen(s))
         theta.grad = g
         opt.step()
-    b = fam.sample(512, 8, seed=0, split="test")
+    b = fam.sample(512, 6, seed=0, split="test")
     with torch.no_grad():
         out = lrn.unroll(theta.detach(), b.x, b.y, 1, generator=_gen(9))
-    assert float(out.error[:, -1].mean()) < TRAINED_BELOW
-
-
-TRAIN_STEPS, TRAINED_BELOW = 300, 0.5
+    assert float(out.error[:, -1].mean()) < 0.1            # measured 0.003-0.009 over three seeds
+    assert float(out.error[:, 0].mean()) > 0.9
 
 
 # ------------------------------------------------------------------------------------ train.py / eval.py
