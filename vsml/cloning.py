@@ -107,26 +107,40 @@ class CloneEstimator:
         self.net, self.cfg, self.seed = net, cfg, seed
 
     def loss(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, num_classes: int,
-             generator: torch.Generator) -> torch.Tensor:
+             generator: torch.Generator, episodes: slice | None = None) -> torch.Tensor:
+        """The cloning loss of the class docstring over x [E, T, D].
+
+        ``episodes`` (vsml/distributed.py): unroll the student on these episodes only and return
+        their share of the loss, Σ_{e in episodes} / (E·A·B) per tick, with the initial states,
+        the teacher and the target variance still those of all E episodes, so that the shares of
+        a partition of the episodes sum to the full loss.
+        """
         net, cfg = self.net, self.net.cfg
         e_num, t_len, d = x.shape
         st = net.init_state(e_num, d, num_classes, generator, theta.dtype, theta.device)
         w_seq, e_seq, _ = sgd_teacher(x, y, num_classes, st.c[0][..., 0], self.cfg.alpha)
+        sl = slice(None) if episodes is None else episodes
         p = net.layer_params(theta)[0]
-        h, c = st.h[0], st.c[0]
+        h, c = st.h[0][sl], st.c[0][sl]
         total = x.new_zeros(())
         for t in range(t_len):
-            fwd = net.embed_input(x[:, t])                                   # [E, A, M]
-            bwd = x.new_zeros(e_num, num_classes, cfg.cell.msg)              # [E, B, M]
+            fwd = net.embed_input(x[sl, t])                                  # [E', A, M]
+            bwd = x.new_zeros(fwd.shape[0], num_classes, cfg.cell.msg)       # [E', B, M]
             if t > 0:
-                bwd[..., cfg.error_idx] = e_seq[:, t - 1]
+                bwd[..., cfg.error_idx] = e_seq[sl, t - 1]
             h, c = lstm_micro_steps(p, fwd, bwd, h, c, cfg.micro_ticks)
-            phi = _linear(h, p.W_fwd, p.b_fwd)[..., cfg.output_idx]          # [E, A, B]
+            phi = _linear(h, p.W_fwd, p.b_fwd)[..., cfg.output_idx]          # [E', A, B]
             target = w_seq[:, t] * x[:, t, :, None]                          # [E, A, B]
-            total = total + (phi - target).square().mean() / (target.var() + 1e-3)
+            if episodes is None:
+                total = total + (phi - target).square().mean() / (target.var() + 1e-3)
+            else:
+                total = total + (phi - target[sl]).square().sum() / target.numel() / (target.var() + 1e-3)
         return total / t_len
 
-    def estimate(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, num_classes: int, step: int):
+    def prepare(self, x: torch.Tensor, y: torch.Tensor, step: int
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Generator]:
+        """The step's episodes (cut to ``cfg.length``, the first ``random_frac`` of them with N(0, 1)
+        inputs) and the generator that then draws the initial states in :meth:`loss`."""
         from tasks.base import derive_seed
         gen = torch.Generator().manual_seed(derive_seed(self.seed, "clone", step))
         x = x[:, : self.cfg.length]
@@ -135,6 +149,10 @@ class CloneEstimator:
         if n_rand:
             x = x.clone()
             x[:n_rand] = torch.randn(x[:n_rand].shape, generator=gen, dtype=x.dtype).to(x.device)
+        return x, y, gen
+
+    def estimate(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, num_classes: int, step: int):
+        x, y, gen = self.prepare(x, y, step)
         th = theta.detach().clone().requires_grad_(True)
         with torch.enable_grad():
             loss = self.loss(th, x, y, num_classes, gen)

@@ -26,6 +26,7 @@ from .badger import BadgerConfig
 from .bmg import BMGConfig
 from .bptt import BPTTConfig
 from .cloning import CloneConfig
+from .distributed import DistConfig, NullLogger, distribute_estimator, init_distributed
 from .es import ESConfig
 from .pes import PESConfig
 from tasks.base import derive_seed  # one seed-derivation rule for data, noise and states
@@ -90,6 +91,7 @@ class TrainConfig:
     keep_checkpoints: bool = False    # also keep step_<n>.pt next to last.pt
     eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    dist: DistConfig = field(default_factory=DistConfig)   # torchrun settings (vsml/distributed.py)
 
     def __post_init__(self):
         if self.clone.steps and (self.learner != "vsml"):
@@ -128,7 +130,8 @@ def config_from_dict(d: dict[str, Any]) -> TrainConfig:
     d = {k: v for k, v in d.items() if k != "resolved_lr"}
     sub = {"vsml": VSMLConfig.from_dict, "es": lambda v: ESConfig(**v), "bptt": lambda v: BPTTConfig(**v),
            "clone": lambda v: CloneConfig(**v), "pes": lambda v: PESConfig(**v), "bmg": lambda v: BMGConfig(**v),
-           "eval": lambda v: EvalConfig(**v), "log": lambda v: LogConfig(**v)}
+           "eval": lambda v: EvalConfig(**v), "log": lambda v: LogConfig(**v),
+           "dist": lambda v: DistConfig(**v)}
     sub["badger"] = BadgerConfig.from_dict
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = set(d) - known
@@ -283,23 +286,27 @@ def train(cfg: TrainConfig, resume: str | None = None, run_dir: str | None = Non
 
     from tasks import make_family
     from .evaluate import parse_task_list
+    ctx = init_distributed(cfg)       # the torchrun process group, or a one-process context
     # load (or fail on) every dataset the run needs before creating the run directory
     family = make_family(cfg.task, data_dir=cfg.data_dir)
     family.prepare(("train",))
     for spec in parse_task_list(cfg.eval.tasks):
         make_family(spec, data_dir=cfg.data_dir).prepare(("train", "test"))
     ck = None
+    if ctx.launched and resume is None and run_dir is None:
+        run_dir, resume = ctx.resolve_run_dir(cfg.out_dir, cfg.name)   # out_dir/name; resume its last.pt
     if resume is not None:
-        ck = load_checkpoint(resume)
+        ck = ctx.load_checkpoint(resume)      # rank 0 reads, broadcasts
         saved = config_from_dict(ck["config"])
         _check_resume_compatible(saved, cfg)
         rd = Path(resume) if Path(resume).is_dir() else Path(ck["path"]).parent.parent
     else:
         rd = Path(run_dir) if run_dir else _new_run_dir(cfg.out_dir, cfg.name)
         rd.mkdir(parents=True, exist_ok=True)
-    device = torch.device(cfg.device)
+    device = ctx.device                   # cfg.device, or cuda:LOCAL_RANK under torchrun
     cfg_dict = cfg.to_dict()
-    atomic_write_text(rd / "config.json", json.dumps(cfg_dict, indent=2))
+    if ctx.is_main:                       # only rank 0 writes (config, metrics, checkpoints, meta-tests)
+        atomic_write_text(rd / "config.json", json.dumps(cfg_dict, indent=2))
 
     learner = build_learner(cfg)
     gen = torch.Generator().manual_seed(derive_seed(cfg.seed, "theta-init"))
@@ -331,9 +338,9 @@ def train(cfg: TrainConfig, resume: str | None = None, run_dir: str | None = Non
         start = int(ck["step"])
         wandb_id = ck.get("extra", {}).get("wandb_id")
         print(f"[vsml] resumed {rd} at step {start}", flush=True)
-    logger = RunLogger(rd, cfg_dict, cfg.log.wandb, project=cfg.log.project, name=rd.name,
+    logger = NullLogger() if not ctx.is_main else RunLogger(rd, cfg_dict, cfg.log.wandb, project=cfg.log.project, name=rd.name,
                        group=f"{cfg.learner}-{cfg.estimator}-{cfg.task}", resume_id=wandb_id)
-    estimator = _estimator(cfg, learner)
+    estimator = distribute_estimator(_estimator(cfg, learner), ctx, cfg.dist)   # sharded under torchrun
     n_data = cfg.es.pairs if cfg.estimator == "es" else cfg.meta_batch
     truncated = cfg.estimator in ("pes", "tes")
     system = pes_state = None
@@ -353,9 +360,11 @@ def train(cfg: TrainConfig, resume: str | None = None, run_dir: str | None = Non
     cloner = None
     if cfg.clone.steps:
         from .cloning_deep import make_clone_estimator   # shallow (cloning.py) or deep (cloning_deep.py)
-        cloner = make_clone_estimator(learner, cfg.clone, seed=cfg.seed)
+        cloner = distribute_estimator(make_clone_estimator(learner, cfg.clone, seed=cfg.seed), ctx, cfg.dist)
 
     def checkpoint(step: int) -> None:
+        if not ctx.is_main:
+            return
         extra = {"wandb_id": logger.wandb_id} if logger.wandb_id else {}
         if pes_state is not None:
             extra["pes"] = _pes_state_dict(pes_state)
@@ -368,7 +377,7 @@ def train(cfg: TrainConfig, resume: str | None = None, run_dir: str | None = Non
 
     from tqdm.auto import tqdm
     total = cfg.total_steps
-    bar = tqdm(total=total, initial=start, disable=(not cfg.log.progress) or None, dynamic_ncols=True,
+    bar = tqdm(total=total, initial=start, disable=(not cfg.log.progress or not ctx.is_main) or None, dynamic_ncols=True,
                desc=rd.name, file=sys.stderr)
     step = start
     t_last, nonfinite_total = time.time(), 0
@@ -398,9 +407,10 @@ def train(cfg: TrainConfig, resume: str | None = None, run_dir: str | None = Non
                 optim.step()
                 optim.zero_grad(set_to_none=True)
                 step += 1
+                ctx.after_step(step, theta, optim)    # cross-rank θ checksum every dist.checksum_every
                 bar.update(1)
                 nonfinite_total += int(m.get("nonfinite", 0))
-                if step % cfg.log.every == 0 or step == total or step == cfg.clone.steps:
+                if ctx.is_main and (step % cfg.log.every == 0 or step == total or step == cfg.clone.steps):
                     now = time.time()
                     row = {f"meta_train/{k}": v for k, v in m.items()}
                     row["meta_train/nonfinite_total"] = nonfinite_total
@@ -416,24 +426,27 @@ def train(cfg: TrainConfig, resume: str | None = None, run_dir: str | None = Non
                           flush=True)
                 if cfg.ckpt_every and step % cfg.ckpt_every == 0:
                     checkpoint(step)
-                if cfg.eval.every and step < total and (step % cfg.eval.every == 0 or step == cfg.clone.steps):
+                if ctx.is_main and cfg.eval.every and step < total and (step % cfg.eval.every == 0 or step == cfg.clone.steps):
                     res = run_meta_test(cfg, learner, theta, step, logger, rd)
                     print("[vsml] meta-test " + ", ".join(
                         f"{t}: online acc {per[cfg.learner]['online_accuracy']:.3f}" for t, per in res.items()),
                         flush=True)
-                if stop.signal is not None:
-                    interrupted = stop.signal
+                if ctx.any(stop.signal is not None):     # all ranks stop after the same step
+                    interrupted = stop.signal or signal.SIGTERM
                     break
     except KeyboardInterrupt:
         interrupted = signal.SIGINT
     finally:
         bar.close()
         checkpoint(step)            # never lose a run's results, whatever happened
+    ctx.close()
     if interrupted is not None:
         logger.close()
         print(f"[vsml] interrupted at step {step}; checkpoint written to {rd / 'checkpoints' / 'last.pt'}. "
               f"Resume with: python train.py --resume {rd}", flush=True)
         raise SystemExit(128 + int(interrupted))
+    if not ctx.is_main:
+        return rd                   # rank 0 alone runs the final meta-test
     res = run_meta_test(cfg, learner, theta, step, logger, rd, final=True)
     summary = {f"final/{t}/{n}/online_acc": r["online_accuracy"] for t, per in res.items() if t != "_paths"
                for n, r in per.items()}

@@ -1,0 +1,546 @@
+"""Distributed meta-training on ``torch.distributed`` (``torchrun``): ES, BPTT and cloning across
+processes, θ kept bit-identical on every rank, rank-0-only I/O, elastic restarts from checkpoints.
+
+Launch (README, "Distributed meta-training")::
+
+    torchrun --standalone --nproc_per_node 4 train.py --preset cpu-mnist          # one node
+    torchrun --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d \\
+             --rdzv_endpoint HOST:29400 --rdzv_id RUN --max-restarts 3 train.py ...   # several nodes
+
+:func:`init_distributed` reads the torchrun environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
+``MASTER_ADDR``/``MASTER_PORT``, ``TORCHELASTIC_RESTART_COUNT``) and joins the process group: gloo
+on CPU, NCCL when ``device`` is CUDA (one GPU per process, ``cuda:LOCAL_RANK``).  Without those
+variables it returns a one-process :class:`DistContext` whose collectives are no-ops, so the train
+loop has a single code path.
+
+ES (vsml.md §2.2; badger-bmg-es.md §D.1 "Shared-seed distribution"; style-anchors.md §4b item 4).
+θ and the Adam state are identical on every rank.  At meta-step s every rank draws the *same*
+global batch of P data episodes (from the step seed) and the same P initial states (from
+(seed, s, −1)), and keeps the contiguous pair slice [⌊P·r/W⌋, ⌊P·(r+1)/W⌋) of rank r out of W.
+It builds only its own members θ ± σε_i, with ε_i regenerated from (seed, s, i) by
+:func:`vsml.es.pair_seed`, runs them, and all-gathers the member losses and accuracies (two
+floats per member: the whole exchange).  Every rank then runs the same :func:`vsml.es.es_tell`
+(regenerating all P noise vectors, O(P·|θ|) work, negligible next to the unrolls) and the same
+Adam step, so θ stays bit-identical without any broadcast.  Unlike the reference's MPI code
+(vsml.md §2.2, "Distribution over MPI ranks": per-rank keys and per-rank data, gradients
+all-reduced) the noise, data and states do not depend on the number of processes: **a run with
+W processes computes the same member losses as the one-process run**, hence the same θ.  The
+losses are bit-identical when every member is computed by the same kernels on the same batch
+shape: ``dist.member_batch`` fixes the number of members per unroll call, so with
+``member_batch`` dividing 2P/W, the one-process run (same ``member_batch``) evaluates exactly the
+same chunks.  (On this project's CPU the unroll is batch-size invariant anyway; GPU kernels may not
+be.)  The cost of this exactness: every rank samples the whole global data batch and then slices
+it (the task families seed batches, not episodes), i.e. O(P·T·D) host memory per rank.
+
+BPTT (vsml.md §2.3).  The meta-batch of E episodes is split the same way; rank r computes the
+unclipped gradient of its episodes' mean loss, scaled by E_r/E, and one all-reduce (sum) gives
+the global mean meta-gradient; clipping to ``bptt.clip_grad_norm`` then sees the *global* norm
+(as in the one-process run).  The sum over ranks changes the floating-point summation order, so
+BPTT agrees with the one-process run to ~1e-6 relative, not bitwise; the all-reduced result is
+the same on every rank, so θ still stays bit-identical across ranks.  The cloning phase
+(vsml/cloning.py) is sharded like BPTT (:class:`DistributedCloneEstimator`).  PES / truncated ES
+keep per-particle inner states across meta-steps and are refused under more than one process.
+
+Consistency check.  Every ``dist.checksum_every`` meta-steps the ranks all-gather a 64-bit hash of
+θ and of the optimiser state; any difference raises :class:`ThetaDriftError` naming the step and
+the ranks that differ from rank 0 (fail loudly instead of training W diverging copies).
+
+Fault tolerance.  Only rank 0 writes (config, metrics, wandb, checkpoints, meta-tests).  Under
+torchrun the run directory is ``out_dir/name`` *exactly* (no ``-2`` suffix), decided by rank 0 and
+broadcast; if it holds ``checkpoints/last.pt`` (an elastic restart, ``TORCHELASTIC_RESTART_COUNT``
+> 0, or a relaunch of the same command) the run resumes from it: rank 0 loads it and broadcasts
+it.  Checkpoints are written every ``ckpt_every`` steps by vsml/checkpoint.py's atomic write
+(temporary file, fsync, rename, fsync of the folder), so a killed worker costs at most one
+checkpoint interval and never leaves a torn ``last.pt``; rank 0 also writes one when the step
+loop fails (e.g. a peer died), which is consistent because θ, the optimiser and the step counter
+change together with no collective in between.  A SIGINT/SIGTERM on any rank stops every rank
+after the same meta-step (the stop flag is all-reduced each step).
+
+Test-only fault injection: ``VSML_FAULT_INJECT="RANK:STEP"`` makes the process of that global rank
+exit with status 17 (``os._exit``, no clean-up) right after it completes meta-step STEP, on the
+first attempt only (``TORCHELASTIC_RESTART_COUNT`` = 0), so that a restarted group runs through.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import math
+import os
+import sys
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+
+from .config import ConfigError
+
+__all__ = ["DistConfig", "DistContext", "DistributedBPTTEstimator", "DistributedCloneEstimator",
+           "DistributedESEstimator", "FAULT_ENV", "FAULT_EXIT_CODE", "NullLogger", "ThetaDriftError",
+           "distribute_estimator", "init_distributed", "shard_range", "state_checksum"]
+
+FAULT_ENV = "VSML_FAULT_INJECT"
+FAULT_EXIT_CODE = 17
+
+
+@dataclass(frozen=True)
+class DistConfig:
+    """Multi-process settings (``--dist.*``); they may change between a run and its resumption.
+
+    Attributes:
+        backend: "auto" (NCCL when ``device`` is CUDA, else gloo), "gloo" or "nccl".
+        checksum_every: meta-steps between cross-rank checks that θ and the optimiser state are
+            bit-identical (0: never).
+        member_batch: ES members per unroll call on each process (an even number; 0: the process's
+            whole share in one call).  Bounds memory; with the same value, runs with any number of
+            processes evaluate identical chunks (bit-identical θ, see the module docstring) as long
+            as it divides 2·pairs/processes.
+        timeout_s: collective timeout in seconds (rank 0 runs the periodic meta-tests alone while
+            the other ranks wait in the next collective, so keep it above a meta-test's duration).
+    """
+
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    checksum_every: int = 10
+    member_batch: int = 0
+    timeout_s: float = 1800.0
+
+    def __post_init__(self):
+        if self.backend not in ("auto", "gloo", "nccl"):
+            raise ConfigError(f"dist.backend must be auto, gloo or nccl; got {self.backend!r}")
+        if self.checksum_every < 0:
+            raise ConfigError(f"dist.checksum_every must be >= 0 (0: never), got {self.checksum_every}")
+        if self.member_batch < 0 or self.member_batch % 2:
+            raise ConfigError(f"dist.member_batch must be 0 (all members at once) or an even number of "
+                              f"members (whole antithetic pairs), got {self.member_batch}")
+        if not (self.timeout_s > 0 and math.isfinite(self.timeout_s)):
+            raise ConfigError(f"dist.timeout_s must be a positive number of seconds, got {self.timeout_s}")
+
+
+class ThetaDriftError(RuntimeError):
+    """θ (or the optimiser state) is no longer bit-identical on every rank."""
+
+
+def shard_range(n: int, rank: int, world: int) -> range:
+    """Contiguous, balanced share of rank ``rank``: [⌊n·r/W⌋, ⌊n·(r+1)/W⌋) (sizes differ by <= 1)."""
+    return range(n * rank // world, n * (rank + 1) // world)
+
+
+def state_checksum(*tensors: torch.Tensor) -> int:
+    """64-bit BLAKE2b hash of the raw bytes (dtype and shape included) of the given tensors."""
+    h = hashlib.blake2b(digest_size=8)
+    for t in tensors:
+        t = t.detach().to("cpu").contiguous()
+        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return int.from_bytes(h.digest(), "little", signed=True)
+
+
+def _optimizer_tensors(opt: torch.optim.Optimizer | None) -> list[torch.Tensor]:
+    if opt is None:
+        return []
+    out = []
+    for st in opt.state.values():
+        for k in sorted(st):
+            if torch.is_tensor(st[k]):
+                out.append(st[k])
+    return out
+
+
+class NullLogger:
+    """What ranks other than 0 get instead of a :class:`vsml.loggers.RunLogger`: writes nothing."""
+
+    wandb_id = None
+
+    def log(self, metrics, step):
+        pass
+
+    def log_curves(self, task, curves, step):
+        pass
+
+    def log_image(self, key, path, step):
+        pass
+
+    def summary(self, values):
+        pass
+
+    def close(self):
+        pass
+
+
+@dataclass
+class DistContext:
+    """Where this process stands in the group, and the few collectives the train loop needs.
+
+    With ``world_size == 1`` every collective returns its input (no process group needed).
+    """
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    restart_count: int = 0
+    launched: bool = False          # started by torchrun (the env variables were set)
+    backend: str | None = None      # "gloo" / "nccl" when a process group is in use
+    device: torch.device = torch.device("cpu")
+    checksum_every: int = 0
+    owns_group: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def shard(self, n: int) -> range:
+        return shard_range(n, self.rank, self.world_size)
+
+    def _comm(self, t: torch.Tensor) -> torch.Tensor:
+        # NCCL moves CUDA tensors only; gloo is used with CPU tensors here
+        return t.to(self.device) if self.backend == "nccl" else t.to("cpu")
+
+    # ----------------------------------------------------------------------------------- collectives
+
+    def all_gather_rows(self, local: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """Concatenate every rank's ``local`` [counts[r], ...] in rank order -> [sum(counts), ...].
+
+        Ranks may hold different row counts (padded to the largest for the collective).
+        """
+        if not self.distributed:
+            return local
+        m = max(counts)
+        buf = self._comm(local.new_zeros((m, *local.shape[1:])))            # [m, ...]
+        buf[: local.shape[0]] = self._comm(local)
+        out = [torch.empty_like(buf) for _ in range(self.world_size)]
+        dist.all_gather(out, buf)
+        return torch.cat([o[:c] for o, c in zip(out, counts)]).to(local.device)   # [Σ counts, ...]
+
+    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """Elementwise sum over ranks; every rank receives the same bytes."""
+        if not self.distributed:
+            return t
+        buf = self._comm(t.clone())
+        dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+        return buf.to(t.device)
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank if ``flag`` is true on any rank (e.g. a stop signal)."""
+        if not self.distributed:
+            return bool(flag)
+        buf = self._comm(torch.tensor([int(bool(flag))], dtype=torch.int64))
+        dist.all_reduce(buf, op=dist.ReduceOp.MAX)
+        return bool(buf.item())
+
+    def broadcast_object(self, obj: Any) -> Any:
+        """Rank 0's ``obj`` on every rank (pickled)."""
+        if not self.distributed:
+            return obj
+        box = [obj if self.is_main else None]
+        dist.broadcast_object_list(box, src=0, device=self.device if self.backend == "nccl" else None)
+        return box[0]
+
+    # ----------------------------------------------------------------------------------- train-loop hooks
+
+    def check_in_sync(self, step: int, theta: torch.Tensor, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Raise :class:`ThetaDriftError` on every rank unless θ and the optimiser state are
+        bit-identical everywhere (one all-gather of a 64-bit hash)."""
+        if not self.distributed:
+            return
+        mine = state_checksum(theta, *_optimizer_tensors(optimizer))
+        sums = self.all_gather_rows(torch.tensor([[mine]], dtype=torch.int64), [1] * self.world_size)
+        sums = [int(v) for v in sums.reshape(-1).tolist()]
+        bad = [r for r, v in enumerate(sums) if v != sums[0]]
+        if bad:
+            raise ThetaDriftError(
+                f"θ/optimiser state drifted between processes after meta-step {step}: rank(s) {bad} differ "
+                f"from rank 0 (checksums {', '.join(f'rank {r}: {v:#018x}' for r, v in enumerate(sums))}). "
+                "Every rank must apply the same update bit for bit; likely causes: non-deterministic kernels, "
+                "different torch builds or hardware across nodes, or ranks that loaded different checkpoints. "
+                "Restart from the last checkpoint (it is written by rank 0 only).")
+
+    def after_step(self, step: int, theta: torch.Tensor, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Called once per completed meta-step: test-only fault injection, then the periodic checksum."""
+        maybe_inject_fault(self, step)
+        if self.checksum_every and step % self.checksum_every == 0:
+            self.check_in_sync(step, theta, optimizer)
+
+    def resolve_run_dir(self, out_dir: str, name: str) -> tuple[Path, Path | None]:
+        """Under torchrun: (``out_dir/name``, its ``checkpoints/last.pt`` if rank 0 sees one, else None).
+
+        Rank 0 decides and broadcasts, so every rank and every elastic restart agree on one
+        directory; an existing checkpoint there means "resume".
+        """
+        decision = None
+        if self.is_main:
+            rd = Path(out_dir) / name
+            ck = rd / "checkpoints" / "last.pt"
+            decision = (str(rd), str(ck) if ck.exists() else None)
+            if ck.exists():
+                for tmp in ck.parent.glob(".*.tmp"):        # left by a writer killed mid-write
+                    tmp.unlink(missing_ok=True)
+        rd, ck = self.broadcast_object(decision)
+        if self.is_main and (ck is not None or self.restart_count):
+            how = f"elastic restart {self.restart_count}" if self.restart_count else "existing run directory"
+            print(f"[vsml] {how}: " + (f"resuming from {ck}" if ck else f"no checkpoint in {rd} yet, starting "
+                  "from step 0"), flush=True)
+        return Path(rd), (Path(ck) if ck else None)
+
+    def load_checkpoint(self, path: str | Path) -> dict:
+        """Rank 0 loads the checkpoint and broadcasts it (a load error is raised on every rank)."""
+        from .checkpoint import CheckpointError, load_checkpoint
+        if not self.distributed:
+            return load_checkpoint(path)
+        payload = None
+        if self.is_main:
+            try:
+                payload = ("ok", load_checkpoint(path))
+            except CheckpointError as exc:
+                payload = ("error", str(exc))
+        status, value = self.broadcast_object(payload)
+        if status != "ok":
+            raise CheckpointError(value)
+        return value
+
+    def close(self) -> None:
+        if self.owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+            self.owns_group = False
+
+
+def maybe_inject_fault(ctx: DistContext, step: int) -> None:
+    """Test-only: ``VSML_FAULT_INJECT="RANK:STEP"`` kills that rank after meta-step STEP, first attempt only."""
+    spec = os.environ.get(FAULT_ENV)
+    if not spec or ctx.restart_count != 0:
+        return
+    try:
+        r, s = (int(v) for v in spec.split(":"))
+    except ValueError:
+        raise ConfigError(f"{FAULT_ENV} must look like RANK:STEP (e.g. 1:3), got {spec!r}") from None
+    if r == ctx.rank and s == step:
+        print(f"[vsml] {FAULT_ENV}: rank {ctx.rank} exits with status {FAULT_EXIT_CODE} after meta-step {step}",
+              file=sys.stderr, flush=True)
+        os._exit(FAULT_EXIT_CODE)
+
+
+def _env_int(name: str, default: int) -> int:
+    v = os.environ.get(name)
+    return default if v in (None, "") else int(v)
+
+
+def init_distributed(cfg: Any) -> DistContext:
+    """Join the torchrun process group described by the environment (or none) for a TrainConfig.
+
+    Validates what cannot run distributed before anything is written: PES / truncated ES (their
+    per-particle inner states persist across meta-steps), a population or meta-batch smaller than
+    the number of processes, NCCL without CUDA.
+    """
+    dcfg: DistConfig = cfg.dist
+    launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    device = torch.device(cfg.device)
+    if not launched:
+        return DistContext(device=device, checksum_every=dcfg.checksum_every)
+    rank, world = _env_int("RANK", 0), _env_int("WORLD_SIZE", 1)
+    local_rank = _env_int("LOCAL_RANK", 0)
+    restart = _env_int("TORCHELASTIC_RESTART_COUNT", 0)
+    if world > 1:
+        if cfg.estimator in ("pes", "tes"):
+            raise ConfigError(f"estimator={cfg.estimator} cannot run on {world} processes: its particles keep "
+                              "inner states across meta-steps that would have to be sharded and checkpointed per "
+                              "rank (not implemented); run it as one process, or use --estimator es / bptt")
+        if cfg.estimator not in ("es", "bptt"):
+            raise ConfigError(f"estimator={cfg.estimator} has no multi-process version (only es and bptt, plus "
+                              f"the cloning phase, run on several processes); run it as one process")
+        n = {"es": cfg.es.pairs, "bptt": cfg.meta_batch}.get(cfg.estimator)
+        if n is not None and n < world:
+            what = "es.pairs" if cfg.estimator == "es" else "meta_batch"
+            raise ConfigError(f"{what}={n} is smaller than the number of processes ({world}); every process "
+                              f"needs at least one {'antithetic pair' if cfg.estimator == 'es' else 'episode'}")
+        if cfg.clone.steps and cfg.clone.episodes < world:
+            raise ConfigError(f"clone.episodes={cfg.clone.episodes} is smaller than the number of processes "
+                              f"({world}); raise clone.episodes or set clone.steps 0")
+    backend = dcfg.backend
+    if backend == "auto":
+        backend = "nccl" if device.type == "cuda" else "gloo"
+    if backend == "nccl" and device.type != "cuda":
+        raise ConfigError(f"dist.backend=nccl needs a CUDA device, got device={cfg.device!r}; use dist.backend "
+                          "gloo (or auto) on CPU")
+    if device.type == "cuda":
+        if not torch.cuda.is_available() or local_rank >= torch.cuda.device_count():
+            raise ConfigError(f"LOCAL_RANK={local_rank} needs GPU {local_rank} but "
+                              f"{torch.cuda.device_count() if torch.cuda.is_available() else 0} are visible; "
+                              "start at most one process per GPU (--nproc_per_node)")
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    owns = False
+    if not dist.is_initialized():
+        timeout = datetime.timedelta(seconds=dcfg.timeout_s)
+        # torchrun's store outlives a restarted worker group, and the new gloo ranks could read the dead
+        # group's addresses from it ("Connection refused" in connectFullMesh): key each attempt apart
+        store, _, _ = next(dist.rendezvous("env://", rank, world, timeout=timeout))
+        store = dist.PrefixStore(f"vsml/attempt{restart}/", store)
+        kw = {"device_id": device} if backend == "nccl" else {}
+        dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world, timeout=timeout, **kw)
+        owns = True
+    if dist.get_world_size() != world or dist.get_rank() != rank:
+        raise RuntimeError(f"process group (rank {dist.get_rank()} of {dist.get_world_size()}) does not match "
+                           f"the environment (RANK={rank}, WORLD_SIZE={world})")
+    return DistContext(rank=rank, world_size=world, local_rank=local_rank, restart_count=restart, launched=True,
+                       backend=backend, device=device, checksum_every=dcfg.checksum_every, owns_group=owns)
+
+
+# ------------------------------------------------------------------------------------------------
+# estimators
+
+
+class DistributedESEstimator:
+    """Antithetic ES with the population sharded over processes (module docstring, "ES").
+
+    Same interface and, given the same ``member_batch``, the same numbers as
+    :class:`vsml.estimators.ESEstimator` on one process: ``estimate(theta, x, y, C, step)`` with x
+    [P, T, ...] the *global* batch (one data episode per pair, identical on every rank).
+    """
+
+    def __init__(self, learner: Any, cfg, ctx: DistContext, member_batch: int = 0):
+        from .estimators import ESEstimator
+        self.local = ESEstimator(learner, cfg, max_batch=member_batch or None)   # validates, draws states
+        self.learner, self.cfg, self.ctx = learner, cfg, ctx
+        self.member_batch = member_batch
+
+    def estimate(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, num_classes: int,
+                 step: int) -> tuple[torch.Tensor, dict]:
+        from .es import es_ask, es_tell
+        from .estimators import _check_batch
+        from .learner import state_index, state_repeat_interleave
+        x = _check_batch(x, y)                                               # [P, T, D]
+        p = self.cfg.pairs
+        if x.shape[0] != p:
+            raise ValueError(f"DistributedESEstimator needs the global batch (one episode per pair): x has "
+                             f"{x.shape[0]} episodes but ESConfig.pairs = {p}")
+        world = self.ctx.world_size
+        mine = self.ctx.shard(p)                                             # this rank's pair indices
+        theta = theta.detach()
+        pop = es_ask(theta, self.cfg, step, pair_indices=mine)               # [2p, *θ]
+        state = self.local.initial_state(p, x.shape[2], num_classes, step, pop.dtype, pop.device)  # P pairs
+        state = state_repeat_interleave(state_index(state, slice(mine.start, mine.stop)), 2)       # [2p, ...]
+        x2 = x[mine.start:mine.stop].repeat_interleave(2, 0)                 # [2p, T, D]
+        y2 = y[mine.start:mine.stop].repeat_interleave(2, 0)                 # [2p, T]
+        n = 2 * len(mine)
+        mb = self.member_batch or n
+        rows = []
+        with torch.no_grad():
+            for m0 in range(0, n, mb):
+                m1 = min(n, m0 + mb)
+                st = state if (m0 == 0 and m1 == n) else state_index(state, slice(m0, m1))
+                out = self.learner.unroll(pop[m0:m1], x2[m0:m1], y2[m0:m1], num_classes, state=st)
+                rows.append(torch.stack([out.loss.mean(1), out.correct.to(pop.dtype).mean(1)], 1))  # [m, 2]
+        del pop
+        local = torch.cat(rows)                                              # [2p, (loss, acc)]
+        counts = [2 * len(shard_range(p, r, world)) for r in range(world)]
+        both = self.ctx.all_gather_rows(local, counts)                       # [2P, 2], member order
+        grad, metrics = es_tell(theta, both[:, 0], self.cfg, step)
+        metrics["accuracy"] = float(both[:, 1].mean())
+        return grad, metrics
+
+
+def _clip(grad: torch.Tensor, norm: float, max_norm: float) -> tuple[torch.Tensor, bool]:
+    if max_norm > 0 and norm > max_norm:
+        return grad * (max_norm / (norm + 1e-12)), True
+    return grad, False
+
+
+class DistributedBPTTEstimator:
+    """Data-parallel BPTT: meta-batch sharded, meta-gradient all-reduced *before* clipping.
+
+    Matches :class:`vsml.estimators.BPTTEstimator` (same initial states: the global draw from
+    (seed, step, −1), sliced) up to the floating-point order of the cross-rank sum.
+    """
+
+    def __init__(self, learner: Any, cfg, ctx: DistContext, seed: int = 0):
+        from .estimators import BPTTEstimator
+        BPTTEstimator(learner, cfg, seed)                                    # same validation
+        self.learner, self.cfg, self.ctx, self.seed = learner, cfg, ctx, int(seed)
+
+    def estimate(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, num_classes: int,
+                 step: int) -> tuple[torch.Tensor, dict]:
+        from .bptt import bptt_gradient
+        from .es import pair_seed
+        from .estimators import _check_batch
+        from .learner import state_index
+        x = _check_batch(x, y)                                               # [E, T, D]
+        e = x.shape[0]
+        mine = self.ctx.shard(e)
+        gen = torch.Generator().manual_seed(pair_seed(self.seed, step, -1))
+        state = self.learner.init_state(e, x.shape[2], num_classes, gen, theta.dtype, theta.device)
+        state = state_index(state, slice(mine.start, mine.stop))             # [E_r, ...]
+        g, m = bptt_gradient(self.learner, theta.detach(), x[mine.start:mine.stop], y[mine.start:mine.stop],
+                             num_classes, replace(self.cfg, clip_grad_norm=0.0), state=state)
+        w = len(mine) / e                                                    # E_r / E
+        packed = torch.cat([g.reshape(-1) * w,
+                            g.new_tensor([m["loss"] * w, m["accuracy"] * w, m["nonfinite"]])])   # [|θ| + 3]
+        packed = self.ctx.all_reduce_sum(packed)
+        grad = packed[:-3].reshape(g.shape)
+        loss, acc, nonfinite = (float(v) for v in packed[-3:])
+        norm = float(grad.norm())
+        if nonfinite > 0 or not math.isfinite(norm):
+            grad, norm, nonfinite = torch.zeros_like(grad), float("nan"), 1.0
+        grad, clipped = _clip(grad, norm, self.cfg.clip_grad_norm)
+        return grad.detach(), {"loss": loss, "accuracy": acc, "grad_norm": norm, "clipped": float(clipped),
+                               "nonfinite": float(nonfinite > 0), "truncations": m["truncations"]}
+
+
+class DistributedCloneEstimator:
+    """The cloning phase (vsml/cloning.py) with its episodes sharded and the gradient all-reduced.
+
+    Every rank draws the same episodes, random-input replacements, initial states and teacher
+    trajectories as :class:`vsml.cloning.CloneEstimator` (the teacher is cheap and its target
+    variance is taken over *all* episodes, as in the one-process loss); each rank unrolls the
+    student on its own episodes only, and the summed loss terms and gradients are all-reduced
+    before clipping.
+    """
+
+    def __init__(self, cloner, ctx: DistContext):
+        self.cloner, self.ctx = cloner, ctx
+
+    def estimate(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, num_classes: int, step: int):
+        x, y, gen = self.cloner.prepare(x, y, step)                          # [E, T, D], [E, T]
+        mine = self.ctx.shard(x.shape[0])
+        th = theta.detach().clone().requires_grad_(True)
+        with torch.enable_grad():
+            loss = self.cloner.loss(th, x, y, num_classes, gen, episodes=slice(mine.start, mine.stop))
+            (grad,) = torch.autograd.grad(loss, th)
+        packed = self.ctx.all_reduce_sum(torch.cat([grad.reshape(-1), loss.detach().reshape(1)]))  # [|θ| + 1]
+        grad, loss = packed[:-1].reshape(th.shape), float(packed[-1])
+        norm = float(grad.norm())
+        grad, _ = _clip(grad, norm, self.cloner.cfg.clip_grad_norm)
+        return grad, {"clone_loss": loss, "grad_norm": norm}
+
+
+def distribute_estimator(estimator: Any, ctx: DistContext, cfg: DistConfig) -> Any:
+    """The estimator the train loop should use on this process.
+
+    ES: :class:`DistributedESEstimator` under several processes or when ``cfg.member_batch`` is
+    set; BPTT and cloning: their sharded versions under several processes; anything else (and
+    everything on one process) unchanged.
+    """
+    from .estimators import BPTTEstimator, ESEstimator
+    from .cloning import CloneEstimator
+    if isinstance(estimator, ESEstimator):
+        if ctx.distributed or cfg.member_batch:
+            return DistributedESEstimator(estimator.learner, estimator.cfg, ctx, cfg.member_batch)
+        return estimator
+    if not ctx.distributed:
+        return estimator
+    if isinstance(estimator, BPTTEstimator):
+        return DistributedBPTTEstimator(estimator.learner, estimator.cfg, ctx, estimator.seed)
+    if isinstance(estimator, CloneEstimator):
+        return DistributedCloneEstimator(estimator, ctx)
+    if type(estimator).__name__ == "DeepCloneEstimator":
+        # no sharded version yet: every rank computes the same full gradient (deterministic, so θ
+        # stays identical, which the checksum verifies), i.e. correct but without a speed-up
+        if ctx.is_main:
+            print("[vsml] deep cloning is replicated on every process (not sharded): no speed-up in the "
+                  "cloning phase", file=sys.stderr, flush=True)
+        return estimator
+    raise ConfigError(f"{type(estimator).__name__} has no multi-process version; run it as one process")
