@@ -16,8 +16,8 @@
 // SIMD layout: N = 16 floats = one 512-bit register.  A sub-LSTM's h, c and each of its 4 gate blocks
 // are one vector; the h-matvec is 16 broadcast-FMAs per gate block with W_hᵀ (16 x 64 floats = 4 KiB,
 // L1-resident) as the vector operand, run for P = 4 pairs at once so every W_hᵀ load feeds 4 FMAs.
-// σ and tanh are built from a Cephes-style exp (range reduction by ln 2, degree-5 minimax polynomial,
-// exact scaling by 2^n; relative error ~1e-7) and a Newton-refined reciprocal, one reciprocal per
+// σ and tanh are built from a Cephes-style exp (2^t: range reduction to |f| <= 1/2, degree-5 minimax
+// polynomial, exact scaling by 2^n; relative error ~2e-7) and a Newton-refined reciprocal, one reciprocal per
 // product σ·tanh (see cell_update).
 //
 // ISA: AVX-512F when the compiler targets it (-march=native on this project's EPYC), otherwise AVX2+FMA
@@ -146,26 +146,30 @@ inline V vrecip(V d) { VSML_LANES(1.0f / d.x[l]); }
 #undef VSML_LANES
 #endif
 
-// exp(x) for x <= 40: x = n ln2 + r with |r| <= ln2/2 (ln 2 split in two for an exact reduction),
-// exp(r) ~ 1 + degree-5 minimax polynomial (coefficients of Arm's optimized-routines expf: max relative
-// error 1.2e-7 on the reduced range), then an exact scaling by 2^n.  The caller keeps x <= 40 so every
-// product of two such values stays finite; below, AVX-512's scalef underflows gracefully to 0, the
-// other ISAs clamp at -87 (2^n built from exponent bits must stay a normal float).
-inline V vexp(V x) {
-  x = vmin(x, vset(40.0f));
+// 2^t for t <= 57 (callers pass t = x·log2(e) with their affine argument folded into one FMA, so
+// e^x costs no separate scaling): t = n + f with n = round(t) and f = t − n exact, |f| <= 1/2;
+// 2^f ~ 1 + degree-5 minimax polynomial (Arm optimized-routines' expf coefficients rescaled from
+// r = f·ln2 to f: max relative error 2.2e-7 evaluated in float32), then an exact scaling by 2^n.
+// The clamp keeps every product of two such values finite (2^57·2^57 < 2^128); the rounding of
+// t = x·log2(e) itself adds a relative error of |t|·6e-8 to e^x (< 1e-6 wherever σ/tanh are not
+// saturated).  Below, AVX-512's scalef underflows gracefully to 0; the other ISAs clamp at −125
+// (2^n built from exponent bits must stay a normal float).
+inline V vexp2(V t) {
+  t = vmin(t, vset(57.0f));
 #if VSML_CPU_ISA != 512
-  x = vmax(x, vset(-87.0f));
+  t = vmax(t, vset(-125.0f));
 #endif
-  V n = vround(x * vset(1.44269504088896341f));
-  V r = fnma(n, vset(0x1.62e4p-1f), x);
-  r = fnma(n, vset(0x1.7f7d1cp-20f), r);
-  V r2 = r * r;
-  V p = fma(vset(0x1.0e4020p-7f), r, vset(0x1.573e2ep-5f));
-  V q = fma(vset(0x1.555e66p-3f), r, vset(0x1.fffdb6p-2f));
-  q = fma(p, r2, q);
-  V poly = fma(q, r2, vset(0x1.ffffecp-1f) * r);
-  return ldexp2(poly + vset(1.0f), n);
+  V n = vround(t);
+  V f = t - n;
+  V f2 = f * f;
+  V p = fma(vset(0x1.59ed2cp-10f), f, vset(0x1.3cee16p-7f));
+  V q = fma(vset(0x1.c6bca0p-5f), f, vset(0x1.ebf9acp-3f));
+  q = fma(p, f2, q);
+  V poly = fma(q, f2, fma(vset(0x1.62e422p-1f), f, vset(1.0f)));
+  return ldexp2(poly, n);
 }
+
+constexpr float kLog2e = 1.44269504088896341f;
 
 // One micro-step's gate nonlinearities and cell update (vsml.md §1.2), with one reciprocal per product:
 //   σ(ĩ−5)·tanh(g̃) = (1 − e_g) / ((1 + e_i)(1 + e_g)),   e_i = exp(5 − ĩ), e_g = exp(−2g̃)
@@ -174,14 +178,14 @@ inline V vexp(V x) {
 // (tanh(x) = (1 − e^{−2x}) / (1 + e^{−2x}) is the 2σ(2x) − 1 of the torch.compile path.)
 inline void cell_update(V gi, V gg, V gf, V go, V& c, V& h) {
   const V one = vset(1.0f);
-  V ei = vexp(vset(5.0f) - gi);
-  V eg = vexp(vset(-2.0f) * gg);
-  V ef = vexp(vset(-5.0f) - gf);
-  V eo = vexp(vset(0.0f) - go);
+  V ei = vexp2(fma(gi, vset(-kLog2e), vset(5.0f * kLog2e)));
+  V eg = vexp2(gg * vset(-2.0f * kLog2e));
+  V ef = vexp2(fma(gf, vset(-kLog2e), vset(-5.0f * kLog2e)));
+  V eo = vexp2(go * vset(-kLog2e));
   V pg = one + eg;
   V ig = (one - eg) * vrecip(fma(ei, pg, pg));
   c = fma(vrecip(one + ef), c, ig);
-  V ec = vexp(vset(-2.0f) * c);
+  V ec = vexp2(c * vset(-2.0f * kLog2e));
   V pc = one + ec;
   h = (one - ec) * vrecip(fma(eo, pc, pc));
 }
@@ -408,9 +412,10 @@ std::vector<at::Tensor> layer_update(const at::Tensor& theta, const at::Tensor& 
   auto fwd_out = at::empty({E, B, M}, h.options());
   auto bwd_out = at::empty({E, A, M}, h.options());
 
-  // work items: (episode, block of inputs a); enough blocks that every thread has work when E is small
-  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  const int64_t nblk = std::min<int64_t>(A, std::max<int64_t>(1, (4 * threads + E - 1) / E));
+  // work items: (episode, block of inputs a); at least 16 items in all (so a few threads have work when E
+  // is small) and at most ~8k pairs per item.  The split depends on the sizes only, never on the thread
+  // count, so results are bit-identical for any number of threads.
+  const int64_t nblk = std::min<int64_t>(A, std::max<int64_t>((16 + E - 1) / E, (A * B + 8191) / 8192));
   const int64_t a_per = (A + nblk - 1) / nblk;
   const int64_t items = E * nblk;
   auto partial = at::zeros({items, B, red}, h.options());   // per-item Σ_a over its block
