@@ -1,11 +1,13 @@
-"""Microbenchmark: torch eager vs torch.compile vs the fused Triton kernel, one table per device.
+"""Microbenchmark: torch eager vs torch.compile vs the CPU C++ kernel vs the fused Triton kernel.
 
     python -m kernels.bench                                   # defaults per device (below)
+    python -m kernels.bench --backends compile,cpu --repeats 3   # CPU: compiled path vs C++ kernel, best of 3
     python -m kernels.bench --episodes 1,16 --steps 20        # quick CPU check
     python -m kernels.bench --backends triton --episodes 64,1024,2048 --steps 100   # GPU, kernel only
 
 Every backend runs the public entry points: ``VSMLNetwork(cfg).unroll`` (torch eager),
-``VSMLNetwork(cfg, compile=True).unroll`` (torch.compile, when the engine offers it) and
+``VSMLNetwork(cfg, compile=True).unroll`` with the CPU kernel switched off (torch.compile chunks) and on
+(``cpu``: the hand-written SIMD kernel of ``kernels/cpu_vsml.py``, the default no-grad CPU path) and
 ``kernels.backend.unroll(..., backend="triton")`` -- so the numbers follow whatever the engine is.
 All runs use an ES-style population (one θ per episode, [E, L, P]) under ``torch.no_grad()``.
 
@@ -18,6 +20,8 @@ Columns:
     % peak            GFLOP/s over the float32 matmul peak measured in the same run (torch.mm of two
                       n x n float32 matrices, best of several; TF32 disabled on GPU)
     vs eager          speedup over torch eager at the same E and network
+    spread            with --repeats n > 1: min-max examples/s over the n repeats (the rate columns are the
+                      best of n); each repeat is a full timed run of the cell
 
 Defaults: on CUDA E in {1, 64, 1024, 2048}, 100 examples; on CPU E in {1, 16, 64} and at most 100
 examples, with a per-cell time budget (--budget, default 20 s on CPU): a cell stops after the chunk in
@@ -86,10 +90,18 @@ def make_runner(backend: str, cfg: VSMLConfig):
     if backend == "eager":
         net = VSMLNetwork(cfg)
         return lambda th, x, y, st: net.unroll(th, x, y, state=st).state
-    if backend == "compile":
+    if backend in ("compile", "cpu"):
         if not _has_compile_option():
             return "VSMLNetwork has no compile option in this version"
         net = VSMLNetwork(cfg, compile=True)
+        net.cpu_kernel = backend == "cpu"
+        if backend == "cpu":
+            from . import cpu_vsml
+            ok, why = cpu_vsml.available()
+            if not ok:
+                return f"skipped: {why}"
+            if not cpu_vsml.applies(cfg):
+                return "skipped: the CPU kernel does not cover this config (needs N = 16, M <= 16)"
         return lambda th, x, y, st: net.unroll(th, x, y, state=st).state
     if backend == "triton":
         from . import backend as kb
@@ -146,7 +158,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--budget", type=float, default=None, help="seconds per cell before it stops early "
                     "(default 20 on CPU, unlimited on CUDA)")
     ap.add_argument("--nets", default="784-10,784-32-10")
-    ap.add_argument("--backends", default="eager,compile,triton", help="subset of eager,compile,triton")
+    ap.add_argument("--backends", default="eager,compile,cpu,triton", help="subset of eager,compile,cpu,triton")
+    ap.add_argument("--repeats", type=int, default=1, help="timed runs per cell: report the best and the spread")
     ap.add_argument("--backward-pass", action="store_true", help="backward-pass schedule (2 sweeps)")
     ap.add_argument("--layer-norm", action="store_true")
     args = ap.parse_args(argv)
@@ -172,8 +185,10 @@ def main(argv: list[str] | None = None) -> None:
     print(f"schedule: {'backward-pass' if args.backward_pass else 'forward-only'}, micro_ticks 2, "
           f"layer_norm {args.layer_norm}, per-episode θ; up to {args.steps} timed examples per cell, "
           f"chunks of {chunk}{'' if math.isinf(budget) else f', budget {budget:g} s per cell'}\n")
-    print("| backend | net | E | examples/s | µsteps/s | GFLOP/s | % peak | vs eager | timed T |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    rep = max(1, args.repeats)
+    print("| backend | net | E | examples/s | µsteps/s | GFLOP/s | % peak | vs eager | timed T |"
+          + (f" spread ({rep} runs) |" if rep > 1 else ""))
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if rep > 1 else ""))
     notes, es_lines = [], []
     for spec in args.nets.split(","):
         d, hidden, c = parse_net(spec)
@@ -185,14 +200,17 @@ def main(argv: list[str] | None = None) -> None:
             eager_rate = None
             for be in backends:
                 run = make_runner(be, cfg)
-                label = {"eager": "torch eager", "compile": "torch.compile", "triton": "fused Triton"}[be]
+                label = {"eager": "torch eager", "compile": "torch.compile", "cpu": "CPU C++ kernel",
+                         "triton": "fused Triton"}[be]
                 if isinstance(run, str):
                     note = f"{label}: {run}"
                     if note not in notes:
                         notes.append(note)
                     continue
                 try:
-                    rate, timed = bench_cell(run, cfg, e, d, c, args.steps, chunk, budget, device)
+                    runs = [bench_cell(run, cfg, e, d, c, args.steps, chunk, budget, device)
+                            for _ in range(rep if be != "eager" else 1)]
+                    rate, timed = max(runs)
                 except torch.cuda.OutOfMemoryError:
                     print(f"| {label} | {spec} | {e} | OOM | | | | | |")
                     torch.cuda.empty_cache()
@@ -207,7 +225,8 @@ def main(argv: list[str] | None = None) -> None:
                     eager_rate = rate
                 speed = f"{rate / eager_rate:.1f}x" if eager_rate else "-"
                 print(f"| {label} | {spec} | {e} | {rate:,.1f} | {us:.3g} | {gf:,.1f} | "
-                      f"{100 * gf / peak:.1f}% | {speed} | {timed} |", flush=True)
+                      f"{100 * gf / peak:.1f}% | {speed} | {timed} |"
+                      + (f" {min(r for r, _ in runs):,.0f}–{rate:,.0f} |" if rep > 1 else ""), flush=True)
                 if spec == "784-10" and not cfg.backward_pass and e >= 64:
                     es = 2048 * 500 / rate
                     es_lines.append(f"{label}, E={e}: reference ES step (2048 episodes x 500 MNIST examples, "

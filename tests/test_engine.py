@@ -270,6 +270,7 @@ def test_compiled_tick_matches_eager(chunk_pairs, monkeypatch):
     gen = torch.Generator().manual_seed(0)
     cfg = _cfg((3,), ln=True, label=True)
     eager, comp = VSMLNetwork(cfg), VSMLNetwork(cfg, compile=True)
+    comp.cpu_kernel = False          # this test is about the torch.compile chunks (the C++ kernel: tests/kernels)
     theta = _random_theta(eager, gen, e=2).float()
     x, y = torch.randn(2, 4, 5, generator=gen), torch.randint(0, 3, (2, 4), generator=gen)
     st = eager.init_state(2, 5, 3, gen)

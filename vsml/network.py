@@ -213,9 +213,22 @@ class VSMLNetwork:
         self.cfg = cfg
         self.compile = compile
         self._chunk_fn = None
+        # no-grad path: the hand-written CPU kernel (kernels/cpu_vsml.py) where it applies, builds and
+        # VSML_CPU_KERNEL is not 'off'; False forces the torch.compile chunks
+        self.cpu_kernel = True
 
     def _chunked_layer(self, p: CellParams, fwd_in, bwd_in, h, c):
-        """No-grad layer update through the compiled chunk function, looping over chunks of inputs a."""
+        """No-grad layer update: the CPU kernel when it applies (else None -> fall through), otherwise
+        the compiled chunk function, looping over chunks of inputs a."""
+        if self.cpu_kernel:
+            try:
+                from kernels.cpu_vsml import try_layer_update
+            except ImportError:                                 # kernels/ not installed next to vsml/
+                self.cpu_kernel = False
+            else:
+                out = try_layer_update(self.cfg, p, fwd_in, bwd_in, h, c)
+                if out is not None:
+                    return out
         if self._chunk_fn is None:
             import torch._dynamo.config as dcfg
             # one graph per chunk shape and θ mode: ES populations, meta-test batches, several tasks

@@ -24,8 +24,9 @@
 // (two 256-bit halves), otherwise portable scalar loops (auto-vectorised where the compiler can).
 // Force a lower one with -DVSML_CPU_ISA=2 (AVX2) or -DVSML_CPU_ISA=0 (scalar), e.g. to test it.
 //
-// Threads: at::parallel_for over (episode, block of inputs a) work items (torch's OpenMP pool); each
-// item writes its own partial Σ_a buffer, reduced afterwards, so results do not depend on scheduling.
+// Threads: torch's OpenMP pool (at::parallel_for) pulls (episode, block of inputs a) work items from an
+// atomic counter; each item writes its own partial Σ_a buffer, reduced afterwards in a fixed order, so
+// results do not depend on the scheduling or the number of threads.
 
 // Light headers only (no torch/extension.h, no pybind11): the op is registered with TORCH_LIBRARY under
 // the namespace VSML_NS (set per build variant by kernels/cpu_vsml.py) and called as torch.ops.<ns>.*;
@@ -39,6 +40,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -431,14 +433,15 @@ std::vector<at::Tensor> layer_update(const at::Tensor& theta, const at::Tensor& 
   float* bout = bwd_out.data_ptr<float>();
   float* part = partial.data_ptr<float>();
 
-  // grain: small layers (few pairs) run on one thread, the fork costs more than it saves
   const int64_t pairs = E * A * B;
-  const int64_t grain = pairs < 8192 ? items : 1;
-  at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) {
+  // Items are handed out dynamically (an atomic counter) rather than in one static slice per thread: on
+  // a machine shared with other jobs a descheduled thread then delays only its current item.
+  std::atomic<int64_t> next_item{0};
+  auto worker = [&]() {
     Theta t;
     std::vector<float> R(B * G), Fa(a_per * G), sum_a(a_per * red);
     int64_t loaded_e = -1;
-    for (int64_t it = begin; it < end; ++it) {
+    for (int64_t it = next_item++; it < items; it = next_item++) {
       const int64_t e = it / nblk, blk = it % nblk;
       const int64_t a0 = blk * a_per, a1 = std::min(A, a0 + a_per), na = a1 - a0;
       if (na <= 0) continue;
@@ -484,7 +487,13 @@ std::vector<at::Tensor> layer_update(const at::Tensor& theta, const at::Tensor& 
         }
       }
     }
-  });
+  };
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), items);
+  if (pairs < 8192 || threads <= 1 || at::in_parallel_region()) {   // small layers: the fork costs more
+    worker();
+  } else {
+    at::parallel_for(0, threads, 1, [&](int64_t, int64_t) { worker(); });
+  }
 
   // →m'_b = mean_a φ_ab: reduce the items' partial sums (fixed order), then project (no LN)
   float* fo = fwd_out.data_ptr<float>();
