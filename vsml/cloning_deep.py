@@ -122,17 +122,19 @@ class DeepCloneEstimator(CloneEstimator):
         self.alphas = teacher_alphas(net.cfg, cfg)
 
     def loss(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, num_classes: int,
-             generator: torch.Generator, episodes: slice | None = None, teacher_forcing: bool = True,
-             return_logits: bool = False):
+             generator: torch.Generator | None, episodes: slice | None = None, teacher_forcing: bool = True,
+             return_logits: bool = False, state=None):
         """Mean over ticks and targets of the relative squared errors.  ``episodes`` is accepted for
         interface compatibility with the shallow estimator and must be None (no sharding here).
         ``teacher_forcing=False`` feeds the student its own errors (used by the tests to check that the
-        student unroll here is exactly ``VSMLNetwork.unroll``)."""
+        student unroll here is exactly ``VSMLNetwork.unroll``).  ``state``: start from this VSMLState
+        instead of a fresh draw with ``generator``."""
         if episodes is not None:
             raise ValueError("DeepCloneEstimator does not shard episodes")
         net, cfg = self.net, self.net.cfg
         e_num, t_len, d = x.shape
-        st = net.init_state(e_num, d, num_classes, generator, theta.dtype, theta.device)
+        st = state if state is not None else net.init_state(e_num, d, num_classes, generator, theta.dtype,
+                                                            theta.device)
         ws = [c[..., 0].clone() for c in st.c]                            # teacher starts at the student's w
         params = net.layer_params(theta)
         h, c = list(st.h), list(st.c)
@@ -267,6 +269,69 @@ def compare_with_teacher(checkpoint: str, tasks: str, episodes: int, length: int
     return res
 
 
+@torch.no_grad()
+def teacher_forced_drift(net: VSMLNetwork, theta: torch.Tensor, alphas: list[float], x: torch.Tensor,
+                         y: torch.Tensor, num_classes: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """How far the clone's predictions drift from the teacher's when both see the *teacher's* errors.
+
+    Both start from the same random network (the clone's initial state).  Returns per tick t, averaged
+    over episodes: ``rel_err`` = ||ŷ_clone − ŷ_teacher|| / ||ŷ_teacher|| and ``agree`` = fraction of
+    episodes where both predict the same class.  The free-running clone (its own errors) can only do
+    worse, so this separates imitation error from error feedback.  x [E, T, D], y [E, T].
+    """
+    cfg = net.cfg
+    e_num, t_len, d = x.shape
+    st = net.init_state(e_num, d, num_classes, generator, theta.dtype, theta.device)
+    teacher = TeacherLearner(cfg, alphas).unroll(torch.zeros(0), x, y, state=st)
+    if cfg.backward_pass:
+        est = DeepCloneEstimator(net, CloneConfig(steps=1, alpha=alphas[0]))
+        est.alphas = list(alphas)
+        _, logits = est.loss(theta, x, y, num_classes, generator=None, state=st, return_logits=True)
+    else:
+        from .network import readout_fwd
+        p = net.layer_params(theta)[0]
+        h, c = st.h[0], st.c[0]
+        err = torch.softmax(teacher.logits, -1) - F.one_hot(y, num_classes).to(x.dtype)   # teacher's e_t
+        out = []
+        for t in range(t_len):
+            bwd = x.new_zeros(e_num, num_classes, cfg.cell.msg)
+            if t > 0:
+                bwd[..., cfg.error_idx] = err[:, t - 1]
+            h, c = lstm_micro_steps(p, net.embed_input(x[:, t]), bwd, h, c, cfg.micro_ticks)
+            out.append(net.logits_from(readout_fwd(p, h, cfg.cell.ln_eps)))
+        logits = torch.stack(out, 1)                                      # [E, T, C]
+    rel = (logits - teacher.logits).norm(dim=-1) / teacher.logits.norm(dim=-1).clamp(min=1e-8)
+    agree = (logits.argmax(-1) == teacher.logits.argmax(-1)).to(x.dtype)
+    return {"rel_err": rel.mean(0), "agree": agree.mean(0)}
+
+
+def drift_report(checkpoint: str, task: str, episodes: int, length: int, seed: int = 22,
+                 data_dir: str | None = None, alpha: float | None = None) -> dict[str, list[float]]:
+    """:func:`teacher_forced_drift` of a cloned θ on test-split episodes of ``task``, averaged over the
+    tick windows [1, 10), [10, 30), [30, 100), [100, 300), [300, 1000), [1000, 2000) that fit ``length``."""
+    import eval as eval_cli
+
+    from tasks import make_family
+
+    from .trainer import config_from_dict
+    _, net, theta, cfg_dict = eval_cli.load_learner(checkpoint, compile=False)
+    cfg = config_from_dict(cfg_dict)
+    a = cfg.clone.alpha if alpha is None else alpha
+    b = make_family(task, data_dir=data_dir).sample(episodes, length, seed=seed, split="test")
+    r = teacher_forced_drift(net, theta, [a] * cfg.vsml.num_layers, b.x, b.y, b.num_classes,
+                             torch.Generator().manual_seed(seed))
+    edges = [e for e in (0, 10, 30, 100, 300, 1000, 2000) if e < length] + [length]
+    out = {"window": [], "rel_err": [], "agree": []}
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        out["window"].append(f"[{lo}, {hi})")
+        out["rel_err"].append(float(r["rel_err"][lo:hi].mean()))
+        out["agree"].append(float(r["agree"][lo:hi].mean()))
+    print(f"teacher-forced drift of {checkpoint} on {task} ({episodes} episodes):")
+    for w, e, g in zip(out["window"], out["rel_err"], out["agree"]):
+        print(f"  ticks {w:<14} |ŷ_clone − ŷ_teacher| / |ŷ_teacher| = {e:.3f}   same prediction {g:.3f}")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
     ap = argparse.ArgumentParser(description="Meta-test a cloned VSML learner next to the gradient-descent "
@@ -280,7 +345,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--baselines", default="", help='e.g. "sgd,adam"')
     ap.add_argument("--data_dir", default=None)
     ap.add_argument("--out_dir", default=None, help="write results.json and curve PNGs here")
+    ap.add_argument("--drift", action="store_true", help="instead: the teacher-forced drift of the clone from "
+                                                         "its teacher on the first task (teacher_forced_drift)")
     args = ap.parse_args(argv)
+    if args.drift:
+        from .evaluate import parse_task_list
+        drift_report(args.checkpoint, parse_task_list(args.tasks)[0], args.episodes, args.length, args.seed,
+                     args.data_dir, args.alpha)
+        return 0
     compare_with_teacher(args.checkpoint, args.tasks, args.episodes, args.length, args.seed, args.data_dir,
                          args.alpha, args.out_dir, args.baselines)
     return 0
