@@ -129,10 +129,10 @@ def load(isa: str | None = None, verbose: bool = False):
             raise RuntimeError(_errors[isa])
         from torch.utils import cpp_extension
         name = f"vsml_cpu_{isa}_{_cpu_tag()}"
-        build_dir = Path(cpp_extension._get_build_directory(name, verbose=False))
-        before = {f: f.stat().st_mtime for f in build_dir.glob("*.so")}
         t0 = time.perf_counter()
         try:
+            build_dir = Path(cpp_extension._get_build_directory(name, verbose=False))
+            before = {f: f.stat().st_mtime for f in build_dir.glob("*.so")}
             flags = _flags(isa) + [f"-DVSML_NS={name}"]
             cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=flags,
                                extra_ldflags=["-fopenmp"], is_python_module=False, verbose=verbose)
