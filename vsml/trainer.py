@@ -442,8 +442,10 @@ def train(cfg: TrainConfig, resume: str | None = None, run_dir: str | None = Non
     ctx.close()
     if interrupted is not None:
         logger.close()
-        print(f"[vsml] interrupted at step {step}; checkpoint written to {rd / 'checkpoints' / 'last.pt'}. "
-              f"Resume with: python train.py --resume {rd}", flush=True)
+        if ctx.is_main:
+            print(f"[vsml] interrupted at step {step}; checkpoint written to {rd / 'checkpoints' / 'last.pt'}. "
+                  f"Resume with: python train.py --resume {rd}"
+                  + (" (under torchrun: rerun the same torchrun command)" if ctx.launched else ""), flush=True)
         raise SystemExit(128 + int(interrupted))
     if not ctx.is_main:
         return rd                   # rank 0 alone runs the final meta-test
