@@ -24,7 +24,7 @@ DEEP = VSMLConfig(hidden_sizes=(4,), backward_pass=True, bwd_reset=True, layerwi
 
 
 def test_teacher_is_backprop_with_per_layer_learning_rates():
-    """Δw_k / A_k = −η_k ∇_{W_k} CE for the MLP z_k = W_kᵀ a_k (W_k = w_k / A_k, tanh hidden units), with
+    """Δw_k / A_k = −η_k ∇_{W_k} CE for the MLP z_k = W_kᵀ a_k (W_k = w_k / A_k, hidden units tanh(√A_k z_k)), with
     η_k = (α_k / A_k) Π_{j>k} A_j / B_j: the mean over b instead of the sum only rescales each layer's rate."""
     g = torch.Generator().manual_seed(0)
     dims = [(7, 5), (5, 4), (4, 3)]
@@ -37,11 +37,11 @@ def test_teacher_is_backprop_with_per_layer_learning_rates():
         a = x[e]
         for k, W in enumerate(Ws):
             z = a @ W
-            a = torch.tanh(z) if k < len(Ws) - 1 else z
+            a = torch.tanh(math.sqrt(dims[k][0]) * z) if k < len(Ws) - 1 else z      # gain √A_k
         torch.testing.assert_close(st.logits[e], z.detach())
         loss = F.cross_entropy(z[None], y[e:e + 1])
         grads = torch.autograd.grad(loss, Ws)
-        for k, (a_k, b_k) in enumerate(dims):
+        for k, (a_k, b_k) in enumerate(dims):  # noqa: B007
             eta = alphas[k] / a_k * math.prod(aj / bj for aj, bj in dims[k + 1:])
             torch.testing.assert_close((st.new_w[k][e] - ws[k][e]) / a_k, -eta * grads[k])
 

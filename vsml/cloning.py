@@ -41,6 +41,7 @@ class CloneConfig:
     Attributes:
         steps: supervised cloning steps before the meta-training estimator takes over.
         alpha: the teacher's per-synapse step size α (see the module docstring).
+        hidden_alpha: deep cloning (vsml/cloning_deep.py): α of the hidden layers; 0 = ``alpha``.
         lr: Adam learning rate of the cloning phase.
         clip_grad_norm: global gradient-norm clip (0: none).
         random_frac: fraction of episodes whose inputs are replaced by N(0, 1) noise (random
@@ -51,6 +52,7 @@ class CloneConfig:
 
     steps: int = 0
     alpha: float = 1.0
+    hidden_alpha: float = 0.0
     lr: float = 3e-3
     clip_grad_norm: float = 1.0
     random_frac: float = 0.25
@@ -63,6 +65,8 @@ class CloneConfig:
                               f"{self.steps}, {self.episodes}, {self.length}")
         if not (self.alpha > 0 and self.lr > 0):
             raise ConfigError(f"clone.alpha and clone.lr must be > 0; got {self.alpha}, {self.lr}")
+        if self.hidden_alpha < 0:
+            raise ConfigError(f"clone.hidden_alpha must be >= 0 (0: use clone.alpha), got {self.hidden_alpha}")
         if not 0.0 <= self.random_frac <= 1.0:
             raise ConfigError(f"clone.random_frac must lie in [0, 1], got {self.random_frac}")
 

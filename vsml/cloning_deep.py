@@ -12,12 +12,14 @@ the next forward sweep, and a sub-LSTM cannot tell a fresh error from a stale on
 Teacher (``mlp_sgd_step``) for layers k = 0..K−1 with A_k inputs, B_k outputs, per-synapse weights
 w_k[a, b], and the same mean aggregation as the student (vsml.md §1.3):
 
-    a_0 = x_t;   z_k[b] = mean_a w_k[a, b] a_k[a];   a_{k+1} = tanh(z_k)    (logits = z_{K−1})
+    a_0 = x_t;   z_k[b] = mean_a w_k[a, b] a_k[a];   a_{k+1} = tanh(γ_k z_k)   (logits = z_{K−1})
     δ_{K−1} = e_t = softmax(z_{K−1}) − onehot(y_t)
-    g_k[a, b] = tanh'(z_{k−1}[a]) · w_k[a, b] · δ_k[b]      (k >= 1: the weight's share of the error)
+    g_k[a, b] = γ_{k−1} tanh'(γ_{k−1} z_{k−1}[a]) · w_k[a, b] · δ_k[b]   (k >= 1: the weight's share of the error)
     δ_{k−1}[a] = mean_b g_k[a, b]
     w_k[a, b] ← w_k[a, b] − α_k · a_k[a] · δ_k[b]
 
+with the gain γ_k = √A_k (``mlp_sgd_step(gain=True)``, the default: it undoes the mean's 1/A_k down to
+the usual 1/√fan-in scale, so the hidden units start in a useful range) or γ_k = 1.
 This is exact online backprop on the MLP z_k = W_kᵀ a_k with W_k = w_k / A_k, except that the mean
 over b (instead of the sum) scales the propagated error by A_k / B_k per layer: i.e. exact backprop
 with the per-layer learning rates η_k = (α_k / A_k) · Π_{j>k} A_j / B_j.  w_k starts from the student's own
@@ -41,6 +43,7 @@ student's own (so errors compound across layers and ticks, as at meta-test time)
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -65,9 +68,9 @@ def check_deep_cloneable(cfg: VSMLConfig) -> None:
 
 
 def teacher_alphas(cfg: VSMLConfig, clone: CloneConfig) -> list[float]:
-    """α_k per layer: ``clone.alpha`` for every layer (on 14x14 MNIST, 196->16->10, α = 1 everywhere is
-    within 0.015 online accuracy of the best per-layer pair we found, and keeps the cloned weights small)."""
-    return [clone.alpha] * cfg.num_layers
+    """α_k per layer: ``clone.hidden_alpha`` (``clone.alpha`` when 0) below the last layer, ``clone.alpha``
+    for the last one."""
+    return [clone.hidden_alpha or clone.alpha] * (cfg.num_layers - 1) + [clone.alpha]
 
 
 @dataclass
@@ -83,17 +86,20 @@ class TeacherStep:
 
 
 def mlp_sgd_step(ws: list[torch.Tensor], x_t: torch.Tensor, y_t: torch.Tensor, num_classes: int,
-                 alphas: list[float]) -> TeacherStep:
+                 alphas: list[float], gain: bool = True) -> TeacherStep:
     """One online-backprop step of the teacher in the module docstring (predict, then update).
 
-    ws: per layer [E, A_k, B_k]; x_t [E, D]; y_t [E].
+    ws: per layer [E, A_k, B_k]; x_t [E, D]; y_t [E].  ``gain``: hidden units a_{k+1} = tanh(√A_k z_k)
+    (the mean over a_k inputs rescaled to the usual 1/√fan-in scale, so hidden units are not stuck in
+    their linear range at ~0.01 of unit scale); False: tanh(z_k).
     """
-    acts = [x_t]
+    acts, gains = [x_t], []
     z = x_t
     for k, w in enumerate(ws):
         z = (w * acts[k][:, :, None]).mean(1)                              # [E, B_k]
         if k < len(ws) - 1:
-            acts.append(torch.tanh(z))
+            gains.append(math.sqrt(w.shape[1]) if gain else 1.0)
+            acts.append(torch.tanh(gains[k] * z))
     err = torch.softmax(z, -1) - F.one_hot(y_t, num_classes).to(z.dtype)  # [E, C]
     fwd_t = [w * a[:, :, None] for w, a in zip(ws, acts)]
     post_t, bwd_t, new_w = [None] * len(ws), [None] * len(ws), [None] * len(ws)
@@ -102,7 +108,7 @@ def mlp_sgd_step(ws: list[torch.Tensor], x_t: torch.Tensor, y_t: torch.Tensor, n
         new_w[k] = ws[k] - alphas[k] * acts[k][:, :, None] * delta[:, None, :]   # [E, A_k, B_k]
         post_t[k] = new_w[k] * acts[k][:, :, None]
         if k > 0:
-            dact = 1.0 - acts[k].square()                                 # tanh'(z_{k-1}) [E, A_k]
+            dact = gains[k - 1] * (1.0 - acts[k].square())                # d a_k / d z_{k-1} [E, A_k]
             bwd_t[k] = dact[:, :, None] * ws[k] * delta[:, None, :]       # [E, A_k, B_k]
             delta = bwd_t[k].mean(2)                                      # [E, A_k] = δ_{k-1}
     return TeacherStep(fwd_t, post_t, bwd_t, new_w, z, err)
@@ -251,10 +257,10 @@ def compare_with_teacher(checkpoint: str, tasks: str, episodes: int, length: int
     from .trainer import config_from_dict
     name, learner, theta, cfg_dict = eval_cli.load_learner(checkpoint)
     cfg = config_from_dict(cfg_dict)
-    a = cfg.clone.alpha if alpha is None else alpha
-    alphas = [a] * cfg.vsml.num_layers
+    alphas = teacher_alphas(cfg.vsml, cfg.clone) if alpha is None else [alpha] * cfg.vsml.num_layers
+    a = "/".join(f"{v:g}" for v in alphas)
     learners = [FrozenLearner("vsml-clone", learner, theta),
-                FrozenLearner(f"teacher (online {'SGD' if cfg.vsml.num_layers == 1 else 'backprop'}, α={a:g})",
+                FrozenLearner(f"teacher (online {'SGD' if cfg.vsml.num_layers == 1 else 'backprop'}, α={a})",
                               TeacherLearner(cfg.vsml, alphas), torch.zeros(0))]
     if baselines:
         from .baselines import make_learner
@@ -275,8 +281,8 @@ def teacher_forced_drift(net: VSMLNetwork, theta: torch.Tensor, alphas: list[flo
     """How far the clone's predictions drift from the teacher's when both see the *teacher's* errors.
 
     Both start from the same random network (the clone's initial state).  Returns per tick t, averaged
-    over episodes: ``rel_err`` = ||ŷ_clone − ŷ_teacher|| / ||ŷ_teacher|| and ``agree`` = fraction of
-    episodes where both predict the same class.  The free-running clone (its own errors) can only do
+    over episodes: ``rel_err`` = ||ŷ_clone − ŷ_teacher|| / ||ŷ_teacher|| (logits centred over classes)
+    and ``agree`` = fraction of episodes where both predict the same class.  The free-running clone (its own errors) can only do
     worse, so this separates imitation error from error feedback.  x [E, T, D], y [E, T].
     """
     cfg = net.cfg
@@ -300,7 +306,9 @@ def teacher_forced_drift(net: VSMLNetwork, theta: torch.Tensor, alphas: list[flo
             h, c = lstm_micro_steps(p, net.embed_input(x[:, t]), bwd, h, c, cfg.micro_ticks)
             out.append(net.logits_from(readout_fwd(p, h, cfg.cell.ln_eps)))
         logits = torch.stack(out, 1)                                      # [E, T, C]
-    rel = (logits - teacher.logits).norm(dim=-1) / teacher.logits.norm(dim=-1).clamp(min=1e-8)
+    # logits centred over classes first: a shift common to all classes changes neither softmax nor argmax
+    lc, tc = logits - logits.mean(-1, keepdim=True), teacher.logits - teacher.logits.mean(-1, keepdim=True)
+    rel = (lc - tc).norm(dim=-1) / tc.norm(dim=-1).clamp(min=1e-8)
     agree = (logits.argmax(-1) == teacher.logits.argmax(-1)).to(x.dtype)
     return {"rel_err": rel.mean(0), "agree": agree.mean(0)}
 
@@ -316,9 +324,9 @@ def drift_report(checkpoint: str, task: str, episodes: int, length: int, seed: i
     from .trainer import config_from_dict
     _, net, theta, cfg_dict = eval_cli.load_learner(checkpoint, compile=False)
     cfg = config_from_dict(cfg_dict)
-    a = cfg.clone.alpha if alpha is None else alpha
+    alphas = teacher_alphas(cfg.vsml, cfg.clone) if alpha is None else [alpha] * cfg.vsml.num_layers
     b = make_family(task, data_dir=data_dir).sample(episodes, length, seed=seed, split="test")
-    r = teacher_forced_drift(net, theta, [a] * cfg.vsml.num_layers, b.x, b.y, b.num_classes,
+    r = teacher_forced_drift(net, theta, alphas, b.x, b.y, b.num_classes,
                              torch.Generator().manual_seed(seed))
     edges = [e for e in (0, 10, 30, 100, 300, 1000, 2000) if e < length] + [length]
     out = {"window": [], "rel_err": [], "agree": []}
