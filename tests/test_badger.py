@@ -239,6 +239,13 @@ def test_bptt_gradient_matches_finite_differences():
     assert m["loss"] == pytest.approx(f(theta))
 
 
+def test_attention_aggregation_without_in_neighbours_has_finite_gradients():
+    lrn = MicroBadger(BadgerConfig(n_experts=4, aggregation="attention", topology="er", p=0.0))
+    b = make_family("guessing[n=2]").sample(3, 4, seed=0)
+    g, m = bptt_gradient(lrn, lrn.init_theta(_gen(0)), b.x, b.y, 2, BPTTConfig(truncation=0), _gen(1))
+    assert m["nonfinite"] == 0 and torch.isfinite(g).all()
+
+
 def test_es_estimator_drives_the_badger():
     from vsml.es import ESConfig
     from vsml.estimators import ESEstimator

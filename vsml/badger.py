@@ -481,9 +481,10 @@ class MicroBadger:
         q = _lin(h, p["W_q"])                                                  # [E, n, K]
         k = _lin(h, p["W_k"])                                                  # [E, n, K]
         s = (q @ k.transpose(1, 2)) / math.sqrt(q.shape[-1])                   # [E, n(recv), n(send)]
-        s = s.masked_fill(adj <= 0, float("-inf"))
-        w = torch.softmax(s, dim=2)
-        w = torch.nan_to_num(w, nan=0.0)                                       # no in-neighbours: a_i = 0
+        # finite mask value (not -inf) so that an expert without in-neighbours gets a uniform row that
+        # the adjacency then zeroes: a_i = 0 with finite gradients (an all -inf row would give NaN)
+        s = s.masked_fill(adj <= 0, -1e9)
+        w = torch.softmax(s, dim=2) * (adj > 0)
         return w @ m                                                           # [E, n, M]
 
     def _readout(self, p: dict, h: torch.Tensor, st: BadgerState, n_out: int) -> torch.Tensor:

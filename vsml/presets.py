@@ -62,14 +62,14 @@ PRESETS: dict[str, tuple[str, TrainConfig]] = {
                     episode_length=100, steps=300, compile=False,
                     eval=EvalConfig(tasks="digits", every=100, episodes=16, length=500))),
     "badger": (
-        "Micro-Badger on the Guessing Game (badger-bmg-es.md §A): 10 experts with identity vectors on a "
-        "random 3-out-degree graph guess 3 numbers from scalar feedback in 20 inner steps; full BPTT + Adam "
-        "(a few minutes on 1 CPU core); held-out meta-tests log MI / binding information of the expert states",
-        TrainConfig(name="badger", learner="badger", task="guessing[n=3]", estimator="bptt",
-                    badger=BadgerConfig(n_experts=10, id_dim=4, topology="kout", k=3),
-                    bptt=BPTTConfig(truncation=0, clip_grad_norm=1.0), lr=1e-2, meta_batch=64,
-                    episode_length=20, steps=3000, compile=False, ckpt_every=500,
-                    eval=EvalConfig(tasks="guessing[n=3]", every=250, episodes=512, length=20),
+        "Micro-Badger on the Guessing Game (badger-bmg-es.md §A): 6 experts (designated outputs, per-expert "
+        "initial-state noise as the symmetry breaker) guess 2 numbers from scalar feedback in 20 inner steps; "
+        "full BPTT + Adam 3e-3 (~3 min on 1 CPU core); held-out meta-tests log MI / binding of the expert states",
+        TrainConfig(name="badger", learner="badger", task="guessing[n=2]", estimator="bptt",
+                    badger=BadgerConfig(n_experts=6, readout="designated", topology="complete", init_noise=0.5),
+                    bptt=BPTTConfig(truncation=0, clip_grad_norm=1.0), lr=3e-3, meta_batch=64,
+                    episode_length=20, steps=2000, compile=False, ckpt_every=500,
+                    eval=EvalConfig(tasks="guessing[n=2]", every=100, episodes=512, length=20),
                     log=LogConfig(every=10))),
 }
 
