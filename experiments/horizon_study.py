@@ -79,6 +79,7 @@ class StudyConfig:
     clone_steps: int = 800
     metarnn_pretrain_steps: int = 200
     metarnn_pretrain_length: int = 100
+    metarnn_pretrain_lr: float = 1e-3
     eval_episodes: int = 8
     eval_length: int = 10_000
     eval_seed: int = 22
@@ -188,12 +189,12 @@ def warm_start(sc: StudyConfig, learner: str) -> tuple[Path, dict]:
     else:
         cfg = _base_cfg(sc, "metarnn", "theta0-metarnn", estimator="bptt", meta_batch=16,
                         episode_length=sc.metarnn_pretrain_length, bptt=BPTTConfig(truncation=0),
-                        steps=sc.metarnn_pretrain_steps, lr=sc.grad_lr)
+                        steps=sc.metarnn_pretrain_steps, lr=sc.metarnn_pretrain_lr)
         rd = train(cfg)
         theta, _, _ = load_theta(rd / "theta.safetensors")
         save_theta(path, theta, cfg.to_dict(), sc.metarnn_pretrain_steps)
         info = {"how": f"{sc.metarnn_pretrain_steps} full-BPTT steps (16 episodes x "
-                       f"{sc.metarnn_pretrain_length} examples, Adam {sc.grad_lr}) on {sc.train_task}",
+                       f"{sc.metarnn_pretrain_length} examples, Adam {sc.metarnn_pretrain_lr}) on {sc.train_task}",
                 "wall_s": time.time() - t0, "run_dir": str(rd)}
     info_path.write_text(json.dumps(info, indent=1))
     return path, info
