@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -174,7 +175,16 @@ def _torchrun(out_dir: Path, *extra: str, env: dict | None = None, max_restarts:
          "PYTHONPATH": str(ROOT)}
     e.pop(FAULT_ENV, None)
     e.update(env or {})
-    return subprocess.run(cmd, cwd=ROOT, env=e, capture_output=True, text=True, timeout=240)
+    # own process group, so that a hang kills the workers too (not only the torchrun agent)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"torchrun did not finish in 180 s:\n{out[-3000:]}\n{err[-3000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 @pytest.fixture(scope="module")
