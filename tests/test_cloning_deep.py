@@ -179,3 +179,27 @@ def test_deep_stack_meta_trains(variant, method):
         opt.step()
     after = meta_loss()
     assert after < (0.9 if method == "bptt" else 0.975) * before, (before, after)
+
+
+def test_teacher_burn_in_starts_the_student_from_the_teachers_weights():
+    """loss(burn_in=B) = loss on x[:, B:] from the fresh state with cell element 0 replaced by the weights
+    the teacher reached after B examples; estimate() with clone.window draws B in [0, length − window]."""
+    net = VSMLNetwork(DEEP)
+    est = DeepCloneEstimator(net, CloneConfig(steps=1, length=9, window=4, episodes=2, random_frac=0.0))
+    g = torch.Generator().manual_seed(4)
+    theta = net.init_theta(g, dtype=DT) + 0.2 * torch.randn(2, 2384, generator=g, dtype=DT)
+    x, y = torch.randn(2, 9, 6, generator=g, dtype=DT), torch.randint(0, 3, (2, 9), generator=g)
+    st = net.init_state(2, 6, 3, torch.Generator().manual_seed(1), dtype=DT)
+    ws = [c[..., 0] for c in st.c]
+    for t in range(5):
+        ws = mlp_sgd_step(ws, x[:, t], y[:, t], 3, est.alphas).new_w
+    st2 = st.clone()
+    for k in range(2):
+        st2.c[k][..., 0] = ws[k]
+    a = est.loss(theta, x, y, 3, None, state=st.clone(), burn_in=5)
+    b = est.loss(theta, x[:, 5:], y[:, 5:], 3, None, state=st2)
+    torch.testing.assert_close(a, b)
+    burns = {est.estimate(theta.float(), x.float(), y, 3, s)[1]["burn_in"] for s in range(12)}
+    assert burns <= set(range(6)) and len(burns) > 1
+    with pytest.raises(ConfigError, match="window"):
+        CloneConfig(length=5, window=6)

@@ -42,6 +42,9 @@ class CloneConfig:
         steps: supervised cloning steps before the meta-training estimator takes over.
         alpha: the teacher's per-synapse step size α (see the module docstring).
         hidden_alpha: deep cloning (vsml/cloning_deep.py): α of the hidden layers; 0 = ``alpha``.
+        window: deep cloning: BPTT window in ticks; the teacher first learns alone for a random
+            0..length−window examples of the episode and the student starts from its weights, so the
+            student also sees late, large-weight phases of learning (0 = window of ``length``: none).
         lr: Adam learning rate of the cloning phase.
         clip_grad_norm: global gradient-norm clip (0: none).
         random_frac: fraction of episodes whose inputs are replaced by N(0, 1) noise (random
@@ -53,6 +56,7 @@ class CloneConfig:
     steps: int = 0
     alpha: float = 1.0
     hidden_alpha: float = 0.0
+    window: int = 0
     lr: float = 3e-3
     clip_grad_norm: float = 1.0
     random_frac: float = 0.25
@@ -67,6 +71,9 @@ class CloneConfig:
             raise ConfigError(f"clone.alpha and clone.lr must be > 0; got {self.alpha}, {self.lr}")
         if self.hidden_alpha < 0:
             raise ConfigError(f"clone.hidden_alpha must be >= 0 (0: use clone.alpha), got {self.hidden_alpha}")
+        if not 0 <= self.window <= self.length:
+            raise ConfigError(f"clone.window must lie in [0, clone.length={self.length}] (0: no teacher burn-in), "
+                              f"got {self.window}")
         if not 0.0 <= self.random_frac <= 1.0:
             raise ConfigError(f"clone.random_frac must lie in [0, 1], got {self.random_frac}")
 

@@ -37,7 +37,14 @@ mean square):
                                                                            has moved by the gradient step)
 
 Teacher forcing: the error entering the last layer is the teacher's; every other message is the
-student's own (so errors compound across layers and ticks, as at meta-test time).  After cloning,
+student's own (so errors compound across layers and ticks, as at meta-test time).
+
+Teacher burn-in (``clone.window`` = W > 0): the teacher's logits stay tiny for the first ~100
+examples (small random initial weights) and only grow later, so a student cloned on short windows
+from the initial state never sees the large-weight phase of learning.  Each cloning step therefore
+lets the teacher learn alone for a random B ∈ [0, length − W] examples of the episode, starts the
+student from the teacher's weights in its cell element 0 (the same encoding as the random initial
+state, vsml.md §1.6) and clones on the next W examples.  After cloning,
 θ is frozen and ``VSMLNetwork.unroll`` runs it as a learner with its own errors.
 """
 
@@ -129,12 +136,14 @@ class DeepCloneEstimator(CloneEstimator):
 
     def loss(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, num_classes: int,
              generator: torch.Generator | None, episodes: slice | None = None, teacher_forcing: bool = True,
-             return_logits: bool = False, state=None):
+             return_logits: bool = False, state=None, burn_in: int = 0):
         """Mean over ticks and targets of the relative squared errors.  ``episodes`` is accepted for
         interface compatibility with the shallow estimator and must be None (no sharding here).
         ``teacher_forcing=False`` feeds the student its own errors (used by the tests to check that the
         student unroll here is exactly ``VSMLNetwork.unroll``).  ``state``: start from this VSMLState
-        instead of a fresh draw with ``generator``."""
+        instead of a fresh draw with ``generator``.  ``burn_in`` = B: the teacher first learns alone on
+        x[:, :B] (from the fresh state's weights); the student then starts with its cell element 0 set to
+        the teacher's weights (h = 0, the other cell dims as drawn) and both run on x[:, B:]."""
         if episodes is not None:
             raise ValueError("DeepCloneEstimator does not shard episodes")
         net, cfg = self.net, self.net.cfg
@@ -144,6 +153,13 @@ class DeepCloneEstimator(CloneEstimator):
         ws = [c[..., 0].clone() for c in st.c]                            # teacher starts at the student's w
         params = net.layer_params(theta)
         h, c = list(st.h), list(st.c)
+        if burn_in:
+            with torch.no_grad():
+                for t in range(burn_in):                                  # the teacher learns alone
+                    ws = mlp_sgd_step(ws, x[:, t], y[:, t], num_classes, self.alphas).new_w
+            c = [torch.cat([w[..., None], ck[..., 1:]], -1) for w, ck in zip(ws, c)]   # [E, A, B, N]
+            x, y = x[:, burn_in:], y[:, burn_in:]
+            t_len = x.shape[1]
         k_num = cfg.num_layers
         total, n_terms, logits_all = x.new_zeros(()), 0, []
         for t in range(t_len):
@@ -177,6 +193,30 @@ class DeepCloneEstimator(CloneEstimator):
             ws = tt.new_w
         loss = total / max(n_terms, 1)
         return (loss, torch.stack(logits_all, 1)) if return_logits else loss
+
+
+    def estimate(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, num_classes: int, step: int):
+        """Gradient and metrics of one cloning step; with ``clone.window`` = W > 0 the teacher's burn-in B
+        is drawn uniformly from 0..length−W (from the step's generator) and BPTT covers the W ticks after it."""
+        from tasks.base import derive_seed
+        gen = torch.Generator().manual_seed(derive_seed(self.seed, "clone", step))   # as the shallow estimator
+        x, y = x[:, : self.cfg.length], y[:, : self.cfg.length]
+        n_rand = int(round(self.cfg.random_frac * x.shape[0]))
+        if n_rand:                                                        # random-input episodes
+            x = x.clone()
+            x[:n_rand] = torch.randn(x[:n_rand].shape, generator=gen, dtype=x.dtype).to(x.device)
+        burn = 0
+        if self.cfg.window:
+            burn = int(torch.randint(0, x.shape[1] - self.cfg.window + 1, (), generator=gen))
+            x, y = x[:, :burn + self.cfg.window], y[:, :burn + self.cfg.window]
+        th = theta.detach().clone().requires_grad_(True)
+        with torch.enable_grad():
+            loss = self.loss(th, x, y, num_classes, gen, burn_in=burn)
+            (grad,) = torch.autograd.grad(loss, th)
+        norm = grad.norm().item()
+        if self.cfg.clip_grad_norm > 0 and norm > self.cfg.clip_grad_norm:
+            grad = grad * (self.cfg.clip_grad_norm / norm)
+        return grad, {"clone_loss": loss.item(), "grad_norm": norm, "burn_in": burn}
 
 
 def make_clone_estimator(net: VSMLNetwork, cfg: CloneConfig, seed: int = 0):
