@@ -27,14 +27,18 @@ random initial cell element 0 of layer k (vsml.md §1.6), so teacher and student
 random network.
 
 Sub-LSTM (a, b) of layer k sees a_k[a] in forward element ``input_idx`` (k = 0, the pixel) or the
-pre-activation z_{k−1}[a] in element ``output_idx`` (k >= 1: the mean of the previous layer's φ),
+pre-activation γ_{k−1} z_{k−1}[a] in element ``output_idx`` (k >= 1: the mean of the previous layer's φ),
 and δ_k[b] in backward element ``error_idx``.  Targets (all regressions, normalised by the target's
 mean square):
 
-    forward sweep   φ_ab[output_idx] = w_k[a, b] · a_k[a]                 (its forward contribution)
+    forward sweep   φ_ab[output_idx] = γ_k w_k[a, b] · a_k[a]             (its forward contribution)
     reverse sweep   ψ_ab[error_idx]  = g_k[a, b]           (k >= 1)       (its backward contribution)
-                    φ_ab[output_idx] = w_k'[a, b] · a_k[a]                (after the update: the state
+                    φ_ab[output_idx] = γ_k w_k'[a, b] · a_k[a]            (after the update: the state
                                                                            has moved by the gradient step)
+
+with γ_k the hidden gain below (γ_{K−1} = 1 for the logits), so a hidden layer's outgoing message
+carries the unit-scale pre-activation γ_k z_k (≈ 0.05-1) rather than z_k (≈ 0.005 at the start):
+the next layer's sub-LSTM cannot resolve inputs 100x below unit scale with weights of order 1.
 
 Teacher forcing: the error entering the last layer is the teacher's; every other message is the
 student's own (so errors compound across layers and ticks, as at meta-test time).
@@ -84,8 +88,8 @@ def teacher_alphas(cfg: VSMLConfig, clone: CloneConfig) -> list[float]:
 class TeacherStep:
     """One example of the teacher: per layer k, tensors with the episode axis first."""
 
-    fwd_target: list[torch.Tensor]    # [E, A_k, B_k]  w_k · a_k (before the update)
-    post_target: list[torch.Tensor]   # [E, A_k, B_k]  w_k' · a_k (after the update)
+    fwd_target: list[torch.Tensor]    # [E, A_k, B_k]  γ_k w_k · a_k (before the update; γ_{K-1} = 1)
+    post_target: list[torch.Tensor]   # [E, A_k, B_k]  γ_k w_k' · a_k (after the update)
     bwd_target: list[torch.Tensor | None]   # [E, A_k, B_k] g_k (None for k = 0)
     new_w: list[torch.Tensor]         # [E, A_k, B_k]
     logits: torch.Tensor              # [E, C]
@@ -108,12 +112,13 @@ def mlp_sgd_step(ws: list[torch.Tensor], x_t: torch.Tensor, y_t: torch.Tensor, n
             gains.append(math.sqrt(w.shape[1]) if gain else 1.0)
             acts.append(torch.tanh(gains[k] * z))
     err = torch.softmax(z, -1) - F.one_hot(y_t, num_classes).to(z.dtype)  # [E, C]
-    fwd_t = [w * a[:, :, None] for w, a in zip(ws, acts)]
+    scale = gains + [1.0]                                                 # hidden messages carry γ_k z_k
+    fwd_t = [s * w * a[:, :, None] for s, w, a in zip(scale, ws, acts)]
     post_t, bwd_t, new_w = [None] * len(ws), [None] * len(ws), [None] * len(ws)
     delta = err
     for k in range(len(ws) - 1, -1, -1):
         new_w[k] = ws[k] - alphas[k] * acts[k][:, :, None] * delta[:, None, :]   # [E, A_k, B_k]
-        post_t[k] = new_w[k] * acts[k][:, :, None]
+        post_t[k] = scale[k] * new_w[k] * acts[k][:, :, None]
         if k > 0:
             dact = gains[k - 1] * (1.0 - acts[k].square())                # d a_k / d z_{k-1} [E, A_k]
             bwd_t[k] = dact[:, :, None] * ws[k] * delta[:, None, :]       # [E, A_k, B_k]
