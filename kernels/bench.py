@@ -49,8 +49,8 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure_fp32_peak(device: torch.device, repeats: int = 5) -> tuple[float, int]:
-    """Best float32 matmul GFLOP/s of torch.mm on n x n matrices (TF32 off)."""
+def measure_fp32_peak(device: torch.device, repeats: int = 5, clock=time.perf_counter) -> tuple[float, int]:
+    """Best float32 matmul GFLOP/s of torch.mm on n x n matrices (TF32 off), timed with ``clock``."""
     n = 8192 if device.type == "cuda" else 1024
     prev_tf32 = torch.backends.cuda.matmul.allow_tf32 if device.type == "cuda" else None
     if device.type == "cuda":
@@ -63,10 +63,10 @@ def measure_fp32_peak(device: torch.device, repeats: int = 5) -> tuple[float, in
         _sync(device)
         best = math.inf
         for _ in range(repeats):
-            t0 = time.perf_counter()
+            t0 = clock()
             torch.mm(a, b, out=out)
             _sync(device)
-            best = min(best, time.perf_counter() - t0)
+            best = min(best, clock() - t0)
         return 2 * n ** 3 / best / 1e9, n
     finally:
         if device.type == "cuda":
@@ -117,8 +117,9 @@ def make_runner(backend: str, cfg: VSMLConfig):
 
 
 def bench_cell(run, cfg: VSMLConfig, e: int, d: int, c: int, steps: int, chunk: int, budget: float,
-               device: torch.device, seed: int = 0) -> tuple[float, int]:
-    """Examples/s (all episodes) and the number of examples per episode that were timed."""
+               device: torch.device, seed: int = 0, clock=time.perf_counter) -> tuple[float, int]:
+    """Examples/s (all episodes) and the number of examples per episode that were timed.
+    ``clock``: wall time (default) or ``time.process_time`` (CPU seconds of this process)."""
     net = VSMLNetwork(cfg)
     g = torch.Generator().manual_seed(seed)
     theta = net.init_theta(g)
@@ -139,10 +140,10 @@ def bench_cell(run, cfg: VSMLConfig, e: int, d: int, c: int, steps: int, chunk: 
             n = min(chunk, steps - done)
             xs = x[:, chunk + done:chunk + done + n].contiguous()
             ys = y[:, chunk + done:chunk + done + n].contiguous()
-            t0 = time.perf_counter()
+            t0 = clock()
             state = run(theta, xs, ys, state)
             _sync(device)
-            elapsed += time.perf_counter() - t0
+            elapsed += clock() - t0
             done += n
     return e * done / elapsed, done
 
@@ -160,11 +161,19 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--nets", default="784-10,784-32-10")
     ap.add_argument("--backends", default="eager,compile,cpu,triton", help="subset of eager,compile,cpu,triton")
     ap.add_argument("--repeats", type=int, default=1, help="timed runs per cell: report the best and the spread")
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="cpu: time by this process's CPU seconds instead of wall time -- with --threads 1 on a "
+                         "machine shared with other jobs this measures examples per core-second (rates are then "
+                         "per core, not of the machine)")
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     ap.add_argument("--backward-pass", action="store_true", help="backward-pass schedule (2 sweeps)")
     ap.add_argument("--layer-norm", action="store_true")
     args = ap.parse_args(argv)
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     gpu = device.type == "cuda"
     episodes = [int(v) for v in (args.episodes or ("1,64,1024,2048" if gpu else "1,16,64")).split(",")]
     chunk = args.chunk or (args.steps if gpu else min(5, args.steps))
@@ -172,7 +181,7 @@ def main(argv: list[str] | None = None) -> None:
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
 
     name = torch.cuda.get_device_name(device) if gpu else (platform.processor() or platform.machine())
-    peak, n = measure_fp32_peak(device)
+    peak, n = measure_fp32_peak(device, clock=clock)
     try:
         import triton
         tv = triton.__version__
@@ -184,7 +193,8 @@ def main(argv: list[str] | None = None) -> None:
           f"{', TF32 off' if gpu else ''})")
     print(f"schedule: {'backward-pass' if args.backward_pass else 'forward-only'}, micro_ticks 2, "
           f"layer_norm {args.layer_norm}, per-episode θ; up to {args.steps} timed examples per cell, "
-          f"chunks of {chunk}{'' if math.isinf(budget) else f', budget {budget:g} s per cell'}\n")
+          f"chunks of {chunk}{'' if math.isinf(budget) else f', budget {budget:g} s per cell'}"
+          f"{'; timed by process CPU seconds (rates per core-second)' if args.clock == 'cpu' else ''}\n")
     rep = max(1, args.repeats)
     print("| backend | net | E | examples/s | µsteps/s | GFLOP/s | % peak | vs eager | timed T |"
           + (f" spread ({rep} runs) |" if rep > 1 else ""))
@@ -208,7 +218,7 @@ def main(argv: list[str] | None = None) -> None:
                         notes.append(note)
                     continue
                 try:
-                    runs = [bench_cell(run, cfg, e, d, c, args.steps, chunk, budget, device)
+                    runs = [bench_cell(run, cfg, e, d, c, args.steps, chunk, budget, device, clock=clock)
                             for _ in range(rep if be != "eager" else 1)]
                     rate, timed = max(runs)
                 except torch.cuda.OutOfMemoryError:

@@ -10,7 +10,8 @@ without LayerNorm, §7.3) accumulated inside the kernel.  No [E, A, B, 4N] tenso
     h2, c2, fwd_out, bwd_out = cpu_vsml.layer_update(cfg, p, fwd_in, bwd_in, h, c)
 
 ``VSMLNetwork(cfg, compile=True)`` uses it on its no-grad path when it applies (see :func:`applies`) and
-``VSML_CPU_KERNEL`` allows it (``auto``, the default, or ``on``; ``off`` keeps the torch.compile path).
+``VSML_CPU_KERNEL`` allows it (``auto``, the default: when the build has AVX2 or AVX-512; ``on``: always,
+a failed build raises; ``off``: never, the torch.compile path).
 Anything the kernel does not cover (N != 16, M > 16, non-float32, non-CPU tensors, autograd) returns
 ``None`` from :func:`try_layer_update` so the caller runs the torch.compile path instead.
 
@@ -43,6 +44,7 @@ from vsml.params import CellParams, theta_size
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "vsml_cpu.cpp"
 ISAS = ("native", "avx512", "avx2", "scalar")
+FAST_ISAS = ("avx512", "avx2")   # what ``auto`` uses; a native build without AVX2 is slower than torch.compile
 MODES = ("auto", "on", "off")
 HIDDEN = 16           # the kernel's N: one 16-float vector
 MAX_MSG = 16
@@ -54,8 +56,8 @@ _warned = False
 
 
 def mode() -> str:
-    """``VSML_CPU_KERNEL``: auto (default; use the kernel where it applies and builds), on (same, but a build
-    failure raises instead of falling back), off (never use it)."""
+    """``VSML_CPU_KERNEL``: auto (default; use the kernel where it applies and the build has AVX2 or AVX-512),
+    on (use it wherever it applies, also the portable build; a build failure raises), off (never use it)."""
     m = os.environ.get("VSML_CPU_KERNEL", "auto").strip().lower() or "auto"
     if m not in MODES:
         raise ValueError(f"VSML_CPU_KERNEL={m!r}; choose one of {MODES}")
@@ -222,5 +224,11 @@ def try_layer_update(cfg: VSMLConfig, p: CellParams, fwd_in: torch.Tensor, bwd_i
             _warned = True
             warnings.warn(f"{exc}; using the torch.compile path instead", RuntimeWarning, stacklevel=3)
         return None
-    del mod
+    if m == "auto" and mod.isa() not in FAST_ISAS and "VSML_CPU_ISA" not in os.environ:
+        # the portable build is several times slower than torch.compile's vectorised code
+        if not _warned:
+            _warned = True
+            warnings.warn(f"the CPU kernel built without AVX2/AVX-512 ({mod.isa()}); using the torch.compile "
+                          f"path (VSML_CPU_KERNEL=on forces the kernel)", RuntimeWarning, stacklevel=3)
+        return None
     return layer_update(cfg, p, fwd_in, bwd_in, h, c)

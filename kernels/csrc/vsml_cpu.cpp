@@ -130,6 +130,8 @@ inline __m256 recip_half(__m256 d) {
 }
 inline V vrecip(V d) { return {recip_half(d.lo), recip_half(d.hi)}; }
 #else
+// Portable build: plain loops over 16 lanes that the compiler can vectorise for whatever the target has
+// (no libm calls in the hot path: rounding by the 1.5·2^23 trick, 2^n from exponent bits).
 struct V { float x[16]; };
 #define VSML_LANES(expr) V r; for (int l = 0; l < 16; ++l) { r.x[l] = (expr); } return r
 inline V vload(const float* p) { VSML_LANES(p[l]); }
@@ -138,12 +140,18 @@ inline V vset(float x) { VSML_LANES(x); }
 inline V operator+(V a, V b) { VSML_LANES(a.x[l] + b.x[l]); }
 inline V operator-(V a, V b) { VSML_LANES(a.x[l] - b.x[l]); }
 inline V operator*(V a, V b) { VSML_LANES(a.x[l] * b.x[l]); }
-inline V fma(V a, V b, V c) { VSML_LANES(std::fma(a.x[l], b.x[l], c.x[l])); }
-inline V fnma(V a, V b, V c) { VSML_LANES(std::fma(-a.x[l], b.x[l], c.x[l])); }
-inline V vmin(V a, V b) { VSML_LANES(std::min(a.x[l], b.x[l])); }
-inline V vmax(V a, V b) { VSML_LANES(std::max(a.x[l], b.x[l])); }
-inline V vround(V a) { VSML_LANES(std::nearbyint(a.x[l])); }
-inline V ldexp2(V y, V n) { VSML_LANES(std::ldexp(y.x[l], static_cast<int>(n.x[l]))); }
+inline V fma(V a, V b, V c) { VSML_LANES(a.x[l] * b.x[l] + c.x[l]); }
+inline V fnma(V a, V b, V c) { VSML_LANES(c.x[l] - a.x[l] * b.x[l]); }
+inline V vmin(V a, V b) { VSML_LANES(a.x[l] < b.x[l] ? a.x[l] : b.x[l]); }
+inline V vmax(V a, V b) { VSML_LANES(a.x[l] > b.x[l] ? a.x[l] : b.x[l]); }
+inline V vround(V a) { VSML_LANES((a.x[l] + 12582912.0f) - 12582912.0f); }     // |a| < 2^22
+inline float pow2i(float n) {
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+inline V ldexp2(V y, V n) { VSML_LANES(y.x[l] * pow2i(n.x[l])); }
 inline V vrecip(V d) { VSML_LANES(1.0f / d.x[l]); }
 #undef VSML_LANES
 #endif

@@ -305,3 +305,27 @@ def test_portable_builds_match_eager(isa):
             out = cpu_vsml.layer_update(cfg, p, fwd, bwd, h, c, isa=isa)
         for got, want in zip(out, ref):
             torch.testing.assert_close(got, want, **TOL)
+
+
+def test_auto_skips_a_portable_build(monkeypatch):
+    """``auto`` does not use a build without AVX2/AVX-512 (slower than torch.compile); ``on`` does."""
+    class Portable:
+        def isa(self):
+            return "scalar"
+
+        def layer_update(self, *args):
+            raise AssertionError("auto must not run the portable build")
+
+    monkeypatch.setattr(cpu_vsml, "load", lambda *a, **k: Portable())
+    monkeypatch.setattr(cpu_vsml, "_warned", False)
+    monkeypatch.delenv("VSML_CPU_ISA", raising=False)
+    gen = torch.Generator().manual_seed(13)
+    cfg = _cfg()
+    net = VSMLNetwork(cfg)
+    p = net.layer_params(_theta(net, gen, 1))[0]
+    args = (cfg, p, *_layer_inputs(gen, 1, 2, 2))
+    with pytest.warns(RuntimeWarning, match="without AVX2/AVX-512"):
+        assert cpu_vsml.try_layer_update(*args) is None
+    monkeypatch.setenv("VSML_CPU_KERNEL", "on")
+    with pytest.raises(AssertionError, match="must not run"):
+        cpu_vsml.try_layer_update(*args)
