@@ -188,6 +188,7 @@ class DistContext:
     device: torch.device = torch.device("cpu")
     checksum_every: int = 0
     owns_group: bool = False
+    first_step: int | None = None   # the first meta-step this process completed (1: a fresh start)
 
     @property
     def is_main(self) -> bool:
@@ -265,6 +266,8 @@ class DistContext:
 
     def after_step(self, step: int, theta: torch.Tensor, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Called once per completed meta-step: test-only fault injection, then the periodic checksum."""
+        if self.first_step is None:
+            self.first_step = step
         maybe_inject_fault(self, step)
         if self.checksum_every and step % self.checksum_every == 0:
             self.check_in_sync(step, theta, optimizer)
@@ -313,9 +316,11 @@ class DistContext:
 
 
 def maybe_inject_fault(ctx: DistContext, step: int) -> None:
-    """Test-only: ``VSML_FAULT_INJECT="RANK:STEP"`` kills that rank after meta-step STEP, first attempt only."""
+    """Test-only: ``VSML_FAULT_INJECT="RANK:STEP"`` kills that rank after meta-step STEP, first attempt only
+    (restart count 0 *and* a run that started at step 0 here: the restart count alone is per node, and
+    a node that rejoins after another node's failure can see 0 again)."""
     spec = os.environ.get(FAULT_ENV)
-    if not spec or ctx.restart_count != 0:
+    if not spec or ctx.restart_count != 0 or ctx.first_step not in (None, 1):
         return
     try:
         r, s = (int(v) for v in spec.split(":"))
@@ -379,10 +384,15 @@ def init_distributed(cfg: Any) -> DistContext:
     owns = False
     if not dist.is_initialized():
         timeout = datetime.timedelta(seconds=dcfg.timeout_s)
-        # torchrun's store outlives a restarted worker group, and the new gloo ranks could read the dead
-        # group's addresses from it ("Connection refused" in connectFullMesh): key each attempt apart
         store, _, _ = next(dist.rendezvous("env://", rank, world, timeout=timeout))
-        store = dist.PrefixStore(f"vsml/attempt{restart}/", store)
+        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and _env_int("GROUP_WORLD_SIZE", 1) == 1:
+            # One node: torchrun's agent keeps one TCP store across restarts, and a restarted group's
+            # gloo ranks could read the dead group's addresses from it ("Connection refused" in
+            # connectFullMesh; pytorch/pytorch#135712): key each attempt apart.  The restart count is
+            # the single agent's, hence the same on every rank.  Several nodes: agents count restarts
+            # separately, so no such key exists; launch torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
+            # (a fresh store per rendezvous round; README, "Distributed meta-training").
+            store = dist.PrefixStore(f"vsml/attempt{restart}/", store)
         kw = {"device_id": device} if backend == "nccl" else {}
         dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world, timeout=timeout, **kw)
         owns = True
