@@ -4,8 +4,8 @@ processes, θ kept bit-identical on every rank, rank-0-only I/O, elastic restart
 Launch (README, "Distributed meta-training")::
 
     torchrun --standalone --nproc_per_node 4 train.py --preset cpu-mnist          # one node
-    torchrun --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d \\
-             --rdzv_endpoint HOST:29400 --rdzv_id RUN --max-restarts 3 train.py ...   # several nodes
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun --nnodes 2 --nproc_per_node 8 \\
+        --rdzv_backend c10d --rdzv_endpoint HOST:29400 --rdzv_id RUN --max-restarts 3 train.py ...  # nodes
 
 :func:`init_distributed` reads the torchrun environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
 ``MASTER_ADDR``/``MASTER_PORT``, ``TORCHELASTIC_RESTART_COUNT``) and joins the process group: gloo
@@ -57,7 +57,9 @@ it.  Checkpoints are written every ``ckpt_every`` steps by vsml/checkpoint.py's 
 checkpoint interval and never leaves a torn ``last.pt``; rank 0 also writes one when the step
 loop fails (e.g. a peer died), which is consistent because θ, the optimiser and the step counter
 change together with no collective in between.  A SIGINT/SIGTERM on any rank stops every rank
-after the same meta-step (the stop flag is all-reduced each step).
+after the same meta-step (the stop flag is all-reduced each step).  Several nodes: the rendezvous
+may put rank 0 on another node after a restart, so ``out_dir`` must be a filesystem every node
+sees; and launch with ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` (see :func:`init_distributed`).
 
 Test-only fault injection: ``VSML_FAULT_INJECT="RANK:STEP"`` makes the process of that global rank
 exit with status 17 (``os._exit``, no clean-up) right after it completes meta-step STEP, on the
