@@ -86,6 +86,8 @@ class StudyConfig:
     seed: int = 0
     wandb: str = "offline"
     report_only: bool = False
+    objective_episodes: int = 32        # --objective: episodes of the meta-training family per arm
+    objective: bool = False             # only add the meta-training-objective check to finished arms
 
     def __post_init__(self):
         if self.budget < 1 or self.pairs < 1 or self.eval_episodes < 2 or self.eval_length < 50:
@@ -329,6 +331,15 @@ def report(sc: StudyConfig, results: list[dict], out: Path) -> None:
             lines.append(f"| {r['learner']} | {r['label']} | {r.get('meta_steps', '–')} | "
                          f"{r.get('compute_units', '–')} | {wall} | {mt['online_acc']:.3f} | "
                          + " | ".join(_fmt(r, task, s) for s in STEPS_REPORTED) + f" | {_goal(r, task)} |")
+    if any("objective" in r for r in results):
+        lines.append("\n### meta-training objective (online CE on 32 fixed meta-training episodes)\n")
+        lines.append("| learner | arm | CE over steps 1-50 | CE over steps 1-500 | accuracy over 1-500 |")
+        lines.append("|---|---|---:|---:|---:|")
+        for r in results:
+            o = r.get("objective")
+            if o:
+                lines.append(f"| {r['learner']} | {r['label']} | {o['loss@50']:.3f} | {o['loss@500']:.3f} | "
+                             f"{o['acc@500']:.3f} |")
     (out / "table.md").write_text("\n".join(lines) + "\n")
     (out / "study.json").write_text(json.dumps({"config": dataclasses.asdict(sc), "results": results}, indent=1))
     try:
@@ -348,7 +359,8 @@ def report(sc: StudyConfig, results: list[dict], out: Path) -> None:
                     continue
                 mt = r["meta_test"][task]
                 style = "--" if r["learner"] in ("sgd", "adam") else ("-" if r["arm"] != "start" else ":")
-                color = "0.5" if r["arm"] == "start" else None
+                color = "0.5" if r["arm"] == "start" else (
+                    {"sgd": "k", "adam": "0.35"}.get(r["learner"]) or plt.cm.tab10(ARMS.index(r["arm"]) % 10))
                 ax.plot(mt["curve_x"], mt["curve_y"], style, label=r["label"], lw=1.4, color=color)
             ax.set_xscale("log")
             ax.set_xlabel("meta-test step (examples seen)")
@@ -362,6 +374,29 @@ def report(sc: StudyConfig, results: list[dict], out: Path) -> None:
         safe = "".join(c if c.isalnum() else "_" for c in task).strip("_")
         fig.savefig(out / f"horizon_{safe}.png", dpi=80)
         plt.close(fig)
+
+
+def objective_check(sc: StudyConfig, r: dict) -> dict:
+    """The estimators' own objective, measured the same way for every arm: mean online CE over the first
+    50 and the first 500 examples of ``objective_episodes`` fixed episodes of the meta-training family
+    (train split, seed 777, not a seed used in meta-training), at θ_final (or θ0 for the start arm)."""
+    if r["learner"] not in ("vsml", "metarnn"):
+        return {}
+    path = (Path(r["run_dir"]) / "theta.safetensors") if "run_dir" in r else Path(sc.out) / f"theta0_{r['learner']}.safetensors"
+    theta, _, _ = load_theta(path)
+    net = build_learner(_base_cfg(sc, r["learner"], "objective"))
+    key = ("objective", sc.train_task)
+    if key not in _EVAL_CACHE:
+        fam = make_family(sc.train_task, data_dir=sc.data_dir)
+        fam.prepare(("train",))
+        _EVAL_CACHE[key] = fam.sample(sc.objective_episodes, 500, seed=777, split="train")
+    b = _EVAL_CACHE[key]
+    gen = torch.Generator().manual_seed(778)
+    with torch.no_grad():
+        out = net.unroll(theta, b.x.reshape(b.x.shape[0], b.x.shape[1], -1), b.y, b.num_classes, generator=gen)
+    loss = out.loss.double()                                                 # [E, 500]
+    return {"loss@50": float(loss[:, :50].mean()), "loss@500": float(loss.mean()),
+            "acc@500": float(out.correct.double().mean())}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -385,7 +420,14 @@ def main(argv: list[str] | None = None) -> int:
         (out / "arms" / f"{name}.json").write_text(json.dumps(r, indent=1))
         report(sc, _order(sc, load_all()), out)
 
-    if not sc.report_only:
+    if sc.objective:
+        for p in sorted((out / "arms").glob("*.json")):
+            r = json.loads(p.read_text())
+            if "objective" not in r and "error" not in r and r["learner"] in ("vsml", "metarnn"):
+                r["objective"] = objective_check(sc, r)
+                p.write_text(json.dumps(r, indent=1))
+                print(f"[horizon] objective {p.stem}: {r['objective']}", flush=True)
+    if not sc.report_only and not sc.objective:
         if not (out / "arms" / "baseline-sgd.json").exists():
             for b, r in run_sgd_adam(sc).items():
                 save(f"baseline-{b}", r)
