@@ -63,7 +63,8 @@ sees; and launch with ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` (see :func:`init_
 
 Test-only fault injection: ``VSML_FAULT_INJECT="RANK:STEP"`` makes the process of that global rank
 exit with status 17 (``os._exit``, no clean-up) right after it completes meta-step STEP, on the
-first attempt only (``TORCHELASTIC_RESTART_COUNT`` = 0), so that a restarted group runs through.
+first attempt only (``TORCHELASTIC_RESTART_COUNT`` = 0 and a run that started at step 0, not from
+a checkpoint), so that a restarted group runs through.
 """
 
 from __future__ import annotations
