@@ -96,6 +96,12 @@ inline V fnma(V a, V b, V c) { return {_mm512_fnmadd_ps(a.v, b.v, c.v)}; }   // 
 inline V vmin(V a, V b) { return {_mm512_min_ps(a.v, b.v)}; }
 inline V vmax(V a, V b) { return {_mm512_max_ps(a.v, b.v)}; }
 inline V vround(V a) { return {_mm512_roundscale_ps(a.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)}; }
+inline V vsqrt(V a) { return {_mm512_sqrt_ps(a.v)}; }
+inline V sum8(V a) {                                  // every lane: the sum of its 8-lane half
+  __m512 t = _mm512_add_ps(a.v, _mm512_shuffle_f32x4(a.v, a.v, 0xB1));    // swap 128-bit blocks pairwise
+  t = _mm512_add_ps(t, _mm512_permute_ps(t, 0x4E));                       // swap 64-bit pairs
+  return {_mm512_add_ps(t, _mm512_permute_ps(t, 0xB1))};                 // swap neighbours
+}
 inline V ldexp2(V y, V n) { return {_mm512_scalef_ps(y.v, n.v)}; }               // y * 2^n, n integral
 inline V vrecip(V d) {                                                           // 1/d, ~1e-7 relative
   __m512 r = _mm512_rcp14_ps(d.v);
@@ -129,6 +135,13 @@ inline __m256 recip_half(__m256 d) {
   return _mm256_fmadd_ps(r, _mm256_fnmadd_ps(d, r, _mm256_set1_ps(1.0f)), r);
 }
 inline V vrecip(V d) { return {recip_half(d.lo), recip_half(d.hi)}; }
+inline V vsqrt(V a) { return {_mm256_sqrt_ps(a.lo), _mm256_sqrt_ps(a.hi)}; }
+inline __m256 sum8_half(__m256 x) {
+  __m256 t = _mm256_add_ps(x, _mm256_permute2f128_ps(x, x, 1));
+  t = _mm256_add_ps(t, _mm256_permute_ps(t, 0x4E));
+  return _mm256_add_ps(t, _mm256_permute_ps(t, 0xB1));
+}
+inline V sum8(V a) { return {sum8_half(a.lo), sum8_half(a.hi)}; }
 #else
 // Portable build: plain loops over 16 lanes that the compiler can vectorise for whatever the target has
 // (no libm calls in the hot path: rounding by the 1.5·2^23 trick, 2^n from exponent bits).
@@ -153,6 +166,12 @@ inline float pow2i(float n) {
 }
 inline V ldexp2(V y, V n) { VSML_LANES(y.x[l] * pow2i(n.x[l])); }
 inline V vrecip(V d) { VSML_LANES(1.0f / d.x[l]); }
+inline V vsqrt(V a) { VSML_LANES(std::sqrt(a.x[l])); }
+inline V sum8(V a) {
+  float s0 = 0.f, s1 = 0.f;
+  for (int l = 0; l < 8; ++l) { s0 += a.x[l]; s1 += a.x[8 + l]; }
+  VSML_LANES(l < 8 ? s0 : s1);
+}
 #undef VSML_LANES
 #endif
 
@@ -209,6 +228,9 @@ struct Theta {
   alignas(64) float WrT[MAX_M][G];   // WrT[m][k] = W[k][M + m]
   alignas(64) float beta[G];
   alignas(64) float WoT[N][2 * MAX_M];   // LN readouts: WoT[n] = (W_fwd[:, n], W_bwd[:, n])
+  alignas(64) float bo[2 * MAX_M];       // (b_fwd, b_bwd), (ln_fwd_g, ln_bwd_g), (ln_fwd_b, ln_bwd_b)
+  alignas(64) float lng[2 * MAX_M];
+  alignas(64) float lnb[2 * MAX_M];
   const float* W_fwd;  // [M, N]
   const float* b_fwd;  // [M]
   const float* W_bwd;  // [M, N]
@@ -218,7 +240,7 @@ struct Theta {
 
 // θ set layout (vsml/params.py): W [4N, 2M+N] | β [4N] | W_fwd [M, N] | b_fwd [M] | W_bwd [M, N] | b_bwd [M]
 // | (LN) ln_fwd_g, ln_fwd_b, ln_bwd_g, ln_bwd_b [M].
-void unpack_theta(const float* th, int M, Theta& t) {
+void unpack_theta(const float* th, int M, bool ln, Theta& t) {
   const int cols = 2 * M + N;
   for (int k = 0; k < G; ++k) {
     const float* row = th + k * cols;
@@ -232,9 +254,14 @@ void unpack_theta(const float* th, int M, Theta& t) {
   t.b_fwd = p; p += M;
   t.W_bwd = p; p += M * N;
   t.b_bwd = p; p += M;
-  t.ln = p;
+  t.ln = ln ? p : nullptr;
   for (int n = 0; n < N; ++n)
     for (int m = 0; m < M; ++m) { t.WoT[n][m] = t.W_fwd[m * N + n]; t.WoT[n][M + m] = t.W_bwd[m * N + n]; }
+  for (int m = 0; m < M; ++m) {
+    t.bo[m] = t.b_fwd[m];  t.bo[M + m] = t.b_bwd[m];
+    t.lng[m] = ln ? t.ln[m] : 1.0f;      t.lng[M + m] = ln ? t.ln[2 * M + m] : 1.0f;
+    t.lnb[m] = ln ? t.ln[M + m] : 0.0f;  t.lnb[M + m] = ln ? t.ln[3 * M + m] : 0.0f;
+  }
 }
 
 // out[k] = base[k] + Σ_m WT[m][k] msg[m]   (k < 4N): a message term F[a] or R[b]
@@ -373,6 +400,17 @@ inline void pairs_update(const Theta& t, const Layer& L, const float* Fa, const 
     } else {                         // φ, ψ = LN(W_fwd h + b_fwd), LN(W_bwd h + b_bwd), then summed
       const int M = L.M;
       alignas(64) float z[2 * MAX_M];
+      if (M == 8) {                  // the reference size: (φ, ψ) is one 16-lane vector, LN per 8-lane half
+        V zv = vload(t.bo);
+        for (int n = 0; n < N; ++n) zv = fma(vload(t.WoT[n]), vset(hl[p][n]), zv);
+        V d = zv - sum8(zv) * vset(0.125f);
+        V rstd = vrecip(vsqrt(sum8(d * d) * vset(0.125f) + vset(L.eps)));
+        vstore(z, fma(d * rstd, vload(t.lng), vload(t.lnb)));
+        float* sb = sum_b + ib[p] * M;
+        float* sa = sum_a + ia[p] * M;
+        for (int m = 0; m < 8; ++m) { sb[m] += z[m]; sa[m] += z[8 + m]; }
+        continue;
+      }
       for (int m = 0; m < M; ++m) { z[m] = t.b_fwd[m]; z[M + m] = t.b_bwd[m]; }
       for (int n = 0; n < N; ++n) {
         const float hn = hl[p][n];
@@ -454,7 +492,7 @@ std::vector<at::Tensor> layer_update(const at::Tensor& theta, const at::Tensor& 
       const int64_t a0 = blk * a_per, a1 = std::min(A, a0 + a_per), na = a1 - a0;
       if (na <= 0) continue;
       if (e != loaded_e) {
-        unpack_theta(th + (shared ? 0 : e) * P, M, t);
+        unpack_theta(th + (shared ? 0 : e) * P, M, L.ln, t);
         for (int64_t b = 0; b < B; ++b) message_term(t.WrT, t.beta, bin + (e * B + b) * M, M, R.data() + b * G);
         loaded_e = e;
       }
