@@ -304,15 +304,23 @@ std::multimap<size_t, void*> g_cache;
 size_t g_cached_bytes = 0;
 
 void release_block(void* p, size_t bytes) {
+  std::vector<void*> evicted;                          // freed outside the lock
   {
     std::lock_guard<std::mutex> lock(g_cache_mu);
-    if (g_cached_bytes + bytes <= kCacheCap) {
+    if (bytes <= kCacheCap) {
+      // make room by dropping idle blocks of other sizes (e.g. from an earlier, differently sized run)
+      for (auto it = g_cache.begin(); it != g_cache.end() && g_cached_bytes + bytes > kCacheCap;) {
+        g_cached_bytes -= it->first;
+        evicted.push_back(it->second);
+        it = g_cache.erase(it);
+      }
       g_cache.emplace(bytes, p);
       g_cached_bytes += bytes;
-      return;
+      p = nullptr;
     }
   }
-  std::free(p);
+  for (void* q : evicted) std::free(q);
+  if (p != nullptr) std::free(p);
 }
 
 at::Tensor empty_big(at::IntArrayRef sizes, const at::TensorOptions& opt) {
