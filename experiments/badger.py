@@ -266,18 +266,22 @@ def plot_all(args) -> None:
         summary["plateau"] = table
         # MI / binding around the escape of each breaking run
         fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+        labelled = set()
         for r in res:
             esc = escape_step(np.asarray(r["loss"]), args.threshold)
             if esc is None:
                 continue
             st = np.array([e["step"] for e in r["evals"]]) - esc
             t_last = str(len(r["evals"][0]["error_curve"]) - 1)
+            lab = None if r["variant"] in labelled else r["variant"]
+            labelled.add(r["variant"])
             axes[0].plot(st, [e["mi_by_t"].get(t_last, np.nan) for e in r["evals"]], color=colors[r["variant"]],
-                         lw=1, marker=".", ms=3)
+                         lw=1, marker=".", ms=3, label=lab)
             axes[1].plot(st, [e["error_mean"] for e in r["evals"]], color=colors[r["variant"]], lw=1, marker=".", ms=3)
         axes[0].set_ylabel("mean pairwise MI (nats), t* = last")
         axes[1].set_ylabel("held-out error (mean over inner steps)")
         axes[1].set_yscale("log")
+        axes[0].legend(fontsize=8)
         for ax in axes:
             ax.axvline(0, color="gray", ls=":")
             ax.set_xlabel("meta-steps relative to the plateau escape")

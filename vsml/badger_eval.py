@@ -259,7 +259,8 @@ def plot_run(run_dir: str | Path, out_dir: str | Path) -> dict[str, Any]:
                              ("binding_by_t", axes[2], "binding information (nats)")):
             ts = sorted({t for r in rs for t in r.get(key, {})}, key=int)
             for t in ts:
-                ax.plot(st, [r.get(key, {}).get(t, np.nan) for r in rs], marker="o", ms=3, label=f"t*={t}")
+                ax.plot(st, [r.get(key, {}).get(t, np.nan) for r in rs], marker="o", ms=3,
+                        label=f"inner step {int(t) + 1}")
             ax.set_ylabel(lab)
         for ax in axes:
             ax.set_xlabel("meta-training step")
