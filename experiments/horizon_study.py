@@ -25,7 +25,13 @@ Protocol (all numbers in the JSON are measured by this script):
 Usage::
 
     OMP_NUM_THREADS=1 python experiments/horizon_study.py --out /tmp/horizon/study
+    python experiments/horizon_study.py --out /tmp/horizon/study --objective true     # + training-CE check
     python experiments/horizon_study.py --out /tmp/horizon/study --report_only true   # plots + table
+
+``--objective true`` adds to every finished arm its own meta-training objective measured one way for all
+arms (online CE over the first 50 / 500 examples of 32 fixed meta-training episodes), which separates
+"the estimator failed to optimise" from "it optimised a myopic objective".  Results of the runs made for
+issue 8: RESULTS.md ("Long horizons") and docs/horizon/.
 
 Resumable: each arm writes ``<out>/arms/<learner>-<arm>.json`` and is skipped when it exists.
 Outputs: ``<out>/study.json`` (config + every arm), ``<out>/horizon_<task>.png`` (accuracy vs step on
