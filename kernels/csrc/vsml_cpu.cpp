@@ -543,7 +543,7 @@ std::vector<at::Tensor> layer_update(const at::Tensor& theta, const at::Tensor& 
     }
   };
   const int64_t threads = std::min<int64_t>(at::get_num_threads(), items);
-  if (pairs < 8192 || threads <= 1 || at::in_parallel_region()) {   // small layers: the fork costs more
+  if (pairs < 2048 || threads <= 1 || at::in_parallel_region()) {   // < ~0.2 ms of work: the fork costs more
     worker();
   } else {
     at::parallel_for(0, threads, 1, [&](int64_t, int64_t) { worker(); });
