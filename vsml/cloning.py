@@ -20,7 +20,7 @@ After cloning, the frozen θ is a learner: run through ``VSMLNetwork.unroll`` it
 online purely in its forward dynamics, and ES / BPTT meta-training can start from it.
 
 Scope: one dense layer, forward-only schedule, no LayerNorm on the messages (LayerNorm removes the
-magnitude that carries w·x).  Deep cloning is not implemented yet.
+magnitude that carries w·x).  Deep stacks (online backprop teacher): ``vsml/cloning_deep.py``.
 """
 
 from __future__ import annotations
