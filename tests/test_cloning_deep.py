@@ -203,3 +203,10 @@ def test_teacher_burn_in_starts_the_student_from_the_teachers_weights():
     assert burns <= set(range(6)) and len(burns) > 1
     with pytest.raises(ConfigError, match="window"):
         CloneConfig(length=5, window=6)
+
+
+def test_cloning_only_runs_are_valid_configs():
+    from vsml.trainer import TrainConfig
+    assert TrainConfig(steps=0, clone=CloneConfig(steps=3)).total_steps == 3
+    with pytest.raises(ConfigError, match="steps must be >= 1"):
+        TrainConfig(steps=0)

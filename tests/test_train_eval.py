@@ -104,7 +104,7 @@ def test_corrupt_checkpoint_clear_error(tmp_path):
 
 
 @pytest.mark.parametrize("flag,value,msg", [
-    ("--steps", "0", "steps must be >= 1"),
+    ("--steps", "-1", "steps must be >= 1"),   # (0 is allowed with clone.steps > 0: cloning only)
     ("--es.sigma", "-1", "sigma"),
     ("--vsml.micro_ticks", "0", "micro_ticks"),
     ("--lr", "-0.1", "lr must be"),
