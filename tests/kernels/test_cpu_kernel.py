@@ -1,7 +1,7 @@
 """The hand-written CPU kernel (kernels/cpu_vsml.py + kernels/csrc/vsml_cpu.cpp) against the eager path.
 
 The kernel is built once per machine (torch extensions cache; the module fixture below pays the one-off
-build, ~25-70 s on a 2-core machine, printed on stderr) and only skipped when there is no C++ compiler.
+build, ~15-25 s on the 2-core machine, printed on stderr) and only skipped when there is no C++ compiler.
 Agreement is to float32 rounding (rtol 1e-4, atol 1e-5, as the torch.compile path's test): the kernel uses
 its own exp polynomial and reciprocal, and sums in a different order.
 
