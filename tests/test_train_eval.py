@@ -79,6 +79,20 @@ def test_resume_equals_uninterrupted(tmp_path, estimator):
         assert all(torch.equal(u, v) for u, v in zip(pa["inner_leaves"], pb["inner_leaves"]))
 
 
+def test_resume_can_extend_the_cloning_phase(tmp_path, capsys):
+    # a 2-step cloning run extended to 4 cloning steps == a 4-step cloning run, then the meta-steps
+    full = _run(tmp_path, "--eval.every", "0", "--clone.steps", "4", "--steps", "2", name="full")
+    part = _run(tmp_path, "--eval.every", "0", "--clone.steps", "2", "--steps", "0", name="part")
+    assert train_cli.main(["--resume", str(part), "--clone.steps", "4", "--steps", "2",
+                           "--log.progress", "false"]) == 0
+    a, b = load_checkpoint(full), load_checkpoint(part)
+    assert a["step"] == b["step"] == 6
+    assert torch.equal(a["theta"], b["theta"])
+    # past the cloning phase, clone.steps is fixed
+    assert train_cli.main(["--resume", str(part), "--clone.steps", "8"]) == 2
+    assert "past its cloning phase" in capsys.readouterr().err
+
+
 def test_resume_refuses_incompatible_config(tmp_path, capsys):
     rd = _run(tmp_path, "--eval.every", "0")
     rc = train_cli.main(["--resume", str(rd), "--vsml.cell.layer_norm", "true"])

@@ -192,7 +192,20 @@ def _new_run_dir(out_dir: str, name: str) -> Path:
     return cand
 
 
-def _check_resume_compatible(saved: TrainConfig, cfg: TrainConfig) -> None:
+def _check_resume_compatible(saved: TrainConfig, cfg: TrainConfig, step: int | None = None) -> None:
+    """Refuse a resume whose config would change what the checkpoint's θ / optimiser state mean.
+
+    One exception: ``clone.steps`` may change while the run has not left its cloning phase
+    (checkpoint step <= both the saved and the new ``clone.steps``), so a cloning run can be
+    extended (``--resume RUN --clone.steps 2000``); the ES/BPTT steps then start later."""
+    if step is not None and saved.clone != cfg.clone and \
+            dataclasses.replace(saved.clone, steps=cfg.clone.steps) == cfg.clone:
+        if step > min(saved.clone.steps, cfg.clone.steps):
+            raise CheckpointError(
+                f"cannot resume with clone.steps={cfg.clone.steps}: the checkpoint is at step {step}, past its "
+                f"cloning phase (clone.steps={saved.clone.steps}); clone.steps can only grow, or shrink to "
+                f">= {step}, while the run is still cloning")
+        saved = dataclasses.replace(saved, clone=cfg.clone)
     for key in ("learner", "vsml", "badger", "estimator", "clone", "pes"):
         if getattr(saved, key) != getattr(cfg, key):
             raise CheckpointError(
@@ -298,7 +311,7 @@ def train(cfg: TrainConfig, resume: str | None = None, run_dir: str | None = Non
     if resume is not None:
         ck = ctx.load_checkpoint(resume)      # rank 0 reads, broadcasts
         saved = config_from_dict(ck["config"])
-        _check_resume_compatible(saved, cfg)
+        _check_resume_compatible(saved, cfg, int(ck["step"]))
         rd = Path(resume) if Path(resume).is_dir() else Path(ck["path"]).parent.parent
     else:
         rd = Path(run_dir) if run_dir else _new_run_dir(cfg.out_dir, cfg.name)
