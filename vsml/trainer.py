@@ -441,9 +441,13 @@ def train(cfg: TrainConfig, resume: str | None = None, run_dir: str | None = Non
                     checkpoint(step)
                 if ctx.is_main and cfg.eval.every and step < total and (step % cfg.eval.every == 0 or step == cfg.clone.steps):
                     res = run_meta_test(cfg, learner, theta, step, logger, rd)
-                    print("[vsml] meta-test " + ", ".join(
-                        f"{t}: online acc {per[cfg.learner]['online_accuracy']:.3f}" for t, per in res.items()),
-                        flush=True)
+                    if cfg.learner == "badger":    # a regression game: report the guess error, not "accuracy"
+                        line = ", ".join(f"{t}: error mean {per[cfg.learner]['error_mean']:.3f} / last "
+                                         f"{per[cfg.learner]['error_last']:.3f}" for t, per in res.items())
+                    else:
+                        line = ", ".join(f"{t}: online acc {per[cfg.learner]['online_accuracy']:.3f}"
+                                         for t, per in res.items())
+                    print("[vsml] meta-test " + line, flush=True)
                 if ctx.any(stop.signal is not None):     # all ranks stop after the same step
                     interrupted = stop.signal or signal.SIGTERM
                     break
@@ -469,7 +473,17 @@ def train(cfg: TrainConfig, resume: str | None = None, run_dir: str | None = Non
     logger.close()
     from .evaluate import summary_table
     print("\n[vsml] final meta-test (test split, θ frozen):")
-    print(summary_table({t: v for t, v in res.items() if t != "_paths"}))
+    if cfg.learner == "badger":       # regression game: guess errors (chance = 1), not accuracies
+        print(f"{'task':<24}{'error mean':>12}{'error last':>12}{'solved frac':>13}  episodes x T")
+        for t, per in res.items():
+            if t != "_paths":
+                r = per[cfg.learner]
+                print(f"{t:<24}{r['error_mean']:>12.4f}{r['error_last']:>12.4f}{r['solved_frac']:>13.4f}  "
+                      f"{cfg.eval.episodes} x {cfg.eval.length}")
+        print(f"(error: the scaled MSE feedback, chance 1; solved frac: steps with error < "
+              f"{cfg.badger.solved_threshold})")
+    else:
+        print(summary_table({t: v for t, v in res.items() if t != "_paths"}))
     print(f"\n[vsml] run directory: {rd}")
     for k, p in res.get("_paths", {}).items():
         print(f"[vsml]   {'results' if k == 'json' else 'plot ' + k}: {p}")
