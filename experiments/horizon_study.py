@@ -120,7 +120,7 @@ class StudyConfig:
 
 def _arm(name: str, sc: StudyConfig) -> tuple[str, int, dict, int]:
     p = sc.pairs
-    if name in ("es50", "es500"):
+    if name in ("es50", "es500", "es2000"):
         t = int(name[2:])
         return (f"ES H={t}", t, {"estimator": "es", "es": ESConfig(pairs=p), "episode_length": t,
                                  "lr": sc.es_lr}, 2 * p * t)
@@ -149,7 +149,7 @@ def _arm(name: str, sc: StudyConfig) -> tuple[str, int, dict, int]:
     raise KeyError(name)
 
 
-ARMS = ("es50", "es500", "tes500", "pes500", "pes2000", "bptt50", "tbptt500", "bmg500", "bmg2000")
+ARMS = ("es50", "es500", "es2000", "tes500", "pes500", "pes2000", "bptt50", "tbptt500", "bmg500", "bmg2000")
 
 
 # --------------------------------------------------------------------------------------------
