@@ -41,6 +41,7 @@ __all__ = [
     "HebbianLearner",
     "HebbianState",
     "MetaRNN",
+    "MetaRNNConfig",
     "MetaRNNState",
     "OnlineSGD",
     "OnlineSGDState",
@@ -430,6 +431,52 @@ class MetaRNNState:
     @property
     def num_classes(self) -> int:
         return self.err.shape[1]
+
+
+@dataclass(frozen=True)
+class MetaRNNConfig:
+    """Typed architecture of the Meta-RNN baseline (``TrainConfig.metarnn``; vsml.md §3.6).
+
+    The defaults are the reference padding (``configs/pad.yaml``: inputs 784, outputs 62) and the
+    constructor defaults of :class:`MetaRNN`, so a config without this field (old checkpoints)
+    builds the same learner.  ``max_in_dim`` / ``max_classes`` bound the tasks one θ can run; they
+    also set the init scale of the LSTM input weights (TN(0, 1/√(max_in_dim + 2·max_classes +
+    hidden))), so the padded defaults start the 64-d, 10-class family with ~2.2x smaller input
+    weights than a compact ``max_in_dim=64, max_classes=10`` learner and carry a ~5x larger θ
+    (padding costs no forward compute: only the D real columns of θ are read).
+
+    Attributes:
+        hidden: LSTM state size H.
+        micro_ticks: LSTM steps per example on the same input (reference 2).
+        max_in_dim: largest input size D this θ accepts (inputs are zero-padded to it).
+        max_classes: largest class count C this θ accepts (padded classes are masked).
+        tanh_bound: logits ŷ = bound·tanh(z/bound).
+        forget_bias: added to the forget-gate pre-activation (haiku LSTM: 1).
+    """
+
+    hidden: int = 128
+    micro_ticks: int = 2
+    max_in_dim: int = 784
+    max_classes: int = 62
+    tanh_bound: float = 100.0
+    forget_bias: float = 1.0
+
+    def __post_init__(self) -> None:
+        from .config import ConfigError
+        for name, lo in (("hidden", 1), ("micro_ticks", 1), ("max_in_dim", 1), ("max_classes", 2)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise ConfigError(f"metarnn.{name} must be an integer >= {lo}, got {v!r}")
+        if not (isinstance(self.tanh_bound, (int, float)) and math.isfinite(self.tanh_bound) and self.tanh_bound > 0):
+            raise ConfigError(f"metarnn.tanh_bound must be a finite number > 0, got {self.tanh_bound!r}")
+        if not (isinstance(self.forget_bias, (int, float)) and math.isfinite(self.forget_bias)):
+            raise ConfigError(f"metarnn.forget_bias must be a finite number, got {self.forget_bias!r}")
+
+    def build(self) -> "MetaRNN":
+        """The :class:`MetaRNN` with these settings."""
+        return MetaRNN(hidden=self.hidden, micro_ticks=self.micro_ticks, max_in_dim=self.max_in_dim,
+                       max_classes=self.max_classes, tanh_bound=float(self.tanh_bound),
+                       forget_bias=float(self.forget_bias))
 
 
 class MetaRNN:

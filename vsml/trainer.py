@@ -23,6 +23,7 @@ import torch
 from .checkpoint import CheckpointError, atomic_write_text, load_checkpoint, save_checkpoint, save_theta
 from .config import ConfigError, VSMLConfig
 from .badger import BadgerConfig
+from .baselines import MetaRNNConfig
 from .bmg import BMGConfig
 from .bptt import BPTTConfig
 from .cloning import CloneConfig
@@ -69,6 +70,7 @@ class TrainConfig:
     learner: Literal["vsml", "metarnn", "hebbian", "badger"] = "vsml"
     vsml: VSMLConfig = field(default_factory=VSMLConfig)
     badger: BadgerConfig = field(default_factory=BadgerConfig)   # Micro-Badger (vsml/badger.py)
+    metarnn: MetaRNNConfig = field(default_factory=MetaRNNConfig)   # learner=metarnn (vsml/baselines.py)
     estimator: Literal["es", "bptt", "pes", "tes", "bmg"] = "es"   # tes: truncated ES; bmg: bootstrapped
     es: ESConfig = field(default_factory=ESConfig)
     pes: PESConfig = field(default_factory=lambda: PESConfig(particles=32, truncation=20, horizon=100))
@@ -133,6 +135,7 @@ def config_from_dict(d: dict[str, Any]) -> TrainConfig:
            "eval": lambda v: EvalConfig(**v), "log": lambda v: LogConfig(**v),
            "dist": lambda v: DistConfig(**v)}
     sub["badger"] = BadgerConfig.from_dict
+    sub["metarnn"] = lambda v: MetaRNNConfig(**v)
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = set(d) - known
     if unknown:
@@ -151,6 +154,8 @@ def build_learner(cfg: TrainConfig):
     if cfg.learner == "badger":
         from .badger import MicroBadger
         return MicroBadger(cfg.badger)
+    if cfg.learner == "metarnn":
+        return cfg.metarnn.build()
     return make_learner(cfg.learner)
 
 
@@ -206,7 +211,7 @@ def _check_resume_compatible(saved: TrainConfig, cfg: TrainConfig, step: int | N
                 f"cloning phase (clone.steps={saved.clone.steps}); clone.steps can only grow, or shrink to "
                 f">= {step}, while the run is still cloning")
         saved = dataclasses.replace(saved, clone=cfg.clone)
-    for key in ("learner", "vsml", "badger", "estimator", "clone", "pes"):
+    for key in ("learner", "vsml", "badger", "metarnn", "estimator", "clone", "pes"):
         if getattr(saved, key) != getattr(cfg, key):
             raise CheckpointError(
                 f"cannot resume: the checkpoint was trained with {key}={getattr(saved, key)!r} but the "
