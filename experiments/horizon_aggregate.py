@@ -6,7 +6,8 @@ such folders (same arms, budget and meta-test episodes, different ``--seed``) an
 arm and meta-test task:
 
 * online accuracy and acc@s (s = 50, 500, 2000, 5000, 10000; acc@s = mean accuracy over steps
-  (0.8 s, s]) as mean ± standard deviation **over meta-training seeds**;
+  (0.8 s, s], read by ``horizon_study.acc_at``: from the many short meta-test episodes when they cover s)
+  as mean ± standard deviation **over meta-training seeds**;
 * the goal statistic d = acc(10H) − acc(H) (or acc(5H) for H = 2000, the meta-test being 10 000 steps
   long) per seed, with the per-seed verdict of the study ("yes" when d exceeds the 95% interval over
   meta-test episodes, "no" when it is below minus that interval, else "n.s."), the number of seeds with
@@ -35,7 +36,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from experiments.horizon_study import ARMS, STEPS_REPORTED  # noqa: E402
+from experiments.horizon_study import ARMS, STEPS_REPORTED, acc_at  # noqa: E402
 
 # two-sided 97.5% Student-t quantiles for n - 1 degrees of freedom (n = number of seeds)
 _T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
@@ -82,7 +83,7 @@ def load_runs(runs: list[Path]) -> tuple[list[dict], dict[tuple[str, str], list[
 
 def _goal_steps(h: int | None, mt: dict) -> tuple[int, int] | None:
     """(H, 10H), 10H capped at the last reported step (5H for H = 2000 over 10 000 steps)."""
-    if not h or f"acc@{h}" not in mt:
+    if not h or acc_at(mt, h) is None:
         return None
     last = max(s for s in STEPS_REPORTED if f"acc@{s}" in mt)
     t10 = min(10 * h, last)
@@ -95,8 +96,10 @@ def aggregate_arm(results: list[dict], task: str) -> dict | None:
     if not mts:
         return None
     out: dict = {"n_seeds": len(mts), "seeds": [r.get("_seed") for r in results if task in r.get("meta_test", {})]}
-    for key in ["online_acc", *[f"acc@{s}" for s in STEPS_REPORTED]]:
-        vals = [m[key] for m in mts if key in m]
+    for s in ["online_acc", *STEPS_REPORTED]:
+        key = s if s == "online_acc" else f"acc@{s}"
+        vals = [m[key] if s == "online_acc" else (acc_at(m, s) or (None,))[0] for m in mts]
+        vals = [v for v in vals if v is not None]
         if len(vals) == len(mts):
             out[key] = {"per_seed": vals, "mean": float(np.mean(vals)),
                         "sd": float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0}
@@ -105,8 +108,9 @@ def aggregate_arm(results: list[dict], task: str) -> dict | None:
         h, t10 = steps
         ds, verdicts = [], []
         for m in mts:
-            d = m[f"acc@{t10}"] - m[f"acc@{h}"]
-            ci = math.hypot(m[f"ci@{t10}"], m[f"ci@{h}"])
+            (a10, c10), (a1, c1) = acc_at(m, t10), acc_at(m, h)
+            d = a10 - a1
+            ci = math.hypot(c10, c1)
             ds.append(d)
             verdicts.append("yes" if d > ci else ("no" if d < -ci else "n.s."))
         n = len(ds)

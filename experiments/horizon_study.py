@@ -86,9 +86,24 @@ class StudyConfig:
     metarnn_pretrain_steps: int = 200
     metarnn_pretrain_length: int = 100
     metarnn_pretrain_lr: float = 1e-3
+    metarnn_pretrain_batch: int = 16    # episodes per full-BPTT warm-start step
+    metarnn_pretrain_clip: float = 25.0  # global grad-norm clip of the warm start (0: off)
+    # warm-start curriculum run before the metarnn_pretrain_steps on train_task: "SPEC@STEPS;SPEC@STEPS"
+    # (task specs of tasks.make_family, each trained for STEPS full-BPTT steps from the previous θ; "" = none)
+    metarnn_curriculum: str = ""
+    metarnn_hidden: int = 128           # Meta-RNN architecture (TrainConfig.metarnn, vsml.baselines.MetaRNNConfig)
+    metarnn_max_in_dim: int = 784
+    metarnn_max_classes: int = 62
+    metarnn_micro_ticks: int = 2
+    metarnn_forget_bias: float = 1.0
     eval_episodes: int = 8
     eval_length: int = 10_000
     eval_seed: int = 22
+    # extra meta-test of many short episodes for acc@s with s <= eval_short_length (acc@50 is a 10-step
+    # window: 8-32 long episodes leave it a ±0.05-0.1 interval); 0 = off
+    eval_short_episodes: int = 256
+    eval_short_length: int = 500
+    remeasure: bool = False             # only (re)run the meta-tests of finished arms (e.g. to add the short set)
     seed: int = 0
     wandb: str = "offline"
     report_only: bool = False
@@ -98,12 +113,44 @@ class StudyConfig:
     def __post_init__(self):
         if self.budget < 1 or self.pairs < 1 or self.eval_episodes < 2 or self.eval_length < 50:
             raise ConfigError("budget >= 1, pairs >= 1, eval_episodes >= 2 and eval_length >= 50 are required")
+        if self.eval_short_episodes != 0 and (self.eval_short_episodes < 2 or not
+                                              50 <= self.eval_short_length <= self.eval_length):
+            raise ConfigError(f"eval_short_episodes must be 0 (off) or >= 2 with 50 <= eval_short_length <= "
+                              f"eval_length; got {self.eval_short_episodes}, {self.eval_short_length}")
         unknown = [a for a in self.arm_list if a not in ARMS]
         if unknown:
             raise ConfigError(f"unknown arms {unknown}; choose from {sorted(ARMS)}")
         bad = [x for x in self.learner_list if x not in ("vsml", "metarnn")]
         if bad:
             raise ConfigError(f"learners must be vsml and/or metarnn, got {bad}")
+        if self.metarnn_pretrain_steps < 1 or self.metarnn_pretrain_length < 1 or self.metarnn_pretrain_batch < 1:
+            raise ConfigError("metarnn_pretrain_steps, metarnn_pretrain_length and metarnn_pretrain_batch must be >= 1")
+        if not (self.metarnn_pretrain_lr > 0 and math.isfinite(self.metarnn_pretrain_lr)) or \
+                not (self.metarnn_pretrain_clip >= 0 and math.isfinite(self.metarnn_pretrain_clip)):
+            raise ConfigError(f"metarnn_pretrain_lr must be > 0 and metarnn_pretrain_clip >= 0 (0: off), got "
+                              f"{self.metarnn_pretrain_lr}, {self.metarnn_pretrain_clip}")
+        self.metarnn_config                                            # validates the architecture fields
+        self.metarnn_stages                                            # validates the curriculum syntax
+
+    @property
+    def metarnn_config(self):
+        """The Meta-RNN architecture every metarnn run of the study uses (θ0 and all arms)."""
+        from vsml.baselines import MetaRNNConfig
+        return MetaRNNConfig(hidden=self.metarnn_hidden, micro_ticks=self.metarnn_micro_ticks,
+                             max_in_dim=self.metarnn_max_in_dim, max_classes=self.metarnn_max_classes,
+                             forget_bias=self.metarnn_forget_bias)
+
+    @property
+    def metarnn_stages(self) -> list[tuple[str, int]]:
+        """Warm-start stages [(task spec, full-BPTT steps)]: the curriculum, then train_task."""
+        stages = []
+        for part in [q.strip() for q in self.metarnn_curriculum.split(";") if q.strip()]:
+            spec, sep, n = part.rpartition("@")
+            if not sep or not spec.strip() or not n.strip().isdigit() or int(n) < 1:
+                raise ConfigError(f"metarnn_curriculum entry {part!r} must be SPEC@STEPS with STEPS >= 1, e.g. "
+                                  f"'random[n=4,c=2,side=8]+proj+labelperm@150'")
+            stages.append((spec.strip(), int(n)))
+        return [*stages, (self.train_task, self.metarnn_pretrain_steps)]
 
     @property
     def arm_list(self) -> list[str]:
@@ -161,6 +208,8 @@ def _base_cfg(sc: StudyConfig, learner: str, name: str, **kw) -> TrainConfig:
                       out_dir=str(Path(sc.out) / "runs"), seed=sc.seed, compile=(learner == "vsml"),
                       ckpt_every=0, eval=EvalConfig(tasks="digits", every=0, episodes=2, length=20),
                       log=LogConfig(every=10, wandb=sc.wandb, project="vsml-horizon", progress=False))
+    if learner == "metarnn":                       # θ0 and every arm share one Meta-RNN architecture
+        cfg = dataclasses.replace(cfg, metarnn=sc.metarnn_config)
     return dataclasses.replace(cfg, **kw)
 
 
@@ -195,15 +244,28 @@ def warm_start(sc: StudyConfig, learner: str) -> tuple[Path, dict]:
                 "wall_s": time.time() - t0, "last_metrics": last}
         save_theta(path, theta.detach(), cfg.to_dict(), sc.clone_steps)
     else:
-        cfg = _base_cfg(sc, "metarnn", "theta0-metarnn", estimator="bptt", meta_batch=16,
-                        episode_length=sc.metarnn_pretrain_length, bptt=BPTTConfig(truncation=0),
-                        steps=sc.metarnn_pretrain_steps, lr=sc.metarnn_pretrain_lr)
-        rd = train(cfg)
-        theta, _, _ = load_theta(rd / "theta.safetensors")
-        save_theta(path, theta, cfg.to_dict(), sc.metarnn_pretrain_steps)
-        info = {"how": f"{sc.metarnn_pretrain_steps} full-BPTT steps (16 episodes x "
-                       f"{sc.metarnn_pretrain_length} examples, Adam {sc.metarnn_pretrain_lr}) on {sc.train_task}",
-                "wall_s": time.time() - t0, "run_dir": str(rd)}
+        # full BPTT (vsml.md §2.3) through metarnn_pretrain_length-example episodes, stage by stage: the
+        # curriculum families (metarnn_stages), then train_task; each stage starts from the previous θ
+        # (fresh Adam).  A curriculum of easier in-context tasks is how the Meta-RNN leaves the ln C
+        # plateau at CPU budgets (RESULTS.md, "Long horizons"; Kirsch et al. 2022 §4.4 on plateaus).
+        stages, rds, prev, total = sc.metarnn_stages, [], None, 0
+        for i, (task, n) in enumerate(stages):
+            name = "theta0-metarnn" if i == len(stages) - 1 else f"theta0-metarnn-stage{i}"
+            cfg = _base_cfg(sc, "metarnn", name, task=task, estimator="bptt", meta_batch=sc.metarnn_pretrain_batch,
+                            episode_length=sc.metarnn_pretrain_length,
+                            bptt=BPTTConfig(truncation=0, clip_grad_norm=sc.metarnn_pretrain_clip),
+                            steps=n, lr=sc.metarnn_pretrain_lr, init_from=prev)
+            rd = train(cfg)
+            prev, total = str(rd / "theta.safetensors"), total + n
+            rds.append(str(rd))
+            print(f"[horizon] metarnn warm-start stage {i + 1}/{len(stages)} ({task}, {n} steps) done", flush=True)
+        theta, _, _ = load_theta(prev)
+        save_theta(path, theta, cfg.to_dict(), total)
+        curr = "".join(f"{n} on {t}, then " for t, n in stages[:-1])
+        info = {"how": f"full BPTT ({sc.metarnn_pretrain_batch} episodes x {sc.metarnn_pretrain_length} examples, "
+                       f"Adam {sc.metarnn_pretrain_lr}, clip {sc.metarnn_pretrain_clip}): {curr}"
+                       f"{sc.metarnn_pretrain_steps} on {sc.train_task}; {sc.metarnn_config}",
+                "wall_s": time.time() - t0, "run_dir": rds[-1], "stage_run_dirs": rds}
     info_path.write_text(json.dumps(info, indent=1))
     return path, info
 
@@ -235,9 +297,14 @@ _EVAL_CACHE: dict = {}
 
 
 def meta_test(sc: StudyConfig, learner_name: str, learner, theta: torch.Tensor) -> dict:
+    """Online meta-test of a frozen θ on every test task: ``eval_episodes`` x ``eval_length`` (curves,
+    acc@s), plus, when ``eval_short_episodes`` > 0, a second set of that many ``eval_short_length``-example
+    episodes (seed eval_seed + 1) stored under ``"short"``; :func:`acc_at` reads acc@s from the short set
+    for s <= eval_short_length (more episodes, so a tighter interval at small s)."""
     from vsml.evaluate import FrozenLearner
     fl = FrozenLearner(learner_name, learner, theta.detach(), max_batch=sc.eval_episodes)
     out = {}
+    short = short_test(sc, learner_name, learner, theta)
     for spec in [s.strip() for s in sc.test_tasks.split(";") if s.strip()]:
         key = spec
         if key not in _EVAL_CACHE:
@@ -254,8 +321,58 @@ def meta_test(sc: StudyConfig, learner_name: str, learner, theta: torch.Tensor) 
                 res[f"acc@{s}"] = m
                 res[f"ci@{s}"] = h
         res["curve_x"], res["curve_y"] = _log_binned_curve(correct)
+        if spec in short:
+            res["short"] = short[spec]
         out[spec] = res
     return out
+
+
+def short_test(sc: StudyConfig, learner_name: str, learner, theta: torch.Tensor) -> dict:
+    """The short-episode meta-test of :func:`meta_test` ({task: {acc@s, ci@s, ...}}; {} when off)."""
+    from vsml.evaluate import FrozenLearner
+    if not sc.eval_short_episodes:
+        return {}
+    fl = FrozenLearner(learner_name, learner, theta.detach(), max_batch=min(sc.eval_short_episodes, 128))
+    short = {}
+    for spec in [s.strip() for s in sc.test_tasks.split(";") if s.strip()]:
+        key = ("short", spec, sc.eval_short_episodes, sc.eval_short_length)
+        if key not in _EVAL_CACHE:
+            fam = make_family(spec, data_dir=sc.data_dir)
+            fam.prepare(("test",))
+            _EVAL_CACHE[key] = fam.sample(sc.eval_short_episodes, sc.eval_short_length, seed=sc.eval_seed + 1,
+                                          split="test")
+        t0 = time.time()
+        correct = fl.run(_EVAL_CACHE[key])["correct"].numpy().astype(np.float64)        # [E_short, T_short]
+        res = {"episodes": sc.eval_short_episodes, "length": sc.eval_short_length, "seed": sc.eval_seed + 1,
+               "online_acc": float(correct.mean()), "eval_wall_s": time.time() - t0}
+        for s in STEPS_REPORTED:
+            if s <= correct.shape[1]:
+                res[f"acc@{s}"], res[f"ci@{s}"] = _window_acc(correct, s)
+        short[spec] = res
+    return short
+
+
+def _frozen_theta(sc: StudyConfig, r: dict):
+    """(learner, θ) of a finished arm result: the arm's final θ, θ0 for the start arm, the baseline's own."""
+    if r["learner"] in ("sgd", "adam"):
+        from vsml.baselines import make_learner
+        bl = make_learner(r["learner"])
+        return bl, bl.init_theta()
+    path = (Path(r["run_dir"]) / "theta.safetensors") if "run_dir" in r else \
+        Path(sc.out) / f"theta0_{r['learner']}.safetensors"
+    theta, _, _ = load_theta(path)
+    return build_learner(_base_cfg(sc, r["learner"], "remeasure")), theta
+
+
+def acc_at(mt: dict, s: int) -> tuple[float, float] | None:
+    """(acc@s, its 95% half-width) of one task's meta-test: from the short-episode set when it covers s,
+    else from the long episodes; None when s was not measured."""
+    sh = mt.get("short")
+    if sh is not None and f"acc@{s}" in sh:
+        return sh[f"acc@{s}"], sh[f"ci@{s}"]
+    if f"acc@{s}" in mt:
+        return mt[f"acc@{s}"], mt[f"ci@{s}"]
+    return None
 
 
 # --------------------------------------------------------------------------------------------
@@ -300,23 +417,22 @@ def run_sgd_adam(sc: StudyConfig) -> dict:
 
 
 def _fmt(r: dict, task: str, s: int) -> str:
-    mt = r["meta_test"].get(task, {})
-    if f"acc@{s}" not in mt:
-        return "–"
-    return f"{mt[f'acc@{s}']:.3f}±{mt[f'ci@{s}']:.2f}"
+    a = acc_at(r["meta_test"].get(task, {}), s)
+    return "–" if a is None else f"{a[0]:.3f}±{a[1]:.2f}"
 
 
 def _goal(r: dict, task: str) -> str:
     """acc at 10H vs at H (or at the last reported step when 10H exceeds the meta-test length)."""
     h = r.get("horizon")
     mt = r["meta_test"].get(task, {})
-    if not h or f"acc@{h}" not in mt:
+    if not h or acc_at(mt, h) is None:
         return "–"
     t10 = min(10 * h, max(s for s in STEPS_REPORTED if f"acc@{s}" in mt))
-    if f"acc@{t10}" not in mt or t10 <= h:
+    if acc_at(mt, t10) is None or t10 <= h:
         return "–"
-    d = mt[f"acc@{t10}"] - mt[f"acc@{h}"]
-    ci = math.hypot(mt[f"ci@{t10}"], mt[f"ci@{h}"])
+    (a10, c10), (a1, c1) = acc_at(mt, t10), acc_at(mt, h)
+    d = a10 - a1
+    ci = math.hypot(c10, c1)
     verdict = "yes" if d > ci else ("no" if d < -ci else "n.s.")
     return f"{d:+.3f} ({'10H' if t10 == 10 * h else f'{t10 // h}H'}: {verdict})"
 
@@ -388,9 +504,7 @@ def objective_check(sc: StudyConfig, r: dict) -> dict:
     (train split, seed 777, not a seed used in meta-training), at θ_final (or θ0 for the start arm)."""
     if r["learner"] not in ("vsml", "metarnn"):
         return {}
-    path = (Path(r["run_dir"]) / "theta.safetensors") if "run_dir" in r else Path(sc.out) / f"theta0_{r['learner']}.safetensors"
-    theta, _, _ = load_theta(path)
-    net = build_learner(_base_cfg(sc, r["learner"], "objective"))
+    net, theta = _frozen_theta(sc, r)
     key = ("objective", sc.train_task)
     if key not in _EVAL_CACHE:
         fam = make_family(sc.train_task, data_dir=sc.data_dir)
@@ -426,6 +540,16 @@ def main(argv: list[str] | None = None) -> int:
         (out / "arms" / f"{name}.json").write_text(json.dumps(r, indent=1))
         report(sc, _order(sc, load_all()), out)
 
+    if sc.remeasure:                 # add the short-episode meta-test to finished arms that lack it
+        for p in sorted((out / "arms").glob("*.json")):
+            r = json.loads(p.read_text())
+            if "error" in r or not r["meta_test"] or all("short" in m for m in r["meta_test"].values()):
+                continue
+            learner, theta = _frozen_theta(sc, r)
+            for task, res in short_test(sc, r["learner"], learner, theta).items():
+                r["meta_test"].setdefault(task, {})["short"] = res
+            p.write_text(json.dumps(r, indent=1))
+            print(f"[horizon] remeasured {p.stem} (short set)", flush=True)
     if sc.objective:
         for p in sorted((out / "arms").glob("*.json")):
             r = json.loads(p.read_text())
@@ -433,7 +557,7 @@ def main(argv: list[str] | None = None) -> int:
                 r["objective"] = objective_check(sc, r)
                 p.write_text(json.dumps(r, indent=1))
                 print(f"[horizon] objective {p.stem}: {r['objective']}", flush=True)
-    if not sc.report_only and not sc.objective:
+    if not sc.report_only and not sc.objective and not sc.remeasure:
         if not (out / "arms" / "baseline-sgd.json").exists():
             for b, r in run_sgd_adam(sc).items():
                 save(f"baseline-{b}", r)

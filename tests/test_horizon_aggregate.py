@@ -114,3 +114,16 @@ def test_main_writes_table_json_and_plot(tmp_path):
     assert len(data["per_seed"]["vsml/es500"]) == 3
     pytest.importorskip("matplotlib")
     assert list(prefix.parent.glob("round_*.png"))
+
+
+def test_short_episode_set_is_used_where_it_covers_s(tmp_path):
+    run = _write_run(tmp_path, 0, {"es50": (50, {50: .1, 500: .2, 2000: .3, 5000: .3, 10000: .3})})
+    p = run / "arms" / "vsml-es50.json"
+    r = json.loads(p.read_text())
+    r["meta_test"][TASK]["short"] = {"acc@50": 0.15, "ci@50": 0.02, "acc@500": 0.25, "ci@500": 0.01}
+    p.write_text(json.dumps(r))
+    _, grouped = ha.load_runs([run])
+    a = ha.aggregate_arm(grouped[("vsml", "es50")], TASK)
+    assert a["acc@50"]["mean"] == 0.15 and a["acc@2000"]["mean"] == 0.3
+    g = a["goal"]
+    assert g["d_per_seed"] == pytest.approx([0.10]) and g["verdicts"] == ["yes"]   # 0.1 > hypot(.02, .01)

@@ -57,3 +57,21 @@ def test_window_accuracy_and_goal_verdict():
 def test_study_config_validation(kw):
     with pytest.raises(ConfigError):
         hs.StudyConfig(**kw)
+
+
+def test_acc_at_prefers_the_short_episode_set_and_the_goal_uses_it():
+    mt = {"acc@50": 0.40, "ci@50": 0.10, "acc@500": 0.45, "ci@500": 0.05, "acc@5000": 0.5, "ci@5000": 0.01,
+          "short": {"acc@50": 0.30, "ci@50": 0.01, "acc@500": 0.44, "ci@500": 0.01}}
+    assert hs.acc_at(mt, 50) == (0.30, 0.01) and hs.acc_at(mt, 5000) == (0.5, 0.01)
+    assert hs.acc_at(mt, 2000) is None
+    assert hs._goal({"horizon": 50, "meta_test": {"t": mt}}, "t") == "+0.140 (10H: yes)"   # 0.44 − 0.30
+    del mt["short"]
+    assert hs._goal({"horizon": 50, "meta_test": {"t": mt}}, "t") == "+0.050 (10H: n.s.)"  # long set only
+
+
+def test_short_meta_test_settings_are_validated():
+    with pytest.raises(ConfigError, match="eval_short"):
+        hs.StudyConfig(eval_short_episodes=1)
+    with pytest.raises(ConfigError, match="eval_short"):
+        hs.StudyConfig(eval_short_length=20_000)
+    hs.StudyConfig(eval_short_episodes=0, eval_short_length=20_000)      # off: length ignored
