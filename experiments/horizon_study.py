@@ -9,8 +9,11 @@ Protocol (all numbers in the JSON are measured by this script):
 * learners: VSML (``VSMLNetwork``, default config) and the Meta-RNN baseline (``--learner metarnn``).
 * shared warm start, so that the comparison starts from a working learner (from a random θ VSML stays
   on the ln C plateau at CPU budgets, RESULTS.md §3): VSML θ0 = ``clone_steps`` steps of SGD cloning
-  (vsml/cloning.py); Meta-RNN θ0 = ``metarnn_pretrain_steps`` steps of full BPTT on
-  ``metarnn_pretrain_length``-example episodes.  Every arm of a learner starts from the same θ0 and
+  (vsml/cloning.py); Meta-RNN θ0 = full BPTT (``metarnn_pretrain_batch`` episodes of
+  ``metarnn_pretrain_length`` examples per step): the optional ``metarnn_curriculum`` stages, then
+  ``metarnn_pretrain_steps`` steps on ``train_task``.  All Meta-RNN runs (θ0 and every arm) use one
+  architecture, ``StudyConfig.metarnn_config`` (``TrainConfig.metarnn``: hidden, micro-ticks, padding
+  ``max_in_dim`` / ``max_classes``).  Every arm of a learner starts from the same θ0 and
   the θ0 themselves are evaluated as the "start" arm.
 * meta-training family ``train_task`` (train split); every arm gets the same compute budget
   ``budget`` in **compute units = learner example-steps, a forward step counting 1 and its backward
@@ -83,18 +86,20 @@ class StudyConfig:
     es_lr: float = 0.025
     grad_lr: float = 1e-3               # BPTT / BMG (Adam)
     clone_steps: int = 800
-    metarnn_pretrain_steps: int = 200
+    # Meta-RNN warm start (issue 8 recipe, measured in RESULTS.md "Long horizons"): 4500 full-BPTT steps of
+    # 64 episodes x 100 examples, Adam 3e-3, on a compact 64-in / 10-class, 1-micro-tick LSTM-128
+    metarnn_pretrain_steps: int = 4500
     metarnn_pretrain_length: int = 100
-    metarnn_pretrain_lr: float = 1e-3
-    metarnn_pretrain_batch: int = 16    # episodes per full-BPTT warm-start step
+    metarnn_pretrain_lr: float = 3e-3
+    metarnn_pretrain_batch: int = 64    # episodes per full-BPTT warm-start step
     metarnn_pretrain_clip: float = 25.0  # global grad-norm clip of the warm start (0: off)
     # warm-start curriculum run before the metarnn_pretrain_steps on train_task: "SPEC@STEPS;SPEC@STEPS"
     # (task specs of tasks.make_family, each trained for STEPS full-BPTT steps from the previous θ; "" = none)
     metarnn_curriculum: str = ""
     metarnn_hidden: int = 128           # Meta-RNN architecture (TrainConfig.metarnn, vsml.baselines.MetaRNNConfig)
-    metarnn_max_in_dim: int = 784
-    metarnn_max_classes: int = 62
-    metarnn_micro_ticks: int = 2
+    metarnn_max_in_dim: int = 64        # the study's tasks are 64-d (8x8 / d=64) with 10 classes
+    metarnn_max_classes: int = 10
+    metarnn_micro_ticks: int = 1
     metarnn_forget_bias: float = 1.0
     eval_episodes: int = 8
     eval_length: int = 10_000
@@ -218,6 +223,12 @@ def warm_start(sc: StudyConfig, learner: str) -> tuple[Path, dict]:
     path = Path(sc.out) / f"theta0_{learner}.safetensors"
     info_path = path.with_suffix(".json")
     if path.exists() and info_path.exists():
+        if learner == "metarnn":        # a θ0 cached by another Meta-RNN architecture would not fit the arms
+            from vsml.baselines import MetaRNNConfig
+            saved = load_theta(path)[1].get("metarnn", dataclasses.asdict(MetaRNNConfig()))   # older: defaults
+            if saved != dataclasses.asdict(sc.metarnn_config):
+                raise ConfigError(f"{path} was built with metarnn={saved} but this study uses "
+                                  f"{sc.metarnn_config}; use another --out or delete {path} and {info_path}")
         return path, json.loads(info_path.read_text())
     t0 = time.time()
     if learner == "vsml":

@@ -7,6 +7,7 @@ Run: python -m pytest tests/test_horizon_metarnn.py -q
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import sys
@@ -34,7 +35,7 @@ def test_curriculum_parses_into_stages_then_the_training_family():
                         metarnn_pretrain_steps=9)
     assert sc.metarnn_stages == [("random[n=4,c=2,side=8]+proj+labelperm", 150), ("digits+proj", 7),
                                  (sc.train_task, 9)]
-    assert hs.StudyConfig(metarnn_curriculum="").metarnn_stages == [(sc.train_task, 200)]
+    assert hs.StudyConfig(metarnn_curriculum="", metarnn_pretrain_steps=5).metarnn_stages == [(sc.train_task, 5)]
 
 
 @pytest.mark.parametrize("kw", [{"metarnn_curriculum": "digits"}, {"metarnn_curriculum": "digits@0"},
@@ -78,3 +79,13 @@ def test_warm_start_runs_the_curriculum_and_saves_the_architecture(tmp_path):
     assert "2 on digits+proj+classes2, then 1 on digits+proj" in info["how"]
     again, info2 = hs.warm_start(sc, "metarnn")                          # cached
     assert again == path and info2 == json.loads(path.with_suffix(".json").read_text())
+    other = dataclasses.replace(sc, metarnn_hidden=16)                  # a cached θ0 of another architecture
+    with pytest.raises(ConfigError, match="another --out"):
+        hs.warm_start(other, "metarnn")
+
+
+def test_study_defaults_are_the_compact_metarnn_recipe():
+    sc = hs.StudyConfig()
+    assert sc.metarnn_config == MetaRNNConfig(hidden=128, micro_ticks=1, max_in_dim=64, max_classes=10)
+    assert (sc.metarnn_pretrain_batch, sc.metarnn_pretrain_length, sc.metarnn_pretrain_lr) == (64, 100, 3e-3)
+    assert sc.metarnn_stages == [(sc.train_task, sc.metarnn_pretrain_steps)]
