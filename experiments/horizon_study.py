@@ -86,9 +86,9 @@ class StudyConfig:
     es_lr: float = 0.025
     grad_lr: float = 1e-3               # BPTT / BMG (Adam)
     clone_steps: int = 800
-    # Meta-RNN warm start (issue 8 recipe, measured in RESULTS.md "Long horizons"): 4500 full-BPTT steps of
-    # 64 episodes x 100 examples, Adam 3e-3, on a compact 64-in / 10-class, 1-micro-tick LSTM-128
-    metarnn_pretrain_steps: int = 4500
+    # Meta-RNN warm start (issue 8 recipe, measured in RESULTS.md "Meta-RNN warm start off the ln C plateau"):
+    # 6000 full-BPTT steps of 64 episodes x 100 examples, Adam 3e-3, compact 64-in / 10-class 1-tick LSTM-128
+    metarnn_pretrain_steps: int = 6000
     metarnn_pretrain_length: int = 100
     metarnn_pretrain_lr: float = 3e-3
     metarnn_pretrain_batch: int = 64    # episodes per full-BPTT warm-start step
