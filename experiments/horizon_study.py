@@ -108,7 +108,7 @@ class StudyConfig:
     # window: 8-32 long episodes leave it a ±0.05-0.1 interval); 0 = off
     eval_short_episodes: int = 256
     eval_short_length: int = 500
-    remeasure: bool = False             # only (re)run the meta-tests of finished arms (e.g. to add the short set)
+    remeasure: bool = False             # only complete finished arms: meta-test tasks (test_tasks) and short sets they lack
     seed: int = 0
     wandb: str = "offline"
     report_only: bool = False
@@ -551,16 +551,26 @@ def main(argv: list[str] | None = None) -> int:
         (out / "arms" / f"{name}.json").write_text(json.dumps(r, indent=1))
         report(sc, _order(sc, load_all()), out)
 
-    if sc.remeasure:                 # add the short-episode meta-test to finished arms that lack it
+    if sc.remeasure:   # complete finished arms: meta-test tasks they lack, and the short set where it is missing
+        tasks = [t.strip() for t in sc.test_tasks.split(";") if t.strip()]
         for p in sorted((out / "arms").glob("*.json")):
             r = json.loads(p.read_text())
-            if "error" in r or not r["meta_test"] or all("short" in m for m in r["meta_test"].values()):
+            if "error" in r or r["learner"] not in (*sc.learner_list, "sgd", "adam"):
+                continue
+            missing = [t for t in tasks if t not in r["meta_test"]]
+            no_short = [t for t in tasks if t in r["meta_test"] and "short" not in r["meta_test"][t]]
+            if not missing and not (no_short and sc.eval_short_episodes):
                 continue
             learner, theta = _frozen_theta(sc, r)
-            for task, res in short_test(sc, r["learner"], learner, theta).items():
-                r["meta_test"].setdefault(task, {})["short"] = res
+            if missing:                                   # long + short meta-test of the new tasks
+                r["meta_test"].update(meta_test(dataclasses.replace(sc, test_tasks=";".join(missing)),
+                                                r["learner"], learner, theta))
+            if no_short and sc.eval_short_episodes:
+                for task, res in short_test(dataclasses.replace(sc, test_tasks=";".join(no_short)),
+                                            r["learner"], learner, theta).items():
+                    r["meta_test"][task]["short"] = res
             p.write_text(json.dumps(r, indent=1))
-            print(f"[horizon] remeasured {p.stem} (short set)", flush=True)
+            print(f"[horizon] remeasured {p.stem}: new tasks {missing}, short set added for {no_short}", flush=True)
     if sc.objective:
         for p in sorted((out / "arms").glob("*.json")):
             r = json.loads(p.read_text())

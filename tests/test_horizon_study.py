@@ -75,3 +75,19 @@ def test_short_meta_test_settings_are_validated():
     with pytest.raises(ConfigError, match="eval_short"):
         hs.StudyConfig(eval_short_length=20_000)
     hs.StudyConfig(eval_short_episodes=0, eval_short_length=20_000)      # off: length ignored
+
+
+def test_remeasure_adds_missing_tasks_and_short_sets_to_finished_arms(tmp_path):
+    task = "teacher_linear[d=8,c=3]"
+    (tmp_path / "arms").mkdir()
+    arm = tmp_path / "arms" / "baseline-sgd.json"
+    arm.write_text('{"learner": "sgd", "arm": "baseline", "label": "online SGD", "meta_test": {}}')
+    args = ["--out", str(tmp_path), "--learners", "vsml", "--remeasure", "true", "--test_tasks", task,
+            "--eval_episodes", "2", "--eval_length", "60", "--eval_short_episodes", "3",
+            "--eval_short_length", "50", "--wandb", "disabled"]
+    assert hs.main(args) == 0
+    import json
+    mt = json.loads(arm.read_text())["meta_test"][task]
+    assert 0.0 <= mt["acc@50"] <= 1.0 and mt["short"]["episodes"] == 3 and "acc@50" in mt["short"]
+    before = arm.read_text()
+    assert hs.main(args) == 0 and arm.read_text() == before          # complete: nothing re-run
