@@ -257,8 +257,9 @@ def warm_start(sc: StudyConfig, learner: str) -> tuple[Path, dict]:
     else:
         # full BPTT (vsml.md §2.3) through metarnn_pretrain_length-example episodes, stage by stage: the
         # curriculum families (metarnn_stages), then train_task; each stage starts from the previous θ
-        # (fresh Adam).  A curriculum of easier in-context tasks is how the Meta-RNN leaves the ln C
-        # plateau at CPU budgets (RESULTS.md, "Long horizons"; Kirsch et al. 2022 §4.4 on plateaus).
+        # (fresh Adam).  What took the Meta-RNN off the ln C plateau here was the larger meta-batch (64) and
+        # thousands of steps, not the curricula tried (RESULTS.md, "Long horizons"; Kirsch et al. 2022 on
+        # plateaus); the curriculum option is kept for further attempts.
         stages, rds, prev, total = sc.metarnn_stages, [], None, 0
         for i, (task, n) in enumerate(stages):
             name = "theta0-metarnn" if i == len(stages) - 1 else f"theta0-metarnn-stage{i}"
