@@ -19,8 +19,10 @@ Usage::
     python experiments/horizon_aggregate.py --runs /tmp/horizon/r3_s0,/tmp/horizon/r3_s1,/tmp/horizon/r3_s2 \\
         --out docs/horizon/round3 --wandb offline
 
-Writes ``<out>.md`` (tables), ``<out>.json`` (every per-seed number + the aggregates) and
-``<out>_<task>.png`` (accuracy vs meta-test step on a log axis: mean over seeds, band = min..max).
+Writes ``<out>.md`` (tables), ``<out>.json`` (every per-seed number + the aggregates, floats rounded to
+5 decimals) and ``<out>_<task>.png`` (accuracy vs meta-test step on a log axis: mean over seeds, band =
+min..max); with ``--wandb offline`` also a wandb summary run (tables as summary keys, the plots as images)
+under ``--wandb_dir``.
 """
 
 from __future__ import annotations
@@ -209,7 +211,8 @@ def plot(grouped: dict, tasks: list[str], prefix: Path) -> list[Path]:
                 style = "--" if key[0] in ("sgd", "adam") else (":" if key[1] == "start" else "-")
                 color = "0.5" if key[1] == "start" else (
                     {"sgd": "k", "adam": "0.35"}.get(key[0]) or plt.cm.tab10(ARMS.index(key[1]) % 10))
-                ax.plot(x, ys.mean(0), style, color=color, lw=1.4, label=f"{rs[0].get('label', key[1])} (n={len(rs)})")
+                label = rs[0].get("label", key[1]).replace("θ0", "theta0")      # no θ glyph in every font
+                ax.plot(x, ys.mean(0), style, color=color, lw=1.4, label=f"{label} (n={len(rs)})")
                 if len(rs) > 1:
                     ax.fill_between(x, ys.min(0), ys.max(0), color=color, alpha=0.12, lw=0)
             ax.set_xscale("log")
@@ -229,11 +232,24 @@ def plot(grouped: dict, tasks: list[str], prefix: Path) -> list[Path]:
     return paths
 
 
+def _rounded(obj, digits: int = 5):
+    """Floats rounded to ``digits`` decimals (accuracies are means of <= 320k 0/1 values: 5 digits keep
+    every measured digit and make the JSON small enough to keep next to the tables)."""
+    if isinstance(obj, float):
+        return round(obj, digits) if math.isfinite(obj) else obj
+    if isinstance(obj, dict):
+        return {k: _rounded(v, digits) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_rounded(v, digits) for v in obj]
+    return obj
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs", required=True, help="comma-separated output folders of horizon_study.py, one per seed")
     ap.add_argument("--out", required=True, help="output prefix: writes <out>.md, <out>.json, <out>_<task>.png")
     ap.add_argument("--wandb", default="disabled", choices=("offline", "online", "disabled"))
+    ap.add_argument("--wandb_dir", default="runs/horizon_aggregate", help="run folder of the wandb summary run")
     a = ap.parse_args(argv)
     runs = [Path(p.strip()) for p in a.runs.split(",") if p.strip()]
     try:
@@ -244,14 +260,15 @@ def main(argv: list[str] | None = None) -> int:
     prefix = Path(a.out)
     prefix.parent.mkdir(parents=True, exist_ok=True)
     prefix.with_suffix(".md").write_text(text)
-    per_seed = {f"{k[0]}/{k[1]}": [{kk: v for kk, v in r.items() if kk != "first_train_row"} for r in rs]
-                for k, rs in grouped.items()}
-    prefix.with_suffix(".json").write_text(json.dumps({"aggregate": agg, "per_seed": per_seed}, indent=1))
+    per_seed = {f"{k[0]}/{k[1]}": [{kk: v for kk, v in r.items() if kk not in ("first_train_row", "last_train_row")}
+                                   for r in rs] for k, rs in grouped.items()}
+    prefix.with_suffix(".json").write_text(json.dumps(_rounded({"aggregate": agg, "per_seed": per_seed}),
+                                                      separators=(",", ":")))
     tasks = [t.strip() for t in (configs[0].get("test_tasks") or "").split(";") if t.strip()]
     pngs = plot(grouped, tasks, prefix)
     if a.wandb != "disabled":
         from vsml.loggers import RunLogger
-        lg = RunLogger(prefix.parent / f"{prefix.name}_wandb", {"runs": [str(r) for r in runs]}, a.wandb,
+        lg = RunLogger(Path(a.wandb_dir) / prefix.name, {"runs": [str(r) for r in runs]}, a.wandb,
                        project="vsml-horizon", name=f"horizon-{prefix.name}", job_type="aggregate")
         summ = {}
         for arm, per_task in agg["arms"].items():
