@@ -38,7 +38,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from experiments.horizon_study import ARMS, STEPS_REPORTED, acc_at  # noqa: E402
+from experiments.horizon_study import ARMS, STEPS_REPORTED, acc_at, curve_style, decorate_log_axis  # noqa: E402
 
 # two-sided 97.5% Student-t quantiles for n - 1 degrees of freedom (n = number of seeds)
 _T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
@@ -208,21 +208,12 @@ def plot(grouped: dict, tasks: list[str], prefix: Path) -> list[Path]:
                     continue
                 x = np.asarray(rs[0]["meta_test"][task]["curve_x"])
                 ys = np.asarray([r["meta_test"][task]["curve_y"] for r in rs])          # [seeds, bins]
-                style = "--" if key[0] in ("sgd", "adam") else (":" if key[1] == "start" else "-")
-                color = "0.5" if key[1] == "start" else (
-                    {"sgd": "k", "adam": "0.35"}.get(key[0]) or plt.cm.tab10(ARMS.index(key[1]) % 10))
+                style, color = curve_style(*key)
                 label = rs[0].get("label", key[1]).replace("θ0", "theta0")      # no θ glyph in every font
                 ax.plot(x, ys.mean(0), style, color=color, lw=1.4, label=f"{label} (n={len(rs)})")
                 if len(rs) > 1:
                     ax.fill_between(x, ys.min(0), ys.max(0), color=color, alpha=0.12, lw=0)
-            ax.set_xscale("log")
-            ax.set_xlabel("meta-test step (examples seen)")
-            ax.set_ylabel("online accuracy (log-spaced bins)")
-            ax.set_title(f"{ln} on {task}: mean over seeds, band min..max")
-            for h in (50, 500, 2000):
-                ax.axvline(h, color="0.85", lw=0.8, zorder=0)
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=6.5, loc="upper left")
+            decorate_log_axis(ax, f"{ln} on {task}: mean over seeds, band min..max", fontsize=6.5)
         fig.tight_layout()
         safe = "".join(c if c.isalnum() else "_" for c in task).strip("_")
         p = prefix.parent / f"{prefix.name}_{safe}.png"

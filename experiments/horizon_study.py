@@ -492,22 +492,35 @@ def report(sc: StudyConfig, results: list[dict], out: Path) -> None:
                 if task not in r["meta_test"] or r["learner"] not in (ln, "sgd", "adam"):
                     continue
                 mt = r["meta_test"][task]
-                style = "--" if r["learner"] in ("sgd", "adam") else ("-" if r["arm"] != "start" else ":")
-                color = "0.5" if r["arm"] == "start" else (
-                    {"sgd": "k", "adam": "0.35"}.get(r["learner"]) or plt.cm.tab10(ARMS.index(r["arm"]) % 10))
+                style, color = curve_style(r["learner"], r["arm"])
                 ax.plot(mt["curve_x"], mt["curve_y"], style, label=r["label"], lw=1.4, color=color)
-            ax.set_xscale("log")
-            ax.set_xlabel("meta-test step (examples seen)")
-            ax.set_ylabel("accuracy (log-spaced bins)")
-            ax.set_title(f"{ln} on {task}")
-            for h in (50, 500, 2000):
-                ax.axvline(h, color="0.85", lw=0.8, zorder=0)
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=7, loc="upper left")
+            decorate_log_axis(ax, f"{ln} on {task}", fontsize=7)
         fig.tight_layout()
         safe = "".join(c if c.isalnum() else "_" for c in task).strip("_")
         fig.savefig(out / f"horizon_{safe}.png", dpi=80)
         plt.close(fig)
+
+
+def curve_style(learner: str, arm: str) -> tuple[str, object]:
+    """(line style, colour) of one curve in the study's plots: baselines dashed, θ0 dotted grey, arms by
+    their index in ARMS (shared with experiments/horizon_aggregate.py)."""
+    import matplotlib.pyplot as plt
+    style = "--" if learner in ("sgd", "adam") else (":" if arm == "start" else "-")
+    color = "0.5" if arm == "start" else ({"sgd": "k", "adam": "0.35"}.get(learner)
+                                          or plt.cm.tab10(ARMS.index(arm) % 10))
+    return style, color
+
+
+def decorate_log_axis(ax, title: str, fontsize: float = 7) -> None:
+    """Log step axis, the horizons 50 / 500 / 2000 as faint lines, grid, legend."""
+    ax.set_xscale("log")
+    ax.set_xlabel("meta-test step (examples seen)")
+    ax.set_ylabel("online accuracy (log-spaced bins)")
+    ax.set_title(title)
+    for h in (50, 500, 2000):
+        ax.axvline(h, color="0.85", lw=0.8, zorder=0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=fontsize, loc="upper left")
 
 
 def objective_check(sc: StudyConfig, r: dict) -> dict:
