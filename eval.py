@@ -15,31 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
-
-def load_learner(path: str, device: str = "cpu", compile: bool = True):
-    """(name, learner, θ, train config dict) from a run dir, a .pt checkpoint or a θ .safetensors file."""
-    import torch
-
-    from vsml.checkpoint import CheckpointError, load_checkpoint, load_theta
-    from vsml.trainer import build_learner, config_from_dict
-    if path.startswith("pretrained:"):
-        from vsml.pretrained import path as pretrained_path
-        path = str(pretrained_path(path.split(":", 1)[1]))
-    p = Path(path)
-    if p.suffix == ".safetensors" or (p.is_dir() and (p / "theta.safetensors").exists()
-                                      and not (p / "checkpoints" / "last.pt").exists()):
-        theta, cfg_dict, _ = load_theta(p if p.suffix == ".safetensors" else p / "theta.safetensors")
-    else:
-        ck = load_checkpoint(p)
-        theta, cfg_dict = ck["theta"], ck["config"]
-    cfg = config_from_dict(cfg_dict)
-    from dataclasses import replace
-    cfg = replace(cfg, compile=compile, device=device)
-    learner = build_learner(cfg)
-    want = tuple(learner.init_theta().shape)
-    if tuple(theta.shape) != want:
-        raise CheckpointError(f"{path}: θ has shape {list(theta.shape)} but its config ({cfg.learner}) needs {list(want)}")
-    return cfg.learner, learner, theta.to(device=device, dtype=torch.float32), cfg_dict
+from vsml.evaluation.load import load_learner
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,16 +50,16 @@ def main(argv: list[str] | None = None) -> int:
     args.episodes = 16 if args.episodes is None else args.episodes
     args.length = 2000 if args.length is None else args.length
 
-    from vsml.baselines import make_learner
-    from vsml.checkpoint import CheckpointError
-    from vsml.evaluate import FrozenLearner, evaluate, parse_task_list, summary_table, write_results
+    from vsml.learners.baselines import make_learner
+    from vsml.training.checkpoint import CheckpointError
+    from vsml.evaluation.evaluate import FrozenLearner, evaluate, parse_task_list, summary_table, write_results
 
     learners, tasks, out = [], args.tasks, args.out
     try:
         if args.checkpoint:
             name, learner, theta, cfg_dict = load_learner(args.checkpoint, args.device, not args.no_compile)
             if name == "badger":      # Guessing-Game meta-test, state analyses and the run's plots
-                from vsml.badger_eval import eval_run
+                from vsml.evaluation.badger_eval import eval_run
                 return eval_run(args.checkpoint, learner, theta, cfg_dict, tasks, user_episodes, user_length,
                                 args.seed, args.out, plot=not args.no_plot)
             learners.append(FrozenLearner(name, learner, theta))

@@ -17,12 +17,13 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    from vsml.checkpoint import CheckpointError, load_checkpoint
-    from vsml.cli import parse_config
-    from vsml.config import ConfigError
-    from vsml.presets import PRESETS
+    from vsml.training.checkpoint import CheckpointError, load_checkpoint
+    from vsml.training.cli import parse_config
+    from vsml.engine.config import ConfigError
+    from vsml.training.presets import PRESETS
     from tasks import DatasetError
-    from vsml.trainer import config_from_dict, train
+    from vsml.training.config import config_from_dict
+    from vsml.training.trainer import train
 
     def extra(p):
         p.add_argument("--resume", default=None, metavar="RUN",

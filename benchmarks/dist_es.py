@@ -1,4 +1,4 @@
-"""Throughput of distributed ES (vsml/distributed.py): episodes/s with 1, 2, ... processes.
+"""Throughput of distributed ES (vsml/training/distributed.py): episodes/s with 1, 2, ... processes.
 
     python benchmarks/dist_es.py                         # 1 and 2 gloo processes on this machine
     python benchmarks/dist_es.py --procs 1,2,4 --pairs 64 --length 100 --trials 5
@@ -7,7 +7,7 @@
 Each row launches ``torchrun --standalone --nproc_per_node W`` on this script in worker mode.  A
 worker builds the default job's ES step (VSML 1 layer, ``--task`` episodes, ``--pairs`` antithetic
 pairs, ``--length`` examples per episode), samples the step's global data batch, and times
-:class:`vsml.distributed.DistributedESEstimator` ``.estimate`` + the Adam step (the part that is
+:class:`vsml.training.distributed.DistributedESEstimator` ``.estimate`` + the Adam step (the part that is
 distributed; the data sampling, replicated on every rank, is timed separately and reported) over
 ``--steps`` meta-steps per trial, ``--trials`` trials after one warm-up step.  Rank 0 prints one
 JSON line; the launcher prints a table: episodes/s = 2·pairs·steps / time (one episode = one
@@ -36,10 +36,10 @@ def worker(a: argparse.Namespace) -> None:
 
     torch.set_num_threads(a.threads)
     from tasks import derive_seed, make_family
-    from vsml.distributed import DistributedESEstimator, init_distributed
-    from vsml.estimators import make_optimizer
-    from vsml.network import VSMLNetwork
-    from vsml.presets import get, replace
+    from vsml.training.distributed import DistributedESEstimator, init_distributed
+    from vsml.estimators.core import make_optimizer
+    from vsml.engine.network import VSMLNetwork
+    from vsml.training.presets import get, replace
 
     cfg = get("default")
     cfg = replace(cfg, task=a.task, episode_length=a.length, device=a.device, compile=a.compile,

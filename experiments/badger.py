@@ -7,11 +7,11 @@ loop, the frequency principle, and topology (Laplacian λ₂) versus convergence
     python experiments/badger.py fprinciple --steps 1500 --seeds 0 --wandb offline
     python experiments/badger.py plots      # docs/badger_*.png from the saved JSON
 
-Every run meta-trains a :class:`vsml.badger.MicroBadger` by full BPTT + Adam (``vsml.bptt.bptt_gradient``,
-``vsml.estimators.make_optimizer``; the same code path as ``train.py --preset badger``) and logs every
+Every run meta-trains a :class:`vsml.learners.badger.MicroBadger` by full BPTT + Adam (``vsml.estimators.bptt.bptt_gradient``,
+``vsml.estimators.core.make_optimizer``; the same code path as ``train.py --preset badger``) and logs every
 step's meta-loss plus a held-out meta-test (test split, fixed seed) every ``--eval_every`` steps with the
-§B analyses (``vsml.badger_eval.analyse_episodes``) to ``<out>/<experiment>/<run>/metrics.jsonl`` through
-:class:`vsml.loggers.RunLogger` (wandb offline with ``--wandb offline``).  The per-experiment results go
+§B analyses (``vsml.evaluation.badger_eval.analyse_episodes``) to ``<out>/<experiment>/<run>/metrics.jsonl`` through
+:class:`vsml.training.loggers.RunLogger` (wandb offline with ``--wandb offline``).  The per-experiment results go
 to ``<out>/<experiment>.json``.  Run single-threaded (``OMP_NUM_THREADS=1``); each run takes a few minutes
 on one CPU core.
 """
@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -38,11 +37,11 @@ from tasks import make_family  # noqa: E402
 from tasks.base import derive_seed  # noqa: E402
 from tasks.guessing import SinusoidFamily  # noqa: E402
 from vsml.analysis import binding_information, graph_summary, loss_curve_hurst, loss_curve_lyapunov  # noqa: E402
-from vsml.badger import BadgerConfig, MicroBadger  # noqa: E402
-from vsml.badger_eval import analyse_episodes, run_episodes  # noqa: E402
-from vsml.bptt import BPTTConfig, bptt_gradient  # noqa: E402
-from vsml.estimators import make_optimizer  # noqa: E402
-from vsml.loggers import RunLogger  # noqa: E402
+from vsml.learners.badger import BadgerConfig, MicroBadger  # noqa: E402
+from vsml.evaluation.badger_eval import analyse_episodes, run_episodes  # noqa: E402
+from vsml.estimators.bptt import BPTTConfig, bptt_gradient  # noqa: E402
+from vsml.estimators.core import make_optimizer  # noqa: E402
+from vsml.training.loggers import RunLogger  # noqa: E402
 
 # ------------------------------------------------------------------------------------------------ runs
 

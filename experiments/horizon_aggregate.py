@@ -258,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     tasks = [t.strip() for t in (configs[0].get("test_tasks") or "").split(";") if t.strip()]
     pngs = plot(grouped, tasks, prefix)
     if a.wandb != "disabled":
-        from vsml.loggers import RunLogger
+        from vsml.training.loggers import RunLogger
         lg = RunLogger(Path(a.wandb_dir) / prefix.name, {"runs": [str(r) for r in runs]}, a.wandb,
                        project="vsml-horizon", name=f"horizon-{prefix.name}", job_type="aggregate")
         summ = {}

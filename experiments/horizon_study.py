@@ -9,7 +9,7 @@ Protocol (all numbers in the JSON are measured by this script):
 * learners: VSML (``VSMLNetwork``, default config) and the Meta-RNN baseline (``--learner metarnn``).
 * shared warm start, so that the comparison starts from a working learner (from a random θ VSML stays
   on the ln C plateau at CPU budgets, RESULTS.md §3): VSML θ0 = ``clone_steps`` steps of SGD cloning
-  (vsml/cloning.py); Meta-RNN θ0 = full BPTT (``metarnn_pretrain_batch`` episodes of
+  (vsml/estimators/cloning.py); Meta-RNN θ0 = full BPTT (``metarnn_pretrain_batch`` episodes of
   ``metarnn_pretrain_length`` examples per step): the optional ``metarnn_curriculum`` stages, then
   ``metarnn_pretrain_steps`` steps on ``train_task``.  All Meta-RNN runs (θ0 and every arm) use one
   architecture, ``StudyConfig.metarnn_config`` (``TrainConfig.metarnn``: hidden, micro-ticks, padding
@@ -62,13 +62,15 @@ sys.path.insert(0, str(ROOT))
 import itertools
 
 from tasks import make_family
-from vsml.bmg import BMGConfig
-from vsml.bptt import BPTTConfig
-from vsml.checkpoint import load_theta, save_theta
-from vsml.config import ConfigError
-from vsml.es import ESConfig
-from vsml.pes import PESConfig
-from vsml.trainer import EvalConfig, LogConfig, TrainConfig, build_learner, train
+from vsml.estimators.bmg import BMGConfig
+from vsml.estimators.bptt import BPTTConfig
+from vsml.training.checkpoint import load_theta, save_theta
+from vsml.engine.config import ConfigError
+from vsml.estimators.es import ESConfig
+from vsml.estimators.pes import PESConfig
+from vsml.training.config import EvalConfig, LogConfig, TrainConfig
+from vsml.learners.registry import build_learner
+from vsml.training.trainer import train
 
 STEPS_REPORTED = (50, 500, 2000, 5000, 10000)
 
@@ -96,7 +98,7 @@ class StudyConfig:
     # warm-start curriculum run before the metarnn_pretrain_steps on train_task: "SPEC@STEPS;SPEC@STEPS"
     # (task specs of tasks.make_family, each trained for STEPS full-BPTT steps from the previous θ; "" = none)
     metarnn_curriculum: str = ""
-    metarnn_hidden: int = 128           # Meta-RNN architecture (TrainConfig.metarnn, vsml.baselines.MetaRNNConfig)
+    metarnn_hidden: int = 128           # Meta-RNN architecture (TrainConfig.metarnn, vsml.learners.baselines.MetaRNNConfig)
     metarnn_max_in_dim: int = 64        # the study's tasks are 64-d (8x8 / d=64) with 10 classes
     metarnn_max_classes: int = 10
     metarnn_micro_ticks: int = 1
@@ -140,7 +142,7 @@ class StudyConfig:
     @property
     def metarnn_config(self):
         """The Meta-RNN architecture every metarnn run of the study uses (θ0 and all arms)."""
-        from vsml.baselines import MetaRNNConfig
+        from vsml.learners.baselines import MetaRNNConfig
         return MetaRNNConfig(hidden=self.metarnn_hidden, micro_ticks=self.metarnn_micro_ticks,
                              max_in_dim=self.metarnn_max_in_dim, max_classes=self.metarnn_max_classes,
                              forget_bias=self.metarnn_forget_bias)
@@ -224,7 +226,7 @@ def warm_start(sc: StudyConfig, learner: str) -> tuple[Path, dict]:
     info_path = path.with_suffix(".json")
     if path.exists() and info_path.exists():
         if learner == "metarnn":        # a θ0 cached by another Meta-RNN architecture would not fit the arms
-            from vsml.baselines import MetaRNNConfig
+            from vsml.learners.baselines import MetaRNNConfig
             saved = load_theta(path)[1].get("metarnn", dataclasses.asdict(MetaRNNConfig()))   # older: defaults
             if saved != dataclasses.asdict(sc.metarnn_config):
                 raise ConfigError(f"{path} was built with metarnn={saved} but this study uses "
@@ -233,8 +235,8 @@ def warm_start(sc: StudyConfig, learner: str) -> tuple[Path, dict]:
     t0 = time.time()
     if learner == "vsml":
         from tasks.base import derive_seed
-        from vsml.cloning import CloneConfig, CloneEstimator
-        from vsml.estimators import make_optimizer
+        from vsml.estimators.cloning import CloneConfig, CloneEstimator
+        from vsml.estimators.core import make_optimizer
         cfg = _base_cfg(sc, "vsml", "theta0-vsml")
         net = build_learner(cfg)
         theta = torch.nn.Parameter(net.init_theta(torch.Generator().manual_seed(derive_seed(sc.seed, "theta-init"))))
@@ -313,7 +315,7 @@ def meta_test(sc: StudyConfig, learner_name: str, learner, theta: torch.Tensor) 
     acc@s), plus, when ``eval_short_episodes`` > 0, a second set of that many ``eval_short_length``-example
     episodes (seed eval_seed + 1) stored under ``"short"``; :func:`acc_at` reads acc@s from the short set
     for s <= eval_short_length (more episodes, so a tighter interval at small s)."""
-    from vsml.evaluate import FrozenLearner
+    from vsml.evaluation.evaluate import FrozenLearner
     fl = FrozenLearner(learner_name, learner, theta.detach(), max_batch=sc.eval_episodes)
     out = {}
     short = short_test(sc, learner_name, learner, theta)
@@ -341,7 +343,7 @@ def meta_test(sc: StudyConfig, learner_name: str, learner, theta: torch.Tensor) 
 
 def short_test(sc: StudyConfig, learner_name: str, learner, theta: torch.Tensor) -> dict:
     """The short-episode meta-test of :func:`meta_test` ({task: {acc@s, ci@s, ...}}; {} when off)."""
-    from vsml.evaluate import FrozenLearner
+    from vsml.evaluation.evaluate import FrozenLearner
     if not sc.eval_short_episodes:
         return {}
     fl = FrozenLearner(learner_name, learner, theta.detach(), max_batch=min(sc.eval_short_episodes, 128))
@@ -367,7 +369,7 @@ def short_test(sc: StudyConfig, learner_name: str, learner, theta: torch.Tensor)
 def _frozen_theta(sc: StudyConfig, r: dict):
     """(learner, θ) of a finished arm result: the arm's final θ, θ0 for the start arm, the baseline's own."""
     if r["learner"] in ("sgd", "adam"):
-        from vsml.baselines import make_learner
+        from vsml.learners.baselines import make_learner
         bl = make_learner(r["learner"])
         return bl, bl.init_theta()
     path = (Path(r["run_dir"]) / "theta.safetensors") if "run_dir" in r else \
@@ -419,7 +421,7 @@ def run_start_and_baselines(sc: StudyConfig, learner: str, theta0_path: Path, in
 
 
 def run_sgd_adam(sc: StudyConfig) -> dict:
-    from vsml.baselines import make_learner
+    from vsml.learners.baselines import make_learner
     out = {}
     for b in ("sgd", "adam"):
         bl = make_learner(b)
@@ -631,7 +633,7 @@ def _order(sc: StudyConfig, results: list[dict]) -> list[dict]:
 def _wandb_summary(sc: StudyConfig, results: list[dict], out: Path) -> None:
     if sc.wandb == "disabled":
         return
-    from vsml.loggers import RunLogger
+    from vsml.training.loggers import RunLogger
     lg = RunLogger(out / "summary_run", dataclasses.asdict(sc), sc.wandb, project="vsml-horizon",
                    name="horizon-study", job_type="study")
     summ = {}

@@ -17,8 +17,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from vsml.network import EpisodeOutput, VSMLNetwork
-from vsml.state import VSMLState
+from vsml.engine.state import EpisodeOutput
+
+from vsml.engine.network import VSMLNetwork
+from vsml.engine.state import VSMLState
 
 from . import vsml_fused
 from .vsml_fused import fused_available, fused_episode

@@ -39,8 +39,8 @@ from pathlib import Path
 
 import torch
 
-from vsml.config import VSMLConfig
-from vsml.params import CellParams, theta_size
+from vsml.engine.config import VSMLConfig
+from vsml.engine.params import CellParams, theta_size
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "vsml_cpu.cpp"
 ISAS = ("native", "avx512", "avx2", "scalar")
@@ -171,9 +171,9 @@ def applies(cfg: VSMLConfig, theta_set: torch.Tensor | None = None, *tensors: to
 def flat_theta(p: CellParams, cfg: VSMLConfig) -> torch.Tensor:
     """The θ set behind the named views ``p`` as ``[1, P]`` (shared) or ``[E, P]`` (per episode).
 
-    ``vsml.params.unflatten`` makes every field a view into one θ set, W first; when that layout is intact
+    ``vsml.engine.params.unflatten`` makes every field a view into one θ set, W first; when that layout is intact
     the set is recovered without a copy (a strided view of the original θ), otherwise it is re-assembled
-    in the storage order of ``vsml.params.param_shapes``."""
+    in the storage order of ``vsml.engine.params.param_shapes``."""
     size = theta_size(cfg.cell)
     m = cfg.cell.msg
     w = p.W_f                                                     # [*b, 4N, M], the first field
@@ -200,7 +200,7 @@ def layer_update(cfg: VSMLConfig, p: CellParams, fwd_in: torch.Tensor, bwd_in: t
     """One layer update through the kernel (no autograd).
 
     fwd_in [E, A, M], bwd_in [E, B, M], h, c [E, A, B, N]  ->  h', c' [E, A, B, N], →m' [E, B, M],
-    ←m' [E, A, M]: the same as ``vsml.network.layer_update`` (to float32 rounding)."""
+    ←m' [E, A, M]: the same as ``vsml.engine.cell.layer_update`` (to float32 rounding)."""
     mod = load(isa)
     th = flat_theta(p, cfg).contiguous()                           # [1 | E, P]
     return tuple(mod.layer_update(th, fwd_in.contiguous(), bwd_in.contiguous(), h.contiguous(),

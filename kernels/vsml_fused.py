@@ -1,6 +1,6 @@
 """Fused Triton kernel: all ticks of an online VSML episode chunk in one launch.
 
-``fused_unroll(cfg, theta, x, y, state)`` has the semantics of ``VSMLNetwork.unroll`` (vsml/network.py)
+``fused_unroll(cfg, theta, x, y, state)`` has the semantics of ``VSMLNetwork.unroll`` (vsml/engine/network.py)
 for a given state: T examples x K dense layers x micro-ticks x every sub-LSTM of every episode run
 inside one kernel launch; per-example logits (and the cross-entropy) come out, and the final state.
 Design, limits, roofline and precision notes: ``kernels/README.md``.  In short:
@@ -31,9 +31,9 @@ from typing import NamedTuple
 
 import torch
 
-from vsml.config import VSMLConfig
-from vsml.params import theta_size
-from vsml.state import VSMLState
+from vsml.engine.config import VSMLConfig
+from vsml.engine.params import theta_size
+from vsml.engine.state import VSMLState
 
 try:  # keep this module importable without triton (the torch backend never needs it)
     import triton
@@ -410,7 +410,7 @@ def _validate(cfg: VSMLConfig, theta, x, y, state,
               check_labels: bool = True) -> tuple[int, int, int, int, list[tuple[int, int]]]:
     _fail(isinstance(cfg, VSMLConfig), TypeError, f"cfg must be a VSMLConfig, got {type(cfg).__name__}")
     _fail(not cfg.conv, NotImplementedError, "the fused kernel covers dense VSML layers only; conv layers "
-          f"({', '.join(map(str, cfg.conv))}) run on the PyTorch path (VSMLNetwork, vsml/conv.py)")
+          f"({', '.join(map(str, cfg.conv))}) run on the PyTorch path (VSMLNetwork, vsml/engine/conv.py)")
     _fail(not cfg.bwd_reset, NotImplementedError, "the fused kernel does not implement VSMLConfig.bwd_reset; "
           "use the PyTorch path (VSMLNetwork)")
     _fail(isinstance(state, VSMLState), TypeError,
@@ -474,7 +474,7 @@ def fused_episode(cfg: VSMLConfig, theta: torch.Tensor, x: torch.Tensor, y: torc
         cfg: the network config (schedule, layer norm, layerwise θ, message indices, ...).
         theta: [L, P] shared or [E, L, P] per-episode θ, float32, contiguous.
         x: [E, T, D] float32 contiguous; y: [E, T] int64 labels in [0, C).
-        state: the state to continue from (see ``vsml.state.init_state``); not modified.
+        state: the state to continue from (see ``vsml.engine.state.init_state``); not modified.
         out, loss_out: optional preallocated [E, T, C] / [E, T] float32 outputs (every element is written).
         block_a: inputs a per tile (power of two, >= 16 with ``use_dot``); default ``default_block_a``.
         use_dot: tl.dot for the small matmuls (default) or the broadcast-and-sum fallback.

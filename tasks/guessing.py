@@ -4,7 +4,7 @@ An agent must guess N hidden numbers y ∈ R^N; its only observation is the scal
 e_t = c · mean_d (g_{t−1,d} − y_d)² of its previous guess (c = 3: chance = 1 for U[−1, 1]).
 
 Encoding in an :class:`~tasks.base.EpisodeBatch` (so that ``train()`` and the estimators handle it like
-any other family; the learner is :class:`vsml.badger.MicroBadger`):
+any other family; the learner is :class:`vsml.learners.badger.MicroBadger`):
 
 * ``x`` float32 [E, T, N_max]: the hidden targets, repeated at every inner step t (zero beyond the
   episode's N_e).  The learner never sees x; it computes the feedback from it.

@@ -1,6 +1,6 @@
 """A deliberately naive VSML written straight from shared/reference/vsml.md (§1.2-1.5, §1.11).
 
-Independent of ``vsml.network``: one Python call per sub-LSTM per micro-step, the LSTM input is
+Independent of ``vsml.engine.network``: one Python call per sub-LSTM per micro-step, the LSTM input is
 the explicit concatenation [fwd msg, bwd msg, h] times the full 64x32 matrix, readouts are
 computed per pair and then averaged, one episode at a time.  Used only by the tests, on tiny
 shapes, in float64.

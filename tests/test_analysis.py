@@ -26,7 +26,7 @@ from vsml.analysis import (
     mi_summary,
     strongly_connected_components,
 )
-from vsml.badger import sample_topology
+from vsml.learners.badger import sample_topology
 
 
 def _nolds_measures():

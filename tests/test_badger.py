@@ -1,7 +1,6 @@
-"""Micro-Badger (vsml/badger.py), the Guessing Game (tasks/guessing.py) and their train/eval integration."""
+"""Micro-Badger (vsml/learners/badger.py), the Guessing Game (tasks/guessing.py) and their train/eval integration."""
 
 import json
-import math
 
 import numpy as np
 import pytest
@@ -9,9 +8,9 @@ import torch
 
 from tasks import make_family
 from tasks.guessing import GuessingFamily, SinusoidFamily, is_guessing_spec
-from vsml.badger import BadgerConfig, MicroBadger, meta_loss_weights, parse_edges, sample_topology
-from vsml.bptt import BPTTConfig, bptt_gradient
-from vsml.config import ConfigError
+from vsml.learners.badger import BadgerConfig, MicroBadger, meta_loss_weights, parse_edges, sample_topology
+from vsml.estimators.bptt import BPTTConfig, bptt_gradient
+from vsml.engine.config import ConfigError
 
 
 def _gen(s=0):
@@ -247,8 +246,8 @@ def test_attention_aggregation_without_in_neighbours_has_finite_gradients():
 
 
 def test_es_estimator_drives_the_badger():
-    from vsml.es import ESConfig
-    from vsml.estimators import ESEstimator
+    from vsml.estimators.es import ESConfig
+    from vsml.estimators.core import ESEstimator
     lrn = MicroBadger(BadgerConfig(n_experts=4))
     est = ESEstimator(lrn, ESConfig(pairs=4, sigma=0.05))
     b = make_family("guessing[n=2]").sample(4, 6, seed=0)
@@ -280,7 +279,7 @@ def test_meta_training_escapes_chance_on_one_number():
 # ------------------------------------------------------------------------------------ train.py / eval.py
 
 def test_train_config_checks():
-    from vsml.trainer import TrainConfig
+    from vsml.training.config import TrainConfig
     with pytest.raises(ConfigError, match="Guessing-Game task"):
         TrainConfig(learner="badger", task="digits")
     with pytest.raises(ConfigError, match="--learner badger"):

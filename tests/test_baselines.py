@@ -13,11 +13,11 @@ import torch
 import torch.nn.functional as F
 
 from vsml import SubLSTMConfig, VSMLConfig, VSMLNetwork
-from vsml.baselines import BASELINES, HebbianLearner, MetaRNN, OnlineSGD, OnlineSGDState, make_learner
-from vsml.bptt import BPTTConfig, bptt_gradient
-from vsml.es import ESConfig
-from vsml.estimators import ESEstimator
-from vsml.learner import Learner, is_meta_trainable
+from vsml.learners.baselines import BASELINES, HebbianLearner, MetaRNN, OnlineSGD, OnlineSGDState, make_learner
+from vsml.estimators.bptt import BPTTConfig, bptt_gradient
+from vsml.estimators.es import ESConfig
+from vsml.estimators.core import ESEstimator
+from vsml.learners.base import Learner, is_meta_trainable
 
 DT = torch.float64
 
@@ -81,7 +81,7 @@ def test_prediction_before_update(name, lrn, theta):
 def test_vectorised_episodes_equal_separate_runs(name, lrn, theta):
     x, y = _data(e=3)
     state = lrn.init_state(3, 5, 3, torch.Generator().manual_seed(2), dtype=DT)
-    from vsml.learner import state_index
+    from vsml.learners.base import state_index
     out = lrn.unroll(theta, x, y, 3, state=state)
     for i in range(3):
         oi = lrn.unroll(theta, x[i:i + 1], y[i:i + 1], 3, state=state_index(state, slice(i, i + 1)))
@@ -100,7 +100,7 @@ def test_per_episode_theta_equals_shared(name, lrn, theta):
     g = torch.Generator().manual_seed(4)
     thetas = theta + 0.2 * torch.randn((3, *theta.shape), generator=g, dtype=DT)
     per = lrn.unroll(thetas, x, y, 3, state=state)
-    from vsml.learner import state_index
+    from vsml.learners.base import state_index
     for i in range(3):
         oi = lrn.unroll(thetas[i], x[i:i + 1], y[i:i + 1], 3, state=state_index(state, slice(i, i + 1)))
         torch.testing.assert_close(oi.logits, per.logits[i:i + 1], rtol=1e-10, atol=1e-12)

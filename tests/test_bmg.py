@@ -1,4 +1,4 @@
-"""Tests of the bootstrapped meta-gradient estimator (vsml/bmg.py; badger-bmg-es.md §C).
+"""Tests of the bootstrapped meta-gradient estimator (vsml/estimators/bmg.py; badger-bmg-es.md §C).
 
 The central check (§C.1 "Special case", §F): with L = 1, grounding "gradient" (s̃ = s_K − α∇_s f(s_K))
 and L2 matching, the BMG gradient equals α times the K-step meta-gradient of the probe loss f
@@ -20,11 +20,11 @@ import torch
 import torch.nn.functional as F
 
 import train as train_cli
-from vsml.bmg import BMGConfig, BMGEstimator, bmg_gradient, match_l2, probe_logits
-from vsml.checkpoint import load_checkpoint
-from vsml.config import ConfigError, SubLSTMConfig, VSMLConfig
-from vsml.learner import EpisodeOutput
-from vsml.network import VSMLNetwork
+from vsml.estimators.bmg import BMGConfig, BMGEstimator, bmg_gradient, match_l2, probe_logits
+from vsml.training.checkpoint import load_checkpoint
+from vsml.engine.config import ConfigError, SubLSTMConfig, VSMLConfig
+from vsml.learners.base import EpisodeOutput
+from vsml.engine.network import VSMLNetwork
 
 # --------------------------------------------------------------------------------------------
 # a learner with explicit weights: online softmax regression with a meta-learned preconditioner
@@ -177,7 +177,7 @@ def test_l2_matching_of_identical_states_is_zero_and_positive_otherwise():
 
 @pytest.mark.parametrize("matching,grounding", [("kl", "data"), ("kl", "gradient"), ("l2", "data")])
 def test_shapes_metrics_and_metarnn(matching, grounding):
-    from vsml.baselines import make_learner
+    from vsml.learners.baselines import make_learner
     learner = make_learner("metarnn", hidden=8, max_in_dim=6, max_classes=4)
     theta = learner.init_theta(torch.Generator().manual_seed(0))
     x, y = _data(3, 4 + 2 + 3 + 2, 6, 4, seed=1, dtype=torch.float32)       # 2 unused examples at the end
@@ -217,7 +217,7 @@ def test_clipping_and_errors():
         bmg_gradient(net, theta, x, y[:, :5], 3, BMGConfig(k_steps=2, l_steps=2, probe=2))
     with pytest.raises(TypeError, match="BMGConfig"):
         BMGEstimator(net, {"k_steps": 2})
-    from vsml.baselines import make_learner
+    from vsml.learners.baselines import make_learner
     with pytest.raises(ValueError, match="not meta-trainable"):
         BMGEstimator(make_learner("sgd"), BMGConfig())
 

@@ -13,11 +13,11 @@ import pytest
 import torch
 
 from vsml import SubLSTMConfig, VSMLConfig, VSMLNetwork, VSMLState
-from vsml.baselines import OnlineSGD
-from vsml.bptt import BPTTConfig, bptt_gradient
-from vsml.es import ESConfig
-from vsml.estimators import BPTTEstimator, ESEstimator, Estimator
-from vsml.learner import (
+from vsml.learners.baselines import OnlineSGD
+from vsml.estimators.bptt import BPTTConfig, bptt_gradient
+from vsml.estimators.es import ESConfig
+from vsml.estimators.core import BPTTEstimator, ESEstimator, Estimator
+from vsml.learners.base import (
     Learner,
     is_meta_trainable,
     state_cat,
@@ -168,7 +168,7 @@ def test_bptt_estimator_reproducible_per_step():
 
 def test_bptt_descends():
     """A few clipped-BPTT + Adam steps on fixed data and states reduce the loss."""
-    from vsml.estimators import make_optimizer
+    from vsml.estimators.core import make_optimizer
     net = _net()
     x, y = _data(e=4, t=16, seed=9)
     theta = torch.nn.Parameter(_theta(net, 9))

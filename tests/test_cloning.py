@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from vsml import ConfigError, SubLSTMConfig, VSMLConfig, VSMLNetwork
-from vsml.cloning import CloneConfig, CloneEstimator, sgd_teacher
+from vsml.estimators.cloning import CloneConfig, CloneEstimator, sgd_teacher
 
 
 def test_teacher_is_online_sgd_on_a_linear_model():

@@ -1,4 +1,4 @@
-"""Deep learning-algorithm cloning (vsml/cloning_deep.py), the bwd_reset schedule, and meta-training of
+"""Deep learning-algorithm cloning (vsml/estimators/cloning_deep.py), the bwd_reset schedule, and meta-training of
 deep dense stacks (layer-wise / shared θ, both schedules, with / without label feeding) by ES and BPTT.
 
 Run: python -m pytest tests/test_cloning_deep.py -q
@@ -13,11 +13,11 @@ import torch
 import torch.nn.functional as F
 
 from vsml import ConfigError, SubLSTMConfig, VSMLConfig, VSMLNetwork
-from vsml.bptt import BPTTConfig
-from vsml.cloning import CloneConfig, CloneEstimator, sgd_teacher
-from vsml.cloning_deep import DeepCloneEstimator, TeacherLearner, make_clone_estimator, mlp_sgd_step
-from vsml.es import ESConfig, pair_seed
-from vsml.estimators import BPTTEstimator, ESEstimator, make_optimizer
+from vsml.estimators.bptt import BPTTConfig
+from vsml.estimators.cloning import CloneConfig, CloneEstimator, sgd_teacher
+from vsml.estimators.cloning_deep import DeepCloneEstimator, TeacherLearner, make_clone_estimator, mlp_sgd_step
+from vsml.estimators.es import ESConfig, pair_seed
+from vsml.estimators.core import BPTTEstimator, ESEstimator, make_optimizer
 
 DT = torch.float64
 DEEP = VSMLConfig(hidden_sizes=(4,), backward_pass=True, bwd_reset=True, layerwise=True)
@@ -206,7 +206,7 @@ def test_teacher_burn_in_starts_the_student_from_the_teachers_weights():
 
 
 def test_cloning_only_runs_are_valid_configs():
-    from vsml.trainer import TrainConfig
+    from vsml.training.config import TrainConfig
     assert TrainConfig(steps=0, clone=CloneConfig(steps=3)).total_steps == 3
     with pytest.raises(ConfigError, match="steps must be >= 1"):
         TrainConfig(steps=0)

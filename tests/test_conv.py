@@ -1,4 +1,4 @@
-"""The convolutional VSML layer (vsml/conv.py, vsml.md §1.9) against naive loops, in float64.
+"""The convolutional VSML layer (vsml/engine/conv.py, vsml.md §1.9) against naive loops, in float64.
 
 Run: python -m pytest tests/test_conv.py -q
 """
@@ -12,9 +12,9 @@ import torch
 
 import train as train_cli
 from vsml import ConfigError, SubLSTMConfig, VSMLConfig, VSMLNetwork
-from vsml.config import ConvGeometry, ConvSpec
-from vsml.conv import backward_counts, conv_layer_update, gather_patches, scatter_patches
-from vsml.params import unflatten
+from vsml.engine.config import ConvGeometry, ConvSpec
+from vsml.engine.conv import backward_counts, conv_layer_update, gather_patches, scatter_patches
+from vsml.engine.params import unflatten
 
 from .naive_vsml import layer_update as naive_dense_update
 from .naive_vsml import readouts, split_theta, sub_lstm_step
@@ -332,7 +332,7 @@ def test_train_cli_runs_a_conv_network(tmp_path, estimator):
                          "--vsml.conv", "c2k3s2", "--vsml.hidden_sizes", "4", "--clone.steps", "0",
                          "--estimator", estimator, "--steps", "2", "--meta_batch", "2"])
     assert rc == 0
-    from vsml.checkpoint import load_checkpoint
+    from vsml.training.checkpoint import load_checkpoint
     ck = load_checkpoint(tmp_path / "c")
     assert ck["config"]["vsml"]["conv"][0]["channels"] == 2 and ck["step"] == 2
     assert torch.isfinite(ck["theta"]).all()

@@ -1,4 +1,4 @@
-"""Distributed meta-training (vsml/distributed.py): gloo processes on localhost.
+"""Distributed meta-training (vsml/training/distributed.py): gloo processes on localhost.
 
 * the estimators on 2 ranks vs 1 process (ES bit-identical, BPTT / cloning to float tolerance), uneven
   shards, the θ-drift check (torch.multiprocessing, 2 gloo ranks);
@@ -30,9 +30,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import train as train_cli
-from vsml.checkpoint import load_checkpoint
-from vsml.config import ConfigError
-from vsml.distributed import (FAULT_ENV, FAULT_EXIT_CODE, DistConfig, DistContext, ThetaDriftError,
+from vsml.training.checkpoint import load_checkpoint
+from vsml.engine.config import ConfigError
+from vsml.training.distributed import (FAULT_ENV, FAULT_EXIT_CODE, DistConfig, DistContext, ThetaDriftError,
                               init_distributed, maybe_inject_fault, shard_range, state_checksum)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,8 +75,8 @@ def test_state_checksum_sees_every_bit():
 
 
 def _cfg(*flags):
-    from vsml.cli import parse_config
-    from vsml.presets import PRESETS
+    from vsml.training.cli import parse_config
+    from vsml.training.presets import PRESETS
     return parse_config(["--preset", "tiny", *flags], PRESETS, "tiny", "")[0]
 
 
@@ -111,13 +111,13 @@ def _estimator_worker(rank: int, world: int, store: str, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
-        from vsml.bptt import BPTTConfig
-        from vsml.cloning import CloneConfig, CloneEstimator
-        from vsml.config import VSMLConfig
-        from vsml.distributed import DistributedBPTTEstimator, DistributedCloneEstimator, DistributedESEstimator
-        from vsml.es import ESConfig
-        from vsml.estimators import BPTTEstimator, ESEstimator
-        from vsml.network import VSMLNetwork
+        from vsml.estimators.bptt import BPTTConfig
+        from vsml.estimators.cloning import CloneConfig, CloneEstimator
+        from vsml.engine.config import VSMLConfig
+        from vsml.training.distributed import DistributedBPTTEstimator, DistributedCloneEstimator, DistributedESEstimator
+        from vsml.estimators.es import ESConfig
+        from vsml.estimators.core import BPTTEstimator, ESEstimator
+        from vsml.engine.network import VSMLNetwork
         ctx = DistContext(rank=rank, world_size=world, launched=True, backend="gloo")
         net = VSMLNetwork(VSMLConfig(), compile=False)
         theta = net.init_theta(torch.Generator().manual_seed(0))

@@ -265,8 +265,8 @@ def test_gradients_flow_finite_difference():
 def test_compiled_tick_matches_eager(chunk_pairs, monkeypatch):
     """The torch.compile'd no-grad path (fused gates, tanh via σ, chunks of inputs a) equals the eager path
     to float32 rounding, in one chunk and in several (uneven) chunks."""
-    import vsml.network
-    monkeypatch.setattr(vsml.network, "CHUNK_PAIRS", chunk_pairs)
+    import vsml.engine.network
+    monkeypatch.setattr(vsml.engine.network, "CHUNK_PAIRS", chunk_pairs)
     gen = torch.Generator().manual_seed(0)
     cfg = _cfg((3,), ln=True, label=True)
     eager, comp = VSMLNetwork(cfg), VSMLNetwork(cfg, compile=True)

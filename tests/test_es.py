@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from vsml import SubLSTMConfig, VSMLConfig, VSMLNetwork
-from vsml.baselines import OnlineSGD
-from vsml.es import ESConfig, centered_ranks, es_ask, es_gradient, es_tell, pair_seed, sample_noise
-from vsml.estimators import ESEstimator, clip_grad, make_optimizer
+from vsml.learners.baselines import OnlineSGD
+from vsml.estimators.es import ESConfig, centered_ranks, es_ask, es_gradient, es_tell, pair_seed, sample_noise
+from vsml.estimators.core import ESEstimator, clip_grad, make_optimizer
 
 DT = torch.float64
 

@@ -15,10 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from vsml.baselines import MetaRNN, MetaRNNConfig
-from vsml.checkpoint import load_theta
-from vsml.config import ConfigError
-from vsml.trainer import build_learner, config_from_dict
+from vsml.learners.baselines import MetaRNN, MetaRNNConfig
+from vsml.training.checkpoint import load_theta
+from vsml.engine.config import ConfigError
+from vsml.training.config import config_from_dict
+from vsml.learners.registry import build_learner
 
 _spec = importlib.util.spec_from_file_location(
     "horizon_study", Path(__file__).resolve().parents[1] / "experiments" / "horizon_study.py")

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from vsml.config import ConfigError
+from vsml.engine.config import ConfigError
 
 _spec = importlib.util.spec_from_file_location(
     "horizon_study", Path(__file__).resolve().parents[1] / "experiments" / "horizon_study.py")

@@ -1,4 +1,4 @@
-"""The typed Meta-RNN architecture config (``TrainConfig.metarnn``, vsml/baselines.py ``MetaRNNConfig``):
+"""The typed Meta-RNN architecture config (``TrainConfig.metarnn``, vsml/learners/baselines.py ``MetaRNNConfig``):
 validation, that it reaches the learner, the resolved config and the checkpoint, that eval.py rebuilds
 the same learner from a run, and that old configs (no ``metarnn`` key) still build the reference learner.
 
@@ -15,10 +15,11 @@ import torch
 
 import eval as eval_cli
 import train as train_cli
-from vsml.baselines import MetaRNN, MetaRNNConfig, make_learner
-from vsml.checkpoint import load_checkpoint, load_theta
-from vsml.config import ConfigError
-from vsml.trainer import TrainConfig, build_learner, config_from_dict
+from vsml.learners.baselines import MetaRNN, MetaRNNConfig, make_learner
+from vsml.training.checkpoint import load_checkpoint, load_theta
+from vsml.engine.config import ConfigError
+from vsml.training.config import TrainConfig, config_from_dict
+from vsml.learners.registry import build_learner
 
 TINY = ["--preset", "tiny", "--log.progress", "false", "--learner", "metarnn", "--clone.steps", "0",
         "--eval.every", "0", "--steps", "2"]

@@ -1,4 +1,4 @@
-"""Truncated ES and PES (vsml/pes.py; badger-bmg-es.md §D.2-§D.3).
+"""Truncated ES and PES (vsml/estimators/pes.py; badger-bmg-es.md §D.2-§D.3).
 
 Toy unrolled system: s_0 = 0, s_{n} = s_{n-1} + θ (a vector), ℓ_n = ‖s_n − c‖², full-horizon loss
 L(θ) = Σ_{n=1}^{H} ‖nθ − c‖² with ∇L = Σ_n 2n(nθ − c).  The loss is quadratic in every
@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from vsml import ConfigError, SubLSTMConfig, VSMLConfig, VSMLNetwork
-from vsml.es import sample_noise
-from vsml.pes import PES, LearnerSystem, PESConfig, TruncatedES, UnrolledSystem
+from vsml.estimators.es import sample_noise
+from vsml.estimators.pes import PES, LearnerSystem, PESConfig, TruncatedES, UnrolledSystem
 
 DT = torch.float64
 

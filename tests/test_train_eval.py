@@ -18,7 +18,7 @@ import torch
 
 import eval as eval_cli
 import train as train_cli
-from vsml.checkpoint import CheckpointError, load_checkpoint, load_theta
+from vsml.training.checkpoint import CheckpointError, load_checkpoint, load_theta
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--preset", "tiny", "--log.progress", "false"]

@@ -1,9 +1,9 @@
 """vsml: Variable Shared Meta Learning (Kirsch & Schmidhuber 2021) in PyTorch + Triton."""
 
-from .config import ConfigError, SubLSTMConfig, VSMLConfig
-from .network import EpisodeOutput, VSMLNetwork
-from .params import init_theta, theta_size, unflatten
-from .state import VSMLState, init_state
+from .engine.config import ConfigError, SubLSTMConfig, VSMLConfig
+from .engine.network import VSMLNetwork
+from .engine.params import init_theta, theta_size, unflatten
+from .engine.state import EpisodeOutput, VSMLState, init_state
 
 __all__ = [
     "ConfigError", "SubLSTMConfig", "VSMLConfig", "EpisodeOutput", "VSMLNetwork", "VSMLState",

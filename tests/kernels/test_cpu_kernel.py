@@ -19,7 +19,7 @@ import torch
 
 from kernels import cpu_vsml
 from vsml import SubLSTMConfig, VSMLConfig, VSMLNetwork
-from vsml.network import layer_update
+from vsml.engine.cell import layer_update
 
 TOL = dict(rtol=1e-4, atol=1e-5)
 
@@ -68,7 +68,7 @@ LAYER_SHAPES = [(1, 1, 1), (2, 5, 3), (3, 7, 10), (1, 13, 33), (2, 3, 2)]
 @pytest.mark.parametrize("ln", [False, True], ids=["noLN", "LN"])
 @pytest.mark.parametrize("per_ep", [False, True], ids=["shared", "per-episode"])
 def test_layer_update_matches_eager(kernel, shape, ln, per_ep):
-    """One layer update (micro-steps, both readouts and means) equals vsml.network.layer_update."""
+    """One layer update (micro-steps, both readouts and means) equals vsml.engine.cell.layer_update."""
     e, a, b = shape
     gen = torch.Generator().manual_seed(hash((shape, ln, per_ep)) % 2**31)
     cfg = _cfg(ln=ln, micro=3 if per_ep else 2)

@@ -1,6 +1,6 @@
 """Topology diagnostics of communication graphs (badger-bmg-es.md §B.5, §A.3).
 
-Convention (as ``vsml.badger``): A[i, j] = 1 when j sends to i.  In-degree Laplacian L = D_in − A;
+Convention (as ``vsml.learners.badger``): A[i, j] = 1 when j sends to i.  In-degree Laplacian L = D_in − A;
 symmetrised Laplacian of A_s = max(A, Aᵀ); λ₂(L_s) = algebraic connectivity (> 0 iff the undirected
 graph is connected); eigen-ratio λ_max/λ₂; strongly connected components by mutual reachability.
 Closed forms used in the tests: complete graph K_n: eigenvalues 0, n (×(n−1)); ring C_n:

@@ -22,9 +22,9 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from .bptt import BPTTConfig, bptt_gradient
-from .es import ESConfig, es_ask, es_tell, pair_seed
-from .learner import is_meta_trainable, state_index, state_repeat_interleave
+from vsml.estimators.bptt import BPTTConfig, bptt_gradient
+from vsml.estimators.es import ESConfig, es_ask, es_tell, pair_seed
+from vsml.learners.base import is_meta_trainable, state_index, state_repeat_interleave
 
 __all__ = ["BPTTEstimator", "ESEstimator", "Estimator", "clip_grad", "grad_norm", "make_optimizer"]
 
@@ -62,7 +62,7 @@ class ESEstimator:
     both members of its pair (common random numbers: both members share data and initial state).
     The whole population runs in one ``learner.unroll`` under ``torch.no_grad`` (or in chunks of
     ``max_batch`` members, an even number, to bound memory).  Member loss = mean over t of the
-    online CE.  Metrics: those of :func:`vsml.es.es_tell` plus ``accuracy`` (mean online accuracy
+    online CE.  Metrics: those of :func:`vsml.estimators.es.es_tell` plus ``accuracy`` (mean online accuracy
     over the population).
     """
 
@@ -121,7 +121,7 @@ class ESEstimator:
 
 
 class BPTTEstimator:
-    """Backprop through the online episode (vsml.md §2.3), see :func:`vsml.bptt.bptt_gradient`.
+    """Backprop through the online episode (vsml.md §2.3), see :func:`vsml.estimators.bptt.bptt_gradient`.
 
     ``estimate(theta, x, y, C, step)`` with x [E, T, ...] a meta-batch evaluated with shared θ;
     initial states drawn from ``Generator().manual_seed(pair_seed(seed, step, -1))``.  The

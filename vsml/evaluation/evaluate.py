@@ -94,7 +94,7 @@ def write_results(results: dict, out_dir: str | Path, plot: bool = True) -> dict
     with open(paths["json"], "w") as fh:
         json.dump(results, fh)
     if plot:
-        from .plotting import plot_task_curves
+        from vsml.evaluation.plotting import plot_task_curves
         for task, per in results.items():
             safe = "".join(ch if ch.isalnum() or ch in "-_+" else "_" for ch in task)
             smooth = max(int(r.get("smooth", 1)) for r in per.values())

@@ -22,9 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .config import ConfigError
 
-__all__ = ["analyse_episodes", "badger_meta_test", "check_train_config", "eval_run", "eval_tasks", "plot_run",
+__all__ = ["analyse_episodes", "badger_meta_test", "eval_run", "eval_tasks", "plot_run",
            "run_episodes"]
 
 
@@ -34,18 +33,6 @@ def eval_tasks(cfg: Any) -> list[str]:
     from tasks.guessing import is_guessing_spec
     specs = [s.strip() for s in cfg.eval.tasks.split(";") if s.strip() and is_guessing_spec(s.strip())]
     return specs or [cfg.task]
-
-
-def check_train_config(cfg: Any) -> None:
-    """``learner=badger`` trains on Guessing-Game specs only, and Guessing-Game tasks need the badger learner."""
-    from tasks.guessing import is_guessing_spec
-    if cfg.learner == "badger":
-        if not is_guessing_spec(cfg.task):
-            raise ConfigError(f"learner=badger needs a Guessing-Game task (guessing[n=3], guessing[n=3-6], "
-                              f"sinusoid[n=41,k=1-5]); got task={cfg.task!r}. Try --preset badger")
-    elif is_guessing_spec(cfg.task):
-        raise ConfigError(f"task={cfg.task!r} is a Guessing-Game task: it needs --learner badger "
-                          f"(the other learners are classifiers)")
 
 
 def run_episodes(learner: Any, theta: torch.Tensor, batch: Any, seed: int) -> Any:
@@ -61,11 +48,11 @@ def analyse_episodes(out: Any, batch: Any, t_points: list[int] | None = None, pc
                      freqs: tuple[int, ...] | None = None, feedback_scale: float = 3.0) -> dict[str, Any]:
     """Error curve, solved fraction, MI / binding at inner steps t*, graph diagnostics, Δ_F(k).
 
-    out: a :class:`vsml.badger.BadgerOutput` with ``hidden`` [E, T, n, H]; the E episodes are the
+    out: a :class:`vsml.learners.badger.BadgerOutput` with ``hidden`` [E, T, n, H]; the E episodes are the
     i.i.d. samples of the state estimators (§B "Which samples").  ``pca`` reduces each expert to p
     principal components before MI / binding (joint dim n·p must stay ≪ E).
     """
-    from .analysis import binding_information, frequency_errors, graph_summary, mi_summary
+    from vsml.analysis import binding_information, frequency_errors, graph_summary, mi_summary
     err = out.error.detach().double().cpu().numpy()                             # [E, T]
     e, t_len = err.shape
     half = 1.96 * err.std(0, ddof=1) / math.sqrt(e) if e > 1 else np.zeros(t_len)
@@ -112,7 +99,7 @@ def _mean_square(batch: Any) -> float:
 
 def badger_meta_test(cfg: Any, learner: Any, theta: torch.Tensor, step: int, logger: Any, run_dir: Path,
                      final: bool = False) -> dict:
-    """The Badger branch of :func:`vsml.trainer.run_meta_test` (same return shape: {task: {name: result}})."""
+    """The Badger branch of :func:`vsml.training.trainer.run_meta_test` (same return shape: {task: {name: result}})."""
     from tasks.base import derive_seed
     from tasks.guessing import SinusoidFamily, make_guessing_family
     results: dict[str, Any] = {}
@@ -210,7 +197,7 @@ def plot_run(run_dir: str | Path, out_dir: str | Path) -> dict[str, Any]:
     """The run's Badger plots: meta-training loss (log) with its Hurst / Lyapunov exponents, MI and
     binding information over training (from the periodic meta-tests), and Δ_F(k) over training for
     sinusoid tasks.  Returns {"paths": {...}, "loss_dynamics": {...}} and writes ``run_summary.json``."""
-    from .analysis import loss_curve_hurst, loss_curve_lyapunov
+    from vsml.analysis import loss_curve_hurst, loss_curve_lyapunov
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = [r for r in _read_jsonl(run_dir / "metrics.jsonl") if "meta_train/loss" in r]
@@ -299,7 +286,7 @@ def eval_run(checkpoint: str, learner: Any, theta: torch.Tensor, cfg_dict: dict,
     (:func:`plot_run`) when the checkpoint lies in a run directory.  Prints a table; returns 0."""
     from tasks.base import derive_seed
     from tasks.guessing import SinusoidFamily, make_guessing_family
-    from .trainer import config_from_dict
+    from vsml.training.config import config_from_dict
     cfg = config_from_dict(cfg_dict)
     specs = [s.strip() for s in tasks.split(";") if s.strip()] if tasks else eval_tasks(cfg)
     episodes = episodes or cfg.eval.episodes

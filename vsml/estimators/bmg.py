@@ -68,10 +68,10 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
-from .bptt import unroll_chunked
-from .config import ConfigError
-from .es import pair_seed
-from .learner import is_meta_trainable, state_detach, state_repeat_interleave, tree_flatten
+from vsml.estimators.bptt import unroll_chunked
+from vsml.engine.config import ConfigError
+from vsml.estimators.es import pair_seed
+from vsml.learners.base import is_meta_trainable, state_detach, state_repeat_interleave, tree_flatten
 
 __all__ = ["BMGConfig", "BMGEstimator", "bmg_gradient", "match_l2", "probe_logits", "state_gradient_step"]
 
@@ -211,7 +211,7 @@ def bmg_gradient(learner: Any, theta: torch.Tensor, x: torch.Tensor, y: torch.Te
     """The BMG meta-gradient of the module docstring for one meta-batch.
 
     Args:
-        learner: any :class:`vsml.learner.Learner`.
+        learner: any :class:`vsml.learners.base.Learner`.
         theta: shared θ (``learner.init_theta()`` shape); not modified.
         x: [E, T, D] (or [E, T, H, W, ...]) with T >= K + L + Q; y: [E, T] labels.  Only the first
             K + L + Q examples are used.
@@ -306,11 +306,11 @@ def bmg_gradient(learner: Any, theta: torch.Tensor, x: torch.Tensor, y: torch.Te
 
 
 class BMGEstimator:
-    """BMG behind the :class:`vsml.estimators.Estimator` interface (see :func:`bmg_gradient`).
+    """BMG behind the :class:`vsml.estimators.core.Estimator` interface (see :func:`bmg_gradient`).
 
     ``estimate(theta, x, y, C, step)`` with x [E, T, ...] (T >= K + L + Q), a meta-batch evaluated
     with shared θ; initial states drawn from ``Generator().manual_seed(pair_seed(seed, step, −1))``
-    (as :class:`vsml.estimators.BPTTEstimator`).  The gradient is clipped inside; use a gradient
+    (as :class:`vsml.estimators.core.BPTTEstimator`).  The gradient is clipped inside; use a gradient
     meta-optimiser (Adam, lr ~1e-3) as for BPTT.
     """
 

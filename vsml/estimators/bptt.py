@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from .learner import state_detach, tree_flatten
+from vsml.learners.base import state_detach, tree_flatten
 
 __all__ = ["BPTTConfig", "bptt_gradient", "unroll_chunked"]
 
@@ -99,7 +99,7 @@ def bptt_gradient(learner: Any, theta: torch.Tensor, x: torch.Tensor, y: torch.T
     """∇_θ of the mean online CE over a meta-batch, by (truncated, checkpointed) BPTT.
 
     Args:
-        learner: any :class:`vsml.learner.Learner`.
+        learner: any :class:`vsml.learners.base.Learner`.
         theta: shared θ (``learner.init_theta()`` shape); not modified.
         x: [E, T, D] (or [E, T, H, W, ...], flattened); y: [E, T] int labels.
         num_classes: C.

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
-from .config import VSMLConfig
-from .params import truncated_normal
+from vsml.engine.config import VSMLConfig
+from vsml.engine.params import truncated_normal
 
 
 @dataclass
@@ -23,7 +23,7 @@ class VSMLState:
                                        the previous example; zero at the start of an episode)
     Forward messages need not be stored: within a tick they flow from layer 1 to K at once.
 
-    A conv layer k (vsml.md §1.9, ``vsml/conv.py``) with kernel k_k, IC in- and OC out-channels and
+    A conv layer k (vsml.md §1.9, ``vsml/engine/conv.py``) with kernel k_k, IC in- and OC out-channels and
     output image Ho x Wo instead has
         h[k], c[k]  [E, k_k, k_k, IC, OC, N]   one state per (tap, in-channel, out-channel), shared
                                               by every output position
@@ -113,3 +113,24 @@ def init_state(cfg: VSMLConfig, num_episodes: int, in_dim: int, num_classes: int
         cs.append(c)
         bwds.append(torch.zeros(num_episodes, b, m, dtype=dtype, device=device))
     return VSMLState(hs, cs, bwds)
+
+
+@dataclass
+class EpisodeOutput:
+    """Result of an online unroll.
+
+    logits  [E, T, C]  ŷ_t, computed before y_t was seen
+    loss    [E, T]     cross-entropy CE(ŷ_t, y_t)
+    correct [E, T]     argmax ŷ_t == y_t
+    state   the state after the last example (pass it back in to continue the episode)
+    """
+
+    logits: torch.Tensor
+    loss: torch.Tensor
+    correct: torch.Tensor
+    state: Any          # VSMLState for VSML; the baselines return their own state types
+
+    @property
+    def accuracy(self) -> torch.Tensor:
+        """Online accuracy per episode [E]."""
+        return self.correct.float().mean(1)

@@ -20,7 +20,7 @@ After cloning, the frozen θ is a learner: run through ``VSMLNetwork.unroll`` it
 online purely in its forward dynamics, and ES / BPTT meta-training can start from it.
 
 Scope: one dense layer, forward-only schedule, no LayerNorm on the messages (LayerNorm removes the
-magnitude that carries w·x).  Deep stacks (online backprop teacher): ``vsml/cloning_deep.py``.
+magnitude that carries w·x).  Deep stacks (online backprop teacher): ``vsml/estimators/cloning_deep.py``.
 """
 
 from __future__ import annotations
@@ -30,8 +30,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .config import ConfigError, VSMLConfig
-from .network import VSMLNetwork, _linear, lstm_micro_steps
+from vsml.engine.config import ConfigError, VSMLConfig
+from vsml.engine.cell import _linear, lstm_micro_steps
+from vsml.engine.network import VSMLNetwork
 
 
 @dataclass(frozen=True)
@@ -41,7 +42,7 @@ class CloneConfig:
     Attributes:
         steps: supervised cloning steps before the meta-training estimator takes over.
         alpha: the teacher's per-synapse step size α (see the module docstring).
-        hidden_alpha: deep cloning (vsml/cloning_deep.py): α of the hidden layers; 0 = ``alpha``.
+        hidden_alpha: deep cloning (vsml/estimators/cloning_deep.py): α of the hidden layers; 0 = ``alpha``.
         window: deep cloning: BPTT window in ticks; the teacher first learns alone for a random
             0..length−window examples of the episode and the student starts from its weights, so the
             student also sees late, large-weight phases of learning (0 = window of ``length``: none).
@@ -121,7 +122,7 @@ class CloneEstimator:
              generator: torch.Generator, episodes: slice | None = None) -> torch.Tensor:
         """The cloning loss of the class docstring over x [E, T, D].
 
-        ``episodes`` (vsml/distributed.py): unroll the student on these episodes only and return
+        ``episodes`` (vsml/training/distributed.py): unroll the student on these episodes only and return
         their share of the loss, Σ_{e in episodes} / (E·A·B) per tick, with the initial states,
         the teacher and the target variance still those of all E episodes, so that the shares of
         a partition of the episodes sum to the full loss.

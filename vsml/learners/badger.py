@@ -30,7 +30,7 @@ Topologies (§A.3): ``kout`` (each expert picks k random receivers), ``er`` (Erd
 "j>i,..."), resampled per episode or drawn once per run (``resample_topology=False``, from
 ``topology_seed``).
 
-The learner follows :class:`vsml.learner.Learner` so that the estimators and ``train()`` drive it
+The learner follows :class:`vsml.learners.base.Learner` so that the estimators and ``train()`` drive it
 unchanged.  The Guessing Game (``tasks/guessing.py``) encodes an episode as
 ``x [E, T, N_max]`` = the hidden targets y_d at every step (zero beyond the episode's N) and
 ``y [E, T]`` = N_e − 1 (the number of active coordinates, so N can differ per episode);
@@ -47,14 +47,13 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 
-from .config import ConfigError
-from .network import EpisodeOutput
+from vsml.engine.config import ConfigError
+from vsml.engine.state import EpisodeOutput
 
 __all__ = [
     "BadgerConfig",
@@ -356,7 +355,7 @@ def _vec(p: torch.Tensor, x_dim: int) -> torch.Tensor:
 
 
 class MicroBadger:
-    """The Micro-Badger learner (module docstring); satisfies :class:`vsml.learner.Learner`.
+    """The Micro-Badger learner (module docstring); satisfies :class:`vsml.learners.base.Learner`.
 
     θ is one flat vector [P] (``layout`` lists its named blocks) or [E, P] per episode (ES).
     ``record_states=True`` makes ``unroll`` return the hidden states of every step (``out.hidden``)

@@ -47,9 +47,9 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 
-from .config import ConvGeometry, ConvSpec
-from .network import GATE_F_OFFSET, GATE_I_OFFSET, _layer_norm, _linear
-from .params import CellParams
+from vsml.engine.config import ConvGeometry, ConvSpec
+from vsml.engine.cell import GATE_F_OFFSET, GATE_I_OFFSET, _layer_norm, _linear
+from vsml.engine.params import CellParams
 
 __all__ = ["backward_counts", "conv_layer_update", "gather_patches", "scatter_patches"]
 

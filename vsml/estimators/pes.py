@@ -9,9 +9,9 @@ steps split into truncations of K steps, and the loss L(θ) = Σ_t ℓ_t(s_t).  
 and returns an estimate ĝ of the gradient of the loss of that truncation.
 
 Particles.  ``cfg.particles`` = P antithetic pairs, i.e. M = 2P particles, interleaved as in
-:mod:`vsml.es`: member 2i runs θ + σε_i, member 2i+1 runs θ − σε_i, ε_i ~ N(0, I) (unit noise,
+:mod:`vsml.estimators.es`: member 2i runs θ + σε_i, member 2i+1 runs θ − σε_i, ε_i ~ N(0, I) (unit noise,
 perturbation σε_i).  ε_i of truncation ``step_index`` is regenerated from (cfg.seed, step_index, i)
-with :func:`vsml.es.sample_noise`.
+with :func:`vsml.estimators.es.sample_noise`.
 
 Truncated ES (§D.3, ``truncated_es.py``).  Both members of a pair start the truncation from the
 same state; ĝ = (1/P) Σ_i ε_i (L_i⁺ − L_i⁻)/(2σ), with L the truncation's loss; afterwards both
@@ -27,7 +27,7 @@ negative member's accumulator is −ξ_i, so only ξ_i [P, *θ] is stored).  Per
     ĝ   = (1/P) Σ_i ξ_i (L_i⁺ − L_i⁻) / (2σ)
 
 This is §D.2's ĝ = mean over pairs of (L⁺ − L⁻)/(2σ²)·ξ⁺ with ξ⁺ in perturbation units (σ·ξ_i
-here), i.e. the same estimator written with unit noise as in :mod:`vsml.es`.  Summed over the
+here), i.e. the same estimator written with unit noise as in :mod:`vsml.estimators.es`.  Summed over the
 truncations of an episode, E[ĝ] is the gradient of the Gaussian-smoothed full-horizon loss
 (**unbiased**); its variance grows with the number of truncations so far (‖ξ‖ ~ √n).
 
@@ -48,7 +48,7 @@ the truncation is split into segments at the boundary:
 Truncated ES uses the same segmentation with weight ε throughout (no accumulator).
 
 Generic interface: any object satisfying :class:`UnrolledSystem`.  :class:`LearnerSystem` adapts a
-VSML learner (``VSMLNetwork`` or any :class:`vsml.learner.Learner`) plus a data stream.  Usage::
+VSML learner (``VSMLNetwork`` or any :class:`vsml.learners.base.Learner`) plus a data stream.  Usage::
 
     pes = PES(PESConfig(particles=64, sigma=0.05, truncation=10, horizon=100))
     st = pes.init(theta)
@@ -71,9 +71,9 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from .config import ConfigError
-from .es import pair_seed, sample_noise
-from .learner import state_index, state_repeat_interleave
+from vsml.engine.config import ConfigError
+from vsml.estimators.es import pair_seed, sample_noise
+from vsml.learners.base import state_index, state_repeat_interleave
 
 __all__ = ["PES", "LearnerSystem", "PESConfig", "PESState", "TruncatedES", "UnrolledSystem"]
 
@@ -82,8 +82,8 @@ __all__ = ["PES", "LearnerSystem", "PESConfig", "PESState", "TruncatedES", "Unro
 class UnrolledSystem(Protocol):
     """An inner problem that can be advanced a few steps at a time, per particle.
 
-    State: any tree of tensors with the particle axis first (see :mod:`vsml.learner`), so that
-    :func:`vsml.learner.state_index` can select particles.
+    State: any tree of tensors with the particle axis first (see :mod:`vsml.learners.base`), so that
+    :func:`vsml.learners.base.state_index` can select particles.
     """
 
     def init_state(self, num_particles: int, generator: torch.Generator) -> Any:

@@ -10,153 +10,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
 
 import torch
 
-from .checkpoint import CheckpointError, atomic_write_text, load_checkpoint, save_checkpoint, save_theta
-from .config import ConfigError, VSMLConfig
-from .badger import BadgerConfig
-from .baselines import MetaRNNConfig
-from .bmg import BMGConfig
-from .bptt import BPTTConfig
-from .cloning import CloneConfig
-from .distributed import DistConfig, NullLogger, distribute_estimator, init_distributed
-from .es import ESConfig
-from .pes import PESConfig
 from tasks.base import derive_seed  # one seed-derivation rule for data, noise and states
-
-
-@dataclass(frozen=True)
-class EvalConfig:
-    """Meta-test during training (held-out families, test split)."""
-
-    tasks: str = "digits"             # task specs separated by ';'
-    every: int = 100                  # meta-steps between meta-tests (0: only at the end)
-    episodes: int = 16
-    length: int = 500
-    seed: int = 22
-    baselines: str = ""               # e.g. "sgd,adam": also run these at the final meta-test
-
-    def __post_init__(self):
-        if self.every < 0 or self.episodes < 1 or self.length < 1:
-            raise ConfigError(f"eval.every >= 0, eval.episodes >= 1, eval.length >= 1 required; got "
-                              f"{self.every}, {self.episodes}, {self.length}")
-
-
-@dataclass(frozen=True)
-class LogConfig:
-    every: int = 10                   # meta-steps between log lines / metrics rows
-    wandb: Literal["disabled", "offline", "online"] = "disabled"
-    project: str = "vsml"
-    progress: bool = True             # tqdm bar (off automatically when not a TTY)
-
-    def __post_init__(self):
-        if self.every < 1:
-            raise ConfigError(f"log.every must be >= 1, got {self.every}")
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """One meta-training run.  ``lr`` defaults by estimator (ES 0.025, BPTT/BMG 1e-3) when None."""
-
-    name: str = "run"
-    learner: Literal["vsml", "metarnn", "hebbian", "badger"] = "vsml"
-    vsml: VSMLConfig = field(default_factory=VSMLConfig)
-    badger: BadgerConfig = field(default_factory=BadgerConfig)   # Micro-Badger (vsml/badger.py)
-    metarnn: MetaRNNConfig = field(default_factory=MetaRNNConfig)   # learner=metarnn (vsml/baselines.py)
-    estimator: Literal["es", "bptt", "pes", "tes", "bmg"] = "es"   # tes: truncated ES; bmg: bootstrapped
-    es: ESConfig = field(default_factory=ESConfig)
-    pes: PESConfig = field(default_factory=lambda: PESConfig(particles=32, truncation=20, horizon=100))
-    bptt: BPTTConfig = field(default_factory=BPTTConfig)
-    bmg: BMGConfig = field(default_factory=BMGConfig)   # estimator=bmg (vsml/bmg.py)
-    clone: CloneConfig = field(default_factory=CloneConfig)   # supervised warm start (steps 0: none)
-    init_from: str | None = None      # start θ from a θ file / run directory (e.g. a shipped learner)
-    lr: float | None = None
-    weight_decay: float = 0.0
-    task: str = "digits+proj"         # meta-training family spec (train split)
-    episode_length: int = 100
-    meta_batch: int = 16              # BPTT: episodes per meta-step (ES: es.pairs data episodes)
-    steps: int = 200                  # meta-training steps (after clone.steps cloning steps)
-    seed: int = 0
-    device: str = "cpu"
-    compile: bool = True              # torch.compile the no-grad VSML tick (ES, meta-test)
-    data_dir: str | None = None
-    out_dir: str = "runs"
-    ckpt_every: int = 50
-    keep_checkpoints: bool = False    # also keep step_<n>.pt next to last.pt
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    log: LogConfig = field(default_factory=LogConfig)
-    dist: DistConfig = field(default_factory=DistConfig)   # torchrun settings (vsml/distributed.py)
-
-    def __post_init__(self):
-        if self.clone.steps and (self.learner != "vsml"):
-            raise ConfigError("clone.steps > 0 needs learner=vsml (cloning makes sub-LSTMs imitate SGD weights)")
-        from .badger_eval import check_train_config
-        check_train_config(self)          # learner=badger <-> Guessing-Game tasks
-        for name in ("episode_length", "meta_batch", "steps"):
-            if getattr(self, name) < (0 if name == "steps" and self.clone.steps else 1):  # steps 0: cloning only
-                raise ConfigError(f"{name} must be >= 1 (steps >= 0 with clone.steps > 0), got {getattr(self, name)}")
-        if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ConfigError(f"lr must be a positive number, got {self.lr}")
-        if self.weight_decay < 0:
-            raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}")
-        if self.estimator == "bmg" and self.episode_length < self.bmg.episode_length:
-            raise ConfigError(f"estimator=bmg needs episode_length >= bmg.k_steps + bmg.l_steps + bmg.probe = "
-                              f"{self.bmg.episode_length}, got {self.episode_length}")
-        if self.ckpt_every < 0:
-            raise ConfigError(f"ckpt_every must be >= 0, got {self.ckpt_every}")
-
-    @property
-    def resolved_lr(self) -> float:
-        return self.lr if self.lr is not None else (1e-3 if self.estimator in ("bptt", "bmg") else 0.025)
-
-    @property
-    def total_steps(self) -> int:
-        return self.clone.steps + self.steps
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["resolved_lr"] = self.resolved_lr
-        return d
-
-
-def config_from_dict(d: dict[str, Any]) -> TrainConfig:
-    """Rebuild a TrainConfig from its ``to_dict`` (tolerates derived keys; rejects unknown ones)."""
-    d = {k: v for k, v in d.items() if k != "resolved_lr"}
-    sub = {"vsml": VSMLConfig.from_dict, "es": lambda v: ESConfig(**v), "bptt": lambda v: BPTTConfig(**v),
-           "clone": lambda v: CloneConfig(**v), "pes": lambda v: PESConfig(**v), "bmg": lambda v: BMGConfig(**v),
-           "eval": lambda v: EvalConfig(**v), "log": lambda v: LogConfig(**v),
-           "dist": lambda v: DistConfig(**v)}
-    sub["badger"] = BadgerConfig.from_dict
-    sub["metarnn"] = lambda v: MetaRNNConfig(**v)
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = set(d) - known
-    if unknown:
-        raise CheckpointError(f"config has unknown keys {sorted(unknown)}; it was written by another vsml version")
-    for k, fn in sub.items():
-        if k in d and isinstance(d[k], dict):
-            d[k] = fn(d[k])
-    return TrainConfig(**d)
-
-
-def build_learner(cfg: TrainConfig):
-    from .baselines import make_learner
-    from .network import VSMLNetwork
-    if cfg.learner == "vsml":
-        return VSMLNetwork(cfg.vsml, compile=cfg.compile)
-    if cfg.learner == "badger":
-        from .badger import MicroBadger
-        return MicroBadger(cfg.badger)
-    if cfg.learner == "metarnn":
-        return cfg.metarnn.build()
-    return make_learner(cfg.learner)
+from vsml.training.checkpoint import CheckpointError, atomic_write_text, load_checkpoint, save_checkpoint, save_theta
+from vsml.learners.registry import build_learner
+from vsml.training.config import TrainConfig, config_from_dict
+from vsml.training.distributed import NullLogger, distribute_estimator, init_distributed
 
 
 class _StopFlag:
@@ -219,13 +84,13 @@ def _check_resume_compatible(saved: TrainConfig, cfg: TrainConfig, step: int | N
 
 
 def _estimator(cfg: TrainConfig, learner):
-    from .estimators import BPTTEstimator, ESEstimator
+    from vsml.estimators.core import BPTTEstimator, ESEstimator
     if cfg.estimator in ("pes", "tes"):
-        from .pes import PES, TruncatedES
+        from vsml.estimators.pes import PES, TruncatedES
         pcfg = dataclasses.replace(cfg.pes, seed=derive_seed(cfg.seed, "pes-noise", cfg.pes.seed))
         return PES(pcfg) if cfg.estimator == "pes" else TruncatedES(pcfg)
     if cfg.estimator == "bmg":
-        from .bmg import BMGEstimator
+        from vsml.estimators.bmg import BMGEstimator
         return BMGEstimator(learner, cfg.bmg, seed=cfg.seed)
     if cfg.estimator == "es":
         return ESEstimator(learner, dataclasses.replace(cfg.es, seed=derive_seed(cfg.seed, "es-noise", cfg.es.seed)))
@@ -234,13 +99,13 @@ def _estimator(cfg: TrainConfig, learner):
 
 def run_meta_test(cfg: TrainConfig, learner, theta: torch.Tensor, step: int, logger, run_dir: Path,
                   final: bool = False) -> dict:
-    if cfg.learner == "badger":       # Guessing-Game meta-test + state analyses (vsml/badger_eval.py)
-        from .badger_eval import badger_meta_test
+    if cfg.learner == "badger":       # Guessing-Game meta-test + state analyses (vsml/evaluation/badger_eval.py)
+        from vsml.evaluation.badger_eval import badger_meta_test
         return badger_meta_test(cfg, learner, theta, step, logger, run_dir, final)
-    from .evaluate import FrozenLearner, evaluate, parse_task_list, write_results
+    from vsml.evaluation.evaluate import FrozenLearner, evaluate, parse_task_list, write_results
     learners = [FrozenLearner(cfg.learner, learner, theta.detach())]
     if final and cfg.eval.baselines:
-        from .baselines import make_learner
+        from vsml.learners.baselines import make_learner
         for b in [s.strip() for s in cfg.eval.baselines.split(",") if s.strip()]:
             bl = make_learner(b)
             learners.append(FrozenLearner(b, bl, bl.init_theta().to(theta.device)))
@@ -266,7 +131,7 @@ def run_meta_test(cfg: TrainConfig, learner, theta: torch.Tensor, step: int, log
 
 def _pes_state_dict(st) -> dict:
     """PESState -> plain dict of tensors / ints (loads with weights_only=True)."""
-    from .learner import tree_flatten
+    from vsml.learners.base import tree_flatten
     leaves = [] if st.inner is None else tree_flatten(st.inner)[0]
     return {"t": int(st.t), "episode": int(st.episode), "accum": st.accum.detach().cpu(),
             "has_inner": st.inner is not None, "inner_leaves": [t.detach().cpu() for t in leaves]}
@@ -275,8 +140,8 @@ def _pes_state_dict(st) -> dict:
 def _restore_pes_state(estimator, system, fresh, d: dict):
     """Inverse of ``_pes_state_dict``: the inner state's structure comes from a fresh draw of the
     same episode, its tensors from the checkpoint."""
-    from .learner import tree_flatten
-    from .pes import PESState
+    from vsml.learners.base import tree_flatten
+    from vsml.estimators.pes import PESState
     inner = None
     if d["has_inner"]:
         template = estimator._fresh(system, d["episode"])
@@ -289,7 +154,7 @@ def _restore_pes_state(estimator, system, fresh, d: dict):
 
 
 def _load_init_theta(path: str) -> torch.Tensor:
-    from .checkpoint import load_theta
+    from vsml.training.checkpoint import load_theta
     p = Path(path)
     if p.is_dir():
         p = p / "theta.safetensors"
@@ -300,10 +165,10 @@ def _load_init_theta(path: str) -> torch.Tensor:
 
 def train(cfg: TrainConfig, resume: str | None = None, run_dir: str | None = None) -> Path:
     """Meta-train; returns the run directory.  ``resume``: a run directory or checkpoint file."""
-    from .loggers import RunLogger
+    from vsml.training.loggers import RunLogger
 
     from tasks import make_family
-    from .evaluate import parse_task_list
+    from vsml.evaluation.evaluate import parse_task_list
     ctx = init_distributed(cfg)       # the torchrun process group, or a one-process context
     # load (or fail on) every dataset the run needs before creating the run directory
     family = make_family(cfg.task, data_dir=cfg.data_dir)
@@ -336,7 +201,7 @@ def train(cfg: TrainConfig, resume: str | None = None, run_dir: str | None = Non
                                   f"needs {list(theta.shape)}")
         with torch.no_grad():
             theta.copy_(init.to(device))
-    from .estimators import make_optimizer  # BPTT clipping happens inside bptt_gradient
+    from vsml.estimators.core import make_optimizer  # BPTT clipping happens inside bptt_gradient
     opt = make_optimizer(theta, cfg.resolved_lr, weight_decay=cfg.weight_decay)
     opt_clone = make_optimizer(theta, cfg.clone.lr)
     start = 0
@@ -365,7 +230,7 @@ def train(cfg: TrainConfig, resume: str | None = None, run_dir: str | None = Non
     if truncated:
         # persistent inner states across meta-steps: episodes of pes.horizon examples, advanced by
         # pes.truncation examples per meta-step (the data of each episode is drawn from its seed)
-        from .pes import LearnerSystem
+        from vsml.estimators.pes import LearnerSystem
 
         def sample(num, length, seed):
             b = family.sample(num, length, seed=seed, split="train")
@@ -377,7 +242,7 @@ def train(cfg: TrainConfig, resume: str | None = None, run_dir: str | None = Non
             pes_state = _restore_pes_state(estimator, system, pes_state, ck["extra"]["pes"])
     cloner = None
     if cfg.clone.steps:
-        from .cloning_deep import make_clone_estimator   # shallow (cloning.py) or deep (cloning_deep.py)
+        from vsml.estimators.cloning_deep import make_clone_estimator   # shallow (cloning.py) or deep (cloning_deep.py)
         cloner = distribute_estimator(make_clone_estimator(learner, cfg.clone, seed=cfg.seed), ctx, cfg.dist)
 
     def checkpoint(step: int) -> None:
@@ -476,7 +341,7 @@ def train(cfg: TrainConfig, resume: str | None = None, run_dir: str | None = Non
                for n, r in per.items()}
     logger.summary(summary)
     logger.close()
-    from .evaluate import summary_table
+    from vsml.evaluation.evaluate import summary_table
     print("\n[vsml] final meta-test (test split, θ frozen):")
     if cfg.learner == "badger":       # regression game: guess errors (chance = 1), not accuracies
         print(f"{'task':<24}{'error mean':>12}{'error last':>12}{'solved frac':>13}  episodes x T")

@@ -3,7 +3,7 @@
 Every learner here runs episodes online with inner batch 1: at tick t it predicts ŷ_t from x_t
 (before y_t is used), pays CE(ŷ_t, y_t), then learns from y_t.  Logits are tanh-bounded,
 ŷ = bound·tanh(z/bound) (bound 100, as VSML).  All are vectorised over episodes E (no Python
-loop over episodes; the only Python loop is over time) and satisfy :class:`vsml.learner.Learner`.
+loop over episodes; the only Python loop is over time) and satisfy :class:`vsml.learners.base.Learner`.
 
 * :class:`OnlineSGD` — hand-designed: a 1-layer linear softmax or 2-layer tanh MLP trained by
   plain SGD or Adam (optax semantics) on each example; same initial weights in every episode
@@ -32,8 +32,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .network import EpisodeOutput, _linear
-from .params import truncated_normal
+from vsml.engine.cell import _linear
+
+from vsml.engine.state import EpisodeOutput
+from vsml.engine.params import truncated_normal
 
 __all__ = [
     "BASELINES",
@@ -462,7 +464,7 @@ class MetaRNNConfig:
     forget_bias: float = 1.0
 
     def __post_init__(self) -> None:
-        from .config import ConfigError
+        from vsml.engine.config import ConfigError
         for name, lo in (("hidden", 1), ("micro_ticks", 1), ("max_in_dim", 1), ("max_classes", 2)):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
@@ -585,8 +587,8 @@ class MetaRNN:
 
 
 def _vsml(cfg=None, **kw):
-    from .config import VSMLConfig
-    from .network import VSMLNetwork
+    from vsml.engine.config import VSMLConfig
+    from vsml.engine.network import VSMLNetwork
     if cfg is None:
         cfg = VSMLConfig(**kw)
     elif kw:

@@ -18,8 +18,8 @@ ES (vsml.md §2.2; badger-bmg-es.md §D.1 "Shared-seed distribution"; style-anch
 global batch of P data episodes (from the step seed) and the same P initial states (from
 (seed, s, −1)), and keeps the contiguous pair slice [⌊P·r/W⌋, ⌊P·(r+1)/W⌋) of rank r out of W.
 It builds only its own members θ ± σε_i, with ε_i regenerated from (seed, s, i) by
-:func:`vsml.es.pair_seed`, runs them, and all-gathers the member losses and accuracies (two
-floats per member: the whole exchange).  Every rank then runs the same :func:`vsml.es.es_tell`
+:func:`vsml.estimators.es.pair_seed`, runs them, and all-gathers the member losses and accuracies (two
+floats per member: the whole exchange).  Every rank then runs the same :func:`vsml.estimators.es.es_tell`
 (regenerating all P noise vectors, O(P·|θ|) work, negligible next to the unrolls) and the same
 Adam step, so θ stays bit-identical without any broadcast.  Unlike the reference's MPI code
 (vsml.md §2.2, "Distribution over MPI ranks": per-rank keys and per-rank data, gradients
@@ -41,7 +41,7 @@ the same on every rank, so θ still stays bit-identical across ranks.  (Adam div
 entry whose gradient is numerically zero, |g| ~ 1e-9, takes an lr-sized step whose sign is rounding
 noise: in a 4-step tiny BPTT run 1 of 2,384 θ entries differed from the one-process run by 1e-3 =
 lr, all others by < 1e-5.)  The cloning phase
-(vsml/cloning.py) is sharded like BPTT (:class:`DistributedCloneEstimator`).  PES / truncated ES
+(vsml/estimators/cloning.py) is sharded like BPTT (:class:`DistributedCloneEstimator`).  PES / truncated ES
 keep per-particle inner states across meta-steps and are refused under more than one process.
 
 Consistency check.  Every ``dist.checksum_every`` meta-steps the ranks all-gather a 64-bit hash of
@@ -52,7 +52,7 @@ Fault tolerance.  Only rank 0 writes (config, metrics, wandb, checkpoints, meta-
 torchrun the run directory is ``out_dir/name`` *exactly* (no ``-2`` suffix), decided by rank 0 and
 broadcast; if it holds ``checkpoints/last.pt`` (an elastic restart, ``TORCHELASTIC_RESTART_COUNT``
 > 0, or a relaunch of the same command) the run resumes from it: rank 0 loads it and broadcasts
-it.  Checkpoints are written every ``ckpt_every`` steps by vsml/checkpoint.py's atomic write
+it.  Checkpoints are written every ``ckpt_every`` steps by vsml/training/checkpoint.py's atomic write
 (temporary file, fsync, rename, fsync of the folder), so a killed worker costs at most one
 checkpoint interval and never leaves a torn ``last.pt``; rank 0 also writes one when the step
 loop fails (e.g. a peer died), which is consistent because θ, the optimiser and the step counter
@@ -81,7 +81,7 @@ from typing import Any, Literal
 import torch
 import torch.distributed as dist
 
-from .config import ConfigError
+from vsml.engine.config import ConfigError
 
 __all__ = ["DistConfig", "DistContext", "DistributedBPTTEstimator", "DistributedCloneEstimator",
            "DistributedESEstimator", "FAULT_ENV", "FAULT_EXIT_CODE", "NullLogger", "ThetaDriftError",
@@ -155,7 +155,7 @@ def _optimizer_tensors(opt: torch.optim.Optimizer | None) -> list[torch.Tensor]:
 
 
 class NullLogger:
-    """What ranks other than 0 get instead of a :class:`vsml.loggers.RunLogger`: writes nothing."""
+    """What ranks other than 0 get instead of a :class:`vsml.training.loggers.RunLogger`: writes nothing."""
 
     wandb_id = None
 
@@ -298,7 +298,7 @@ class DistContext:
 
     def load_checkpoint(self, path: str | Path) -> dict:
         """Rank 0 loads the checkpoint and broadcasts it (a load error is raised on every rank)."""
-        from .checkpoint import CheckpointError, load_checkpoint
+        from vsml.training.checkpoint import CheckpointError, load_checkpoint
         if not self.distributed:
             return load_checkpoint(path)
         payload = None
@@ -414,21 +414,21 @@ class DistributedESEstimator:
     """Antithetic ES with the population sharded over processes (module docstring, "ES").
 
     Same interface and, given the same ``member_batch``, the same numbers as
-    :class:`vsml.estimators.ESEstimator` on one process: ``estimate(theta, x, y, C, step)`` with x
+    :class:`vsml.estimators.core.ESEstimator` on one process: ``estimate(theta, x, y, C, step)`` with x
     [P, T, ...] the *global* batch (one data episode per pair, identical on every rank).
     """
 
     def __init__(self, learner: Any, cfg, ctx: DistContext, member_batch: int = 0):
-        from .estimators import ESEstimator
+        from vsml.estimators.core import ESEstimator
         self.local = ESEstimator(learner, cfg, max_batch=member_batch or None)   # validates, draws states
         self.learner, self.cfg, self.ctx = learner, cfg, ctx
         self.member_batch = member_batch
 
     def estimate(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, num_classes: int,
                  step: int) -> tuple[torch.Tensor, dict]:
-        from .es import es_ask, es_tell
-        from .estimators import _check_batch
-        from .learner import state_index, state_repeat_interleave
+        from vsml.estimators.es import es_ask, es_tell
+        from vsml.estimators.core import _check_batch
+        from vsml.learners.base import state_index, state_repeat_interleave
         x = _check_batch(x, y)                                               # [P, T, D]
         p = self.cfg.pairs
         if x.shape[0] != p:
@@ -469,21 +469,21 @@ def _clip(grad: torch.Tensor, norm: float, max_norm: float) -> tuple[torch.Tenso
 class DistributedBPTTEstimator:
     """Data-parallel BPTT: meta-batch sharded, meta-gradient all-reduced *before* clipping.
 
-    Matches :class:`vsml.estimators.BPTTEstimator` (same initial states: the global draw from
+    Matches :class:`vsml.estimators.core.BPTTEstimator` (same initial states: the global draw from
     (seed, step, −1), sliced) up to the floating-point order of the cross-rank sum.
     """
 
     def __init__(self, learner: Any, cfg, ctx: DistContext, seed: int = 0):
-        from .estimators import BPTTEstimator
+        from vsml.estimators.core import BPTTEstimator
         BPTTEstimator(learner, cfg, seed)                                    # same validation
         self.learner, self.cfg, self.ctx, self.seed = learner, cfg, ctx, int(seed)
 
     def estimate(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, num_classes: int,
                  step: int) -> tuple[torch.Tensor, dict]:
-        from .bptt import bptt_gradient
-        from .es import pair_seed
-        from .estimators import _check_batch
-        from .learner import state_index
+        from vsml.estimators.bptt import bptt_gradient
+        from vsml.estimators.es import pair_seed
+        from vsml.estimators.core import _check_batch
+        from vsml.learners.base import state_index
         x = _check_batch(x, y)                                               # [E, T, D]
         e = x.shape[0]
         mine = self.ctx.shard(e)
@@ -507,10 +507,10 @@ class DistributedBPTTEstimator:
 
 
 class DistributedCloneEstimator:
-    """The cloning phase (vsml/cloning.py) with its episodes sharded and the gradient all-reduced.
+    """The cloning phase (vsml/estimators/cloning.py) with its episodes sharded and the gradient all-reduced.
 
     Every rank draws the same episodes, random-input replacements, initial states and teacher
-    trajectories as :class:`vsml.cloning.CloneEstimator` (the teacher is cheap and its target
+    trajectories as :class:`vsml.estimators.cloning.CloneEstimator` (the teacher is cheap and its target
     variance is taken over *all* episodes, as in the one-process loss); each rank unrolls the
     student on its own episodes only, and the summed loss terms and gradients are all-reduced
     before clipping.
@@ -540,8 +540,8 @@ def distribute_estimator(estimator: Any, ctx: DistContext, cfg: DistConfig) -> A
     set; BPTT and cloning: their sharded versions under several processes; anything else (and
     everything on one process) unchanged.
     """
-    from .estimators import BPTTEstimator, ESEstimator
-    from .cloning import CloneEstimator
+    from vsml.estimators.core import BPTTEstimator, ESEstimator
+    from vsml.estimators.cloning import CloneEstimator
     if isinstance(estimator, ESEstimator):
         if ctx.distributed or cfg.member_batch:
             return DistributedESEstimator(estimator.learner, estimator.cfg, ctx, cfg.member_batch)

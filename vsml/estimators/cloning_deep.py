@@ -1,6 +1,6 @@
 """Deep learning-algorithm cloning: every sub-LSTM of every layer of a dense VSML stack imitates one
 weight of a multi-layer perceptron trained by online backprop (vsml.md §3.7, "VSML can implement
-backprop"); the shallow, forward-only case stays in ``vsml/cloning.py``.
+backprop"); the shallow, forward-only case stays in ``vsml/estimators/cloning.py``.
 
 Schedule.  The student runs the backward-pass schedule (vsml.md §1.5) with ``bwd_reset`` (every
 stored backward message is zeroed after the reverse sweep): per example a forward sweep with no
@@ -60,9 +60,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .cloning import CloneConfig, CloneEstimator
-from .config import ConfigError, VSMLConfig
-from .network import EpisodeOutput, VSMLNetwork, _linear, lstm_micro_steps
+from vsml.estimators.cloning import CloneConfig, CloneEstimator
+from vsml.engine.config import ConfigError, VSMLConfig
+from vsml.engine.cell import _linear, lstm_micro_steps
+from vsml.engine.state import EpisodeOutput
+from vsml.engine.network import VSMLNetwork
 
 __all__ = ["DeepCloneEstimator", "TeacherLearner", "check_deep_cloneable", "make_clone_estimator",
            "mlp_sgd_step", "teacher_alphas"]
@@ -225,7 +227,7 @@ class DeepCloneEstimator(CloneEstimator):
 
 
 def make_clone_estimator(net: VSMLNetwork, cfg: CloneConfig, seed: int = 0):
-    """The shallow estimator (vsml/cloning.py) for one forward-only dense layer, the deep one for the
+    """The shallow estimator (vsml/estimators/cloning.py) for one forward-only dense layer, the deep one for the
     backward-pass schedule with ``bwd_reset``; a clear ConfigError otherwise."""
     if net.cfg.backward_pass and net.cfg.bwd_reset:
         return DeepCloneEstimator(net, cfg, seed)
@@ -233,7 +235,7 @@ def make_clone_estimator(net: VSMLNetwork, cfg: CloneConfig, seed: int = 0):
 
 
 class TeacherLearner:
-    """The gradient-descent teacher as a learner (the ``Learner`` protocol of vsml/learner.py), for
+    """The gradient-descent teacher as a learner (the ``Learner`` protocol of vsml/learners/base.py), for
     side-by-side meta-tests with its clone on the *same streams and the same initial weights*.
 
     ``unroll`` draws the VSML initial state with the generator exactly as ``VSMLNetwork.unroll`` does
@@ -259,7 +261,7 @@ class TeacherLearner:
         return self.net.init_state(num_episodes, in_dim, num_classes, generator, dtype, device)
 
     def unroll(self, theta, x, y, num_classes=None, state=None, generator=None) -> EpisodeOutput:
-        from .cloning import sgd_teacher
+        from vsml.estimators.cloning import sgd_teacher
         x = x.reshape(x.shape[0], x.shape[1], -1)                         # [E, T, D]
         e_num, t_len, d = x.shape
         if state is None:
@@ -291,16 +293,16 @@ def compare_with_teacher(checkpoint: str, tasks: str, episodes: int, length: int
                          baselines: str = "") -> dict:
     """Meta-test a cloned θ (run dir, checkpoint, θ file or ``pretrained:NAME``) next to its teacher.
 
-    Both see the same test-split episodes (``vsml.evaluate.evaluate``) and, per batch of episodes, the
+    Both see the same test-split episodes (``vsml.evaluation.evaluate.evaluate``) and, per batch of episodes, the
     same generator, so the teacher's weights start from the clone's own random initial cell state.
     ``alpha``: the teacher's α (default: the run's ``clone.alpha``).  ``baselines``: e.g. "sgd,adam"
-    (the standard linear baselines of vsml/baselines.py, for reference).  Returns evaluate()'s dict.
+    (the standard linear baselines of vsml/learners/baselines.py, for reference).  Returns evaluate()'s dict.
     """
-    import eval as eval_cli  # the repository's eval.py (load_learner)
+    from vsml.evaluation.load import load_learner
 
-    from .evaluate import FrozenLearner, evaluate, parse_task_list, summary_table, write_results
-    from .trainer import config_from_dict
-    name, learner, theta, cfg_dict = eval_cli.load_learner(checkpoint)
+    from vsml.evaluation.evaluate import FrozenLearner, evaluate, parse_task_list, summary_table, write_results
+    from vsml.training.config import config_from_dict
+    name, learner, theta, cfg_dict = load_learner(checkpoint)
     cfg = config_from_dict(cfg_dict)
     alphas = teacher_alphas(cfg.vsml, cfg.clone) if alpha is None else [alpha] * cfg.vsml.num_layers
     a = "/".join(f"{v:g}" for v in alphas)
@@ -308,7 +310,7 @@ def compare_with_teacher(checkpoint: str, tasks: str, episodes: int, length: int
                 FrozenLearner(f"teacher (online {'SGD' if cfg.vsml.num_layers == 1 else 'backprop'}, α={a})",
                               TeacherLearner(cfg.vsml, alphas), torch.zeros(0))]
     if baselines:
-        from .baselines import make_learner
+        from vsml.learners.baselines import make_learner
         for b in [s.strip() for s in baselines.split(",") if s.strip()]:
             bl = make_learner(b)
             learners.append(FrozenLearner(b, bl, bl.init_theta()))
@@ -339,7 +341,7 @@ def teacher_forced_drift(net: VSMLNetwork, theta: torch.Tensor, alphas: list[flo
         est.alphas = list(alphas)
         _, logits = est.loss(theta, x, y, num_classes, generator=None, state=st, return_logits=True)
     else:
-        from .network import readout_fwd
+        from vsml.engine.cell import readout_fwd
         p = net.layer_params(theta)[0]
         h, c = st.h[0], st.c[0]
         err = torch.softmax(teacher.logits, -1) - F.one_hot(y, num_classes).to(x.dtype)   # teacher's e_t
@@ -362,12 +364,12 @@ def drift_report(checkpoint: str, task: str, episodes: int, length: int, seed: i
                  data_dir: str | None = None, alpha: float | None = None) -> dict[str, list[float]]:
     """:func:`teacher_forced_drift` of a cloned θ on test-split episodes of ``task``, averaged over the
     tick windows [1, 10), [10, 30), [30, 100), [100, 300), [300, 1000), [1000, 2000) that fit ``length``."""
-    import eval as eval_cli
+    from vsml.evaluation.load import load_learner
 
     from tasks import make_family
 
-    from .trainer import config_from_dict
-    _, net, theta, cfg_dict = eval_cli.load_learner(checkpoint, compile=False)
+    from vsml.training.config import config_from_dict
+    _, net, theta, cfg_dict = load_learner(checkpoint, compile=False)
     cfg = config_from_dict(cfg_dict)
     alphas = teacher_alphas(cfg.vsml, cfg.clone) if alpha is None else [alpha] * cfg.vsml.num_layers
     b = make_family(task, data_dir=data_dir).sample(episodes, length, seed=seed, split="test")
@@ -402,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
                                                          "its teacher on the first task (teacher_forced_drift)")
     args = ap.parse_args(argv)
     if args.drift:
-        from .evaluate import parse_task_list
+        from vsml.evaluation.evaluate import parse_task_list
         drift_report(args.checkpoint, parse_task_list(args.tasks)[0], args.episodes, args.length, args.seed,
                      args.data_dir, args.alpha)
         return 0

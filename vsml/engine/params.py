@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import SubLSTMConfig, VSMLConfig
+from vsml.engine.config import SubLSTMConfig, VSMLConfig
 
 
 def param_shapes(cell: SubLSTMConfig) -> list[tuple[str, tuple[int, ...]]]:

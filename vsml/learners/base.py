@@ -28,7 +28,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from .network import EpisodeOutput
+from vsml.engine.state import EpisodeOutput
 
 __all__ = [
     "EpisodeOutput",
@@ -45,7 +45,7 @@ __all__ = [
 
 @runtime_checkable
 class Learner(Protocol):
-    """What the estimators (vsml/estimators.py) and the train loop need from a learner.
+    """What the estimators (vsml/estimators/core.py) and the train loop need from a learner.
 
     ``VSMLNetwork`` satisfies it as is.  An optional attribute ``meta_trainable: bool``
     (False for hand-designed learners such as online SGD / Adam, whose θ is empty) is read with

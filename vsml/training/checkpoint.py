@@ -35,7 +35,7 @@ def versions() -> dict[str, str]:
         out["triton"] = str(triton.__version__)
     except Exception:  # noqa: BLE001 - triton is optional
         pass
-    from . import __version__
+    from vsml import __version__
     out["vsml"] = __version__
     return out
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from .badger import BadgerConfig
-from .bptt import BPTTConfig
-from .cloning import CloneConfig
-from .config import SubLSTMConfig, VSMLConfig
-from .es import ESConfig
-from .trainer import EvalConfig, LogConfig, TrainConfig
+from vsml.learners.badger import BadgerConfig
+from vsml.estimators.bptt import BPTTConfig
+from vsml.estimators.cloning import CloneConfig
+from vsml.engine.config import SubLSTMConfig, VSMLConfig
+from vsml.estimators.es import ESConfig
+from vsml.training.config import EvalConfig, LogConfig, TrainConfig
 
 _LN = VSMLConfig(cell=SubLSTMConfig(layer_norm=True))
 

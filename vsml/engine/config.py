@@ -66,7 +66,7 @@ _CONV_RE = re.compile(r"^c(\d+)(?:k(\d+))?(?:s(\d+))?((?:-ref(?:bwd|init))*)$")
 
 @dataclass(frozen=True)
 class ConvSpec:
-    """One convolutional VSML layer (vsml.md §1.9; implemented in ``vsml/conv.py``).
+    """One convolutional VSML layer (vsml.md §1.9; implemented in ``vsml/engine/conv.py``).
 
     One sub-LSTM per (kernel tap, in-channel, out-channel), its state shared by every output
     position; SAME padding (TensorFlow's rule, ``ConvGeometry.pads``) so the output size is
@@ -189,7 +189,7 @@ class VSMLConfig:
         output_idx: forward-message element read out as the logit (reference 1).
         error_idx: backward-message element carrying the error (reference 0).
         label_idx: backward-message element carrying the label when ``feed_label`` (reference 1).
-        conv: convolutional VSML layers before the dense ones (vsml.md §1.9, ``vsml/conv.py``), e.g.
+        conv: convolutional VSML layers before the dense ones (vsml.md §1.9, ``vsml/engine/conv.py``), e.g.
             ``(ConvSpec(8, 3, 2),)`` or the strings ``("c8k3s2",)``; ``()`` = dense only.
         image_shape: how a flat input of D features is viewed by the first conv layer: ``(H, W)`` or
             ``(H, W, C)`` (channel-last, the order of the flattening); ``()`` = a square single-channel

@@ -1,0 +1,1 @@
+"""Meta-gradient estimators: ES, PES / truncated ES, BPTT, BMG, learning-algorithm cloning."""

@@ -1,0 +1,1 @@
+"""Evaluation: the meta-test protocol driver, Badger analyses during meta-test, plots."""

@@ -1,0 +1,33 @@
+"""Load a trained learner from a run directory, a ``.pt`` checkpoint, a θ ``.safetensors`` file or
+``pretrained:NAME`` (used by ``eval.py``, deep-cloning comparisons and the studies)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def load_learner(path: str, device: str = "cpu", compile: bool = True):
+    """(name, learner, θ, train config dict) from a run dir, a .pt checkpoint or a θ .safetensors file."""
+    import torch
+
+    from vsml.training.checkpoint import CheckpointError, load_checkpoint, load_theta
+    from vsml.training.config import config_from_dict
+    from vsml.learners.registry import build_learner
+    if path.startswith("pretrained:"):
+        from vsml.pretrained import path as pretrained_path
+        path = str(pretrained_path(path.split(":", 1)[1]))
+    p = Path(path)
+    if p.suffix == ".safetensors" or (p.is_dir() and (p / "theta.safetensors").exists()
+                                      and not (p / "checkpoints" / "last.pt").exists()):
+        theta, cfg_dict, _ = load_theta(p if p.suffix == ".safetensors" else p / "theta.safetensors")
+    else:
+        ck = load_checkpoint(p)
+        theta, cfg_dict = ck["theta"], ck["config"]
+    cfg = config_from_dict(cfg_dict)
+    from dataclasses import replace
+    cfg = replace(cfg, compile=compile, device=device)
+    learner = build_learner(cfg)
+    want = tuple(learner.init_theta().shape)
+    if tuple(theta.shape) != want:
+        raise CheckpointError(f"{path}: θ has shape {list(theta.shape)} but its config ({cfg.learner}) needs {list(want)}")
+    return cfg.learner, learner, theta.to(device=device, dtype=torch.float32), cfg_dict

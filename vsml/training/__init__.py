@@ -1,0 +1,1 @@
+"""Training machinery: the loop, checkpoints, loggers, torch.distributed, presets, the config CLI."""

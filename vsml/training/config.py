@@ -1,0 +1,138 @@
+"""The typed configuration of a meta-training run (``TrainConfig`` and its sections), one place for
+validation, and the dict round trip used by ``config.json`` and every checkpoint."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from vsml.engine.config import ConfigError, VSMLConfig
+from vsml.estimators.bmg import BMGConfig
+from vsml.estimators.bptt import BPTTConfig
+from vsml.estimators.cloning import CloneConfig
+from vsml.estimators.es import ESConfig
+from vsml.estimators.pes import PESConfig
+from vsml.learners.badger import BadgerConfig
+from vsml.learners.baselines import MetaRNNConfig
+from vsml.training.checkpoint import CheckpointError
+from vsml.training.distributed import DistConfig
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Meta-test during training (held-out families, test split)."""
+
+    tasks: str = "digits"             # task specs separated by ';'
+    every: int = 100                  # meta-steps between meta-tests (0: only at the end)
+    episodes: int = 16
+    length: int = 500
+    seed: int = 22
+    baselines: str = ""               # e.g. "sgd,adam": also run these at the final meta-test
+
+    def __post_init__(self):
+        if self.every < 0 or self.episodes < 1 or self.length < 1:
+            raise ConfigError(f"eval.every >= 0, eval.episodes >= 1, eval.length >= 1 required; got "
+                              f"{self.every}, {self.episodes}, {self.length}")
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    every: int = 10                   # meta-steps between log lines / metrics rows
+    wandb: Literal["disabled", "offline", "online"] = "disabled"
+    project: str = "vsml"
+    progress: bool = True             # tqdm bar (off automatically when not a TTY)
+
+    def __post_init__(self):
+        if self.every < 1:
+            raise ConfigError(f"log.every must be >= 1, got {self.every}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One meta-training run.  ``lr`` defaults by estimator (ES 0.025, BPTT/BMG 1e-3) when None."""
+
+    name: str = "run"
+    learner: Literal["vsml", "metarnn", "hebbian", "badger"] = "vsml"
+    vsml: VSMLConfig = field(default_factory=VSMLConfig)
+    badger: BadgerConfig = field(default_factory=BadgerConfig)   # Micro-Badger (vsml/learners/badger.py)
+    metarnn: MetaRNNConfig = field(default_factory=MetaRNNConfig)   # learner=metarnn (vsml/learners/baselines.py)
+    estimator: Literal["es", "bptt", "pes", "tes", "bmg"] = "es"   # tes: truncated ES; bmg: bootstrapped
+    es: ESConfig = field(default_factory=ESConfig)
+    pes: PESConfig = field(default_factory=lambda: PESConfig(particles=32, truncation=20, horizon=100))
+    bptt: BPTTConfig = field(default_factory=BPTTConfig)
+    bmg: BMGConfig = field(default_factory=BMGConfig)   # estimator=bmg (vsml/estimators/bmg.py)
+    clone: CloneConfig = field(default_factory=CloneConfig)   # supervised warm start (steps 0: none)
+    init_from: str | None = None      # start θ from a θ file / run directory (e.g. a shipped learner)
+    lr: float | None = None
+    weight_decay: float = 0.0
+    task: str = "digits+proj"         # meta-training family spec (train split)
+    episode_length: int = 100
+    meta_batch: int = 16              # BPTT: episodes per meta-step (ES: es.pairs data episodes)
+    steps: int = 200                  # meta-training steps (after clone.steps cloning steps)
+    seed: int = 0
+    device: str = "cpu"
+    compile: bool = True              # torch.compile the no-grad VSML tick (ES, meta-test)
+    data_dir: str | None = None
+    out_dir: str = "runs"
+    ckpt_every: int = 50
+    keep_checkpoints: bool = False    # also keep step_<n>.pt next to last.pt
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    dist: DistConfig = field(default_factory=DistConfig)   # torchrun settings (vsml/training/distributed.py)
+
+    def __post_init__(self):
+        if self.clone.steps and (self.learner != "vsml"):
+            raise ConfigError("clone.steps > 0 needs learner=vsml (cloning makes sub-LSTMs imitate SGD weights)")
+        from tasks.guessing import is_guessing_spec     # learner=badger <-> Guessing-Game tasks
+        if self.learner == "badger" and not is_guessing_spec(self.task):
+            raise ConfigError(f"learner=badger needs a Guessing-Game task (guessing[n=3], guessing[n=3-6], "
+                              f"sinusoid[n=41,k=1-5]); got task={self.task!r}. Try --preset badger")
+        if self.learner != "badger" and is_guessing_spec(self.task):
+            raise ConfigError(f"task={self.task!r} is a Guessing-Game task: it needs --learner badger "
+                              f"(the other learners are classifiers)")
+        for name in ("episode_length", "meta_batch", "steps"):
+            if getattr(self, name) < (0 if name == "steps" and self.clone.steps else 1):  # steps 0: cloning only
+                raise ConfigError(f"{name} must be >= 1 (steps >= 0 with clone.steps > 0), got {getattr(self, name)}")
+        if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ConfigError(f"lr must be a positive number, got {self.lr}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.estimator == "bmg" and self.episode_length < self.bmg.episode_length:
+            raise ConfigError(f"estimator=bmg needs episode_length >= bmg.k_steps + bmg.l_steps + bmg.probe = "
+                              f"{self.bmg.episode_length}, got {self.episode_length}")
+        if self.ckpt_every < 0:
+            raise ConfigError(f"ckpt_every must be >= 0, got {self.ckpt_every}")
+
+    @property
+    def resolved_lr(self) -> float:
+        return self.lr if self.lr is not None else (1e-3 if self.estimator in ("bptt", "bmg") else 0.025)
+
+    @property
+    def total_steps(self) -> int:
+        return self.clone.steps + self.steps
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["resolved_lr"] = self.resolved_lr
+        return d
+
+
+def config_from_dict(d: dict[str, Any]) -> TrainConfig:
+    """Rebuild a TrainConfig from its ``to_dict`` (tolerates derived keys; rejects unknown ones)."""
+    d = {k: v for k, v in d.items() if k != "resolved_lr"}
+    sub = {"vsml": VSMLConfig.from_dict, "es": lambda v: ESConfig(**v), "bptt": lambda v: BPTTConfig(**v),
+           "clone": lambda v: CloneConfig(**v), "pes": lambda v: PESConfig(**v), "bmg": lambda v: BMGConfig(**v),
+           "eval": lambda v: EvalConfig(**v), "log": lambda v: LogConfig(**v),
+           "dist": lambda v: DistConfig(**v)}
+    sub["badger"] = BadgerConfig.from_dict
+    sub["metarnn"] = lambda v: MetaRNNConfig(**v)
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = set(d) - known
+    if unknown:
+        raise CheckpointError(f"config has unknown keys {sorted(unknown)}; it was written by another vsml version")
+    for k, fn in sub.items():
+        if k in d and isinstance(d[k], dict):
+            d[k] = fn(d[k])
+    return TrainConfig(**d)
