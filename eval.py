@@ -11,44 +11,48 @@ curve with its 95% band) and one PNG learning-curve plot per task, and prints a 
 
 from __future__ import annotations
 
-import argparse
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from vsml.evaluation.load import load_learner
 
 
+@dataclass(frozen=True)
+class EvalArgs:
+    """Meta-test options (every flag: ``python eval.py --help``)."""
+
+    checkpoint: str | None = None   # run directory, checkpoint .pt, θ .safetensors, or pretrained:NAME (see --list_pretrained)
+    list_pretrained: bool = False   # list the shipped learners and exit
+    tasks: str | None = None        # task specs separated by ';' (default: the run's eval tasks)
+    baselines: str = "sgd,adam"     # comma-separated baselines ('' for none)
+    episodes: int | None = None     # episodes per task (default 16; a badger run: its eval.episodes)
+    length: int | None = None       # examples per episode (T) (default 2000; a badger run: its eval.length inner steps)
+    seed: int = 22
+    smooth: int = 25                # trailing window (steps) each episode's curve is averaged over before the band
+    out: str | None = None          # output folder (default <run>/eval or eval_out)
+    data_dir: str | None = None     # folder with the dataset files (or set VSML_DATA_DIR)
+    device: str = "cpu"
+    no_compile: bool = False        # eager PyTorch path (no torch.compile)
+    no_plot: bool = False
+
+    def __post_init__(self):
+        if (self.episodes is not None and self.episodes < 1) or (self.length is not None and self.length < 1):
+            raise ValueError(f"--episodes and --length must be >= 1, got {self.episodes} and {self.length}")
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", default=None,
-                    help="run directory, checkpoint .pt, θ .safetensors, or pretrained:NAME (a shipped learner, "
-                         "see --list-pretrained)")
-    ap.add_argument("--list-pretrained", action="store_true", help="list the shipped learners and exit")
-    ap.add_argument("--tasks", default=None, help="task specs separated by ';' (default: the run's eval tasks)")
-    ap.add_argument("--baselines", default="sgd,adam", help="comma-separated baselines ('' for none)")
-    ap.add_argument("--episodes", type=int, default=None, help="episodes per task (default 16; a badger run: "
-                    "its eval.episodes)")
-    ap.add_argument("--length", type=int, default=None, help="examples per episode (T) (default 2000; a badger "
-                    "run: its eval.length inner steps)")
-    ap.add_argument("--seed", type=int, default=22)
-    ap.add_argument("--smooth", type=int, default=25,
-                    help="trailing window (steps) each episode's curve is averaged over before the band")
-    ap.add_argument("--out", default=None, help="output folder (default <run>/eval or eval_out)")
-    ap.add_argument("--data_dir", default=None, help="folder with the dataset files (or set VSML_DATA_DIR)")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--no-compile", action="store_true", help="eager PyTorch path (no torch.compile)")
-    ap.add_argument("--no-plot", action="store_true")
-    args = ap.parse_args(argv)
+    from vsml.training.cli import fail, parse
+
+    args = parse(EvalArgs, argv, prog="eval.py", description=__doc__)
     if args.list_pretrained:
         from vsml.pretrained import HERE, available
         for name in available():
             print(f"pretrained:{name}    (model card: {HERE / (name + '.md')})")
         return 0
-    if (args.episodes is not None and args.episodes < 1) or (args.length is not None and args.length < 1):
-        ap.error("--episodes and --length must be >= 1")
     user_episodes, user_length = args.episodes, args.length     # None: not given (a badger run uses its own)
-    args.episodes = 16 if args.episodes is None else args.episodes
-    args.length = 2000 if args.length is None else args.length
+    episodes = 16 if args.episodes is None else args.episodes
+    length = 2000 if args.length is None else args.length
 
     from vsml.learners.baselines import make_learner
     from vsml.training.checkpoint import CheckpointError
@@ -77,11 +81,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if not learners:
-        ap.error("nothing to evaluate: pass --checkpoint and/or --baselines")
+        fail("eval.py", "nothing to evaluate: pass --checkpoint and/or --baselines")
     tasks = tasks or "digits"
     from tasks import DatasetError
     try:
-        res = evaluate(learners, parse_task_list(tasks), args.episodes, args.length, args.seed, args.data_dir,
+        res = evaluate(learners, parse_task_list(tasks), episodes, length, args.seed, args.data_dir,
                        smooth=max(1, args.smooth))
     except (DatasetError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

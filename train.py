@@ -14,40 +14,51 @@ meta-test (meta_test/results.json + PNG curves).
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class TrainArgs:
+    """Options of this command line that are not part of the run's config."""
+
+    # resume a run directory (or checkpoint .pt); its saved config is the starting point, with any flags
+    # given here applied on top (e.g. a larger --steps)
+    resume: str | None = None
 
 
 def main(argv: list[str] | None = None) -> int:
-    from vsml.training.checkpoint import CheckpointError, load_checkpoint
-    from vsml.training.cli import parse_config
-    from vsml.engine.config import ConfigError
-    from vsml.training.presets import PRESETS
     from tasks import DatasetError
+    from vsml.engine.config import ConfigError
+    from vsml.training.checkpoint import CheckpointError, load_checkpoint
+    from vsml.training.cli import parse, parse_config
     from vsml.training.config import config_from_dict
+    from vsml.training.presets import PRESETS
     from vsml.training.trainer import train
-
-    def extra(p):
-        p.add_argument("--resume", default=None, metavar="RUN",
-                       help="resume a run directory (or checkpoint .pt); its saved config is used, "
-                            "with any flags given here applied on top (e.g. a larger --steps)")
 
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        if "--resume" in argv or any(a.startswith("--resume=") for a in argv):
+        presets, default = PRESETS, "default"
+        if any(a == "--resume" or a.startswith("--resume=") for a in argv):
             # start from the saved config, then apply the user's overrides
-            import argparse
-            p = argparse.ArgumentParser(add_help=False)
-            p.add_argument("--resume")
-            ns, _ = p.parse_known_args(argv)
-            saved = config_from_dict(load_checkpoint(ns.resume)["config"])
-            presets = {"resumed": ("the config saved in the checkpoint", saved), **PRESETS}
-            cfg, ns = parse_config(argv, presets, "resumed", __doc__, extra)
-        else:
-            cfg, ns = parse_config(argv, PRESETS, "default", __doc__, extra)
-        train(cfg, resume=ns.resume)
+            resume = parse(TrainArgs, _resume_tokens(argv), prog="train.py").resume
+            saved = config_from_dict(load_checkpoint(resume)["config"])
+            presets, default = {"resumed": ("the config saved in the checkpoint", saved), **PRESETS}, "resumed"
+        cfg, extra = parse_config(argv, presets, default, __doc__, TrainArgs, prog="train.py")
+        train(cfg, resume=extra.resume)
     except (ConfigError, CheckpointError, DatasetError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def _resume_tokens(argv: list[str]) -> list[str]:
+    """The ``--resume RUN`` / ``--resume=RUN`` tokens of ``argv``."""
+    for i, a in enumerate(argv):
+        if a.startswith("--resume="):
+            return [a]
+        if a == "--resume":
+            return argv[i:i + 2]
+    return []
 
 
 if __name__ == "__main__":

@@ -1,151 +1,295 @@
-"""Command-line parsing for nested config dataclasses, with named presets.
+"""Command lines from typed config dataclasses, built with tyro (https://brentyi.github.io/tyro).
 
-A dataclass field ``es.sigma`` becomes the flag ``--es.sigma``; booleans take ``true/false``;
-tuples take comma-separated values (``--vsml.hidden_sizes 32`` or ``--vsml.hidden_sizes ""``).
-``--preset NAME`` picks a starting config; every other flag overrides a field of it.
-``--help`` lists the presets and every field with its type and the preset's value.
+Every CLI of the project (train.py, eval.py, ``python -m tasks``, the experiments, the cloning_deep
+meta-test) is a dataclass plus one call into this module; the flags are derived from the dataclass
+fields, so a field added to a config appears on every command line that uses it.
+
+Conventions (the same for every CLI):
+
+* a nested field ``es.sigma`` is the flag ``--es.sigma``; names keep their underscores
+  (``--data_dir``); the hyphen spelling (``--data-dir``, ``--no-compile``) is accepted too;
+* tuples take one comma-separated value: ``--vsml.hidden_sizes 32,64``, ``--vsml.hidden_sizes ""``,
+  ``--vsml.conv c8k3s2,c16k3s1`` (element types with a ``parse`` classmethod, such as ``ConvSpec``,
+  are built with it);
+* ``X | None`` fields take ``none`` / ``null`` for None;
+* config CLIs (``parse_config``) take booleans as values (``--log.progress false``; also 1/0, yes/no,
+  on/off); script CLIs (``parse``) use plain switches (``--no_plot``) unless ``bool_values=True``;
+* ``--preset NAME`` picks the starting config and every other flag overrides one of its fields; the
+  config is built (and its ``__post_init__`` validation runs) once, after all flags are applied;
+* a mistake (unknown flag, bad value, unknown preset, a config the dataclasses reject) prints ONE line
+  ``<prog>: error: ...`` with the fix and exits with code 2; ``--help`` lists presets and every field
+  with the value it takes in the chosen preset (``--preset NAME --help``).
 """
 
 from __future__ import annotations
 
-import argparse
+import contextlib
 import dataclasses
+import difflib
+import inspect
+import io
+import os
+import re
+import sys
 import types
 import typing
-from typing import Any, Callable, Literal, get_args, get_origin, get_type_hints
+from collections.abc import Sequence
+from typing import Annotated, Any, Literal, get_args, get_origin, get_type_hints
+
+import tyro
+from tyro import _errors as _tyro_errors   # parse-error events (private API: tyro pinned to 1.0.x)
+from tyro.constructors import ConstructorRegistry, PrimitiveConstructorSpec, PrimitiveTypeInfo
+
+__all__ = ["CliError", "parse", "parse_config", "fail", "flags_of"]
+
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
 
 
-def _field_types(cls) -> dict[str, Any]:
-    return get_type_hints(cls)
+class CliError(SystemExit):
+    """A command-line mistake: raised as ``SystemExit(2)`` after its one-line message is printed."""
+
+    def __init__(self, message: str):
+        super().__init__(2)
+        self.message = message
 
 
-def flatten(cfg: Any, prefix: str = "") -> dict[str, tuple[Any, Any]]:
-    """{dotted name: (type, value)} for every leaf field of a (nested) dataclass instance."""
-    out: dict[str, tuple[Any, Any]] = {}
-    hints = _field_types(type(cfg))
-    for f in dataclasses.fields(cfg):
-        v = getattr(cfg, f.name)
-        name = prefix + f.name
-        if dataclasses.is_dataclass(v):
-            out.update(flatten(v, name + "."))
-        else:
-            out[name] = (hints[f.name], v)
-    return out
+def fail(prog: str, message: str) -> typing.NoReturn:
+    """Print ``<prog>: error: <message>`` on one line and exit with code 2."""
+    print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
+    raise CliError(message)
 
+
+# ------------------------------------------------------------------------------------------------------
+# value parsing rules (a tyro constructor registry: the dataclasses themselves carry no CLI annotations)
 
 def _parse_bool(s: str) -> bool:
     t = s.strip().lower()
-    if t in ("1", "true", "yes", "on"):
+    if t in _TRUE:
         return True
-    if t in ("0", "false", "no", "off"):
+    if t in _FALSE:
         return False
-    raise argparse.ArgumentTypeError(f"expected true/false, got {s!r}")
+    raise ValueError(f"expected true/false (or 1/0, yes/no, on/off), got {s!r}")
 
 
-def _converter(tp: Any) -> Callable[[str], Any]:
-    origin, args = get_origin(tp), get_args(tp)
+def _element_parser(tp: Any):
     if tp is bool:
         return _parse_bool
     if tp in (int, float, str):
         return tp
-    if origin is Literal:
-        def lit(s: str):
-            for a in args:
-                if str(a) == s:
-                    return a
-            raise argparse.ArgumentTypeError(f"expected one of {', '.join(map(str, args))}; got {s!r}")
-        return lit
-    if origin in (typing.Union, types.UnionType):
+    if isinstance(tp, type) and callable(getattr(tp, "parse", None)):
+        return tp.parse
+    return None
+
+
+def _registry(bool_values: bool) -> ConstructorRegistry:
+    reg = ConstructorRegistry()
+
+    if bool_values:
+        @reg.primitive_rule
+        def _bool_rule(info: PrimitiveTypeInfo):
+            if info.type is not bool:
+                return None
+            return PrimitiveConstructorSpec(
+                nargs=1, metavar="{true,false}", instance_from_str=lambda a: _parse_bool(a[0]),
+                is_instance=lambda x: isinstance(x, bool), str_from_instance=lambda x: [str(x).lower()])
+
+    @reg.primitive_rule
+    def _tuple_rule(info: PrimitiveTypeInfo):       # tuple[X, ...] <- "a,b,c"
+        if info.type_origin is not tuple:
+            return None
+        args = get_args(info.type)
+        if len(args) != 2 or args[1] is not Ellipsis:
+            return None
+        conv = _element_parser(args[0])
+        if conv is None:
+            return None
+        name = getattr(args[0], "__name__", "X").upper()
+
+        def from_str(a: list[str]) -> tuple:
+            return tuple(conv(p.strip()) for p in a[0].split(",") if p.strip())
+        return PrimitiveConstructorSpec(
+            nargs=1, metavar=f"{name},...", instance_from_str=from_str,
+            is_instance=lambda x: isinstance(x, tuple),
+            str_from_instance=lambda x: [",".join(str(v).lower() if isinstance(v, bool) else str(v) for v in x)])
+
+    @reg.primitive_rule
+    def _optional_rule(info: PrimitiveTypeInfo):     # X | None <- "none" / "null" or an X
+        if info.type_origin not in (typing.Union, types.UnionType):
+            return None
+        args = get_args(info.type)
         inner = [a for a in args if a is not type(None)]
-        conv = _converter(inner[0])
+        if len(args) != 2 or len(inner) != 1:
+            return None
+        conv = _element_parser(inner[0])
+        if conv is None:
+            return None
+        name = getattr(inner[0], "__name__", "X").upper()
 
-        def opt(s: str):
-            return None if s.strip().lower() in ("none", "null") else conv(s)
-        return opt
-    if origin is tuple:
-        elem = _converter(args[0]) if args else str
-
-        def tup(s: str):
-            return tuple(elem(p.strip()) for p in s.split(",") if p.strip())
-        return tup
-    return str
-
-
-def _type_name(tp: Any) -> str:
-    origin, args = get_origin(tp), get_args(tp)
-    if origin is Literal:
-        return "{" + ",".join(map(str, args)) + "}"
-    if origin is tuple:
-        return "comma-list"
-    if origin in (typing.Union, types.UnionType):
-        return "|".join(_type_name(a) for a in args)
-    return getattr(tp, "__name__", str(tp))
+        def from_str(a: list[str]):
+            return None if a[0].strip().lower() in ("none", "null") else conv(a[0])
+        return PrimitiveConstructorSpec(
+            nargs=1, metavar=f"{name}|none", instance_from_str=from_str,
+            is_instance=lambda x: x is None or isinstance(x, inner[0]),
+            str_from_instance=lambda x: ["none" if x is None else str(x)])
+    return reg
 
 
-def replace_dotted(cfg: Any, name: str, value: Any) -> Any:
-    """Return a copy of ``cfg`` with the dotted field ``name`` set to ``value``."""
-    head, _, rest = name.partition(".")
-    if rest:
-        return dataclasses.replace(cfg, **{head: replace_dotted(getattr(cfg, head), rest, value)})
-    return dataclasses.replace(cfg, **{head: value})
+# ------------------------------------------------------------------------------------------------------
+# flags and errors
 
-
-def parse_config(argv: list[str] | None, presets: dict[str, tuple[str, Any]], default_preset: str,
-                 description: str, extra: Callable[[argparse.ArgumentParser], None] | None = None
-                 ) -> tuple[Any, argparse.Namespace]:
-    """Parse ``argv`` into (config, namespace of the extra arguments).
-
-    presets: {name: (one-line description, config instance)}.
-    """
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--preset", default=default_preset)
-    known, _ = pre.parse_known_args(argv)
-    if known.preset not in presets:
-        raise SystemExit(f"unknown preset {known.preset!r}; choose one of: {', '.join(presets)}")
-    base = presets[known.preset][1]
-
-    epilog = "presets:\n" + "\n".join(f"  {n:<14} {d}" for n, (d, _) in presets.items())
-    parser = argparse.ArgumentParser(description=description, epilog=epilog,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default=default_preset, choices=list(presets),
-                        help=f"starting config (default {default_preset}); flags below override it")
-    if extra is not None:
-        extra(parser)
-    group = parser.add_argument_group(f"config fields (values shown are preset {known.preset!r})")
-    leaves = flatten(base)
-    for name, (tp, value) in leaves.items():
-        shown = ",".join(map(str, value)) if isinstance(value, tuple) else value
-        group.add_argument(f"--{name}", dest=f"cfg__{name}", type=_converter(tp), default=None,
-                           metavar=_type_name(tp), help=f"(default: {shown})")
-    ns = parser.parse_args(argv)
-    # apply every override to a plain dict first, then build (and validate) the config once, so that
-    # flags that are only consistent together (e.g. --learner metarnn --clone.steps 0) are accepted
-    values = dataclasses.asdict(base)
-    given = []
-    for name in leaves:
-        v = getattr(ns, f"cfg__{name}")
-        if v is not None:
-            d = values
-            *path, last = name.split(".")
-            for part in path:
-                d = d[part]
-            d[last] = v
-            given.append(f"--{name}={v!r}")
-    try:
-        cfg = rebuild(type(base), values)
-    except (ValueError, TypeError) as exc:
-        parser.error(f"{exc} (flags given: {' '.join(given) or 'none'})")
-    return cfg, ns
-
-
-def rebuild(cls, values: dict[str, Any]) -> Any:
-    """Construct a (nested) dataclass from ``dataclasses.asdict``-style values (inner configs first)."""
-    hints = _field_types(cls)
-    kwargs = {}
+def flags_of(cls: Any, prefix: str = "") -> list[str]:
+    """Every flag (``--a.b``) a dataclass type yields: its leaf fields, nested dataclasses dotted."""
+    out = []
+    hints = get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        v = values[f.name]
         tp = hints[f.name]
-        if isinstance(v, dict) and isinstance(tp, type) and dataclasses.is_dataclass(tp):
-            v = rebuild(tp, v)
-        kwargs[f.name] = v
-    return cls(**kwargs)
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+            out += flags_of(tp, prefix + f.name + ".")
+        else:
+            out.append(f"--{prefix}{f.name}")
+    return out
+
+
+def _normalise(argv: Sequence[str]) -> list[str]:
+    """``--data-dir`` -> ``--data_dir`` (the flags are the field names; the hyphen form is an alias)."""
+    out = []
+    for a in argv:
+        if a.startswith("--") and len(a) > 2 and a != "--":
+            name, eq, value = a.partition("=")
+            a = "--" + name[2:].replace("-", "_") + eq + value
+        out.append(a)
+    return out
+
+
+def _flag(argument: Any) -> str:
+    try:
+        return argument.lowered.name_or_flags[-1]
+    except Exception:  # noqa: BLE001  (tyro internals: best effort)
+        return str(argument)
+
+
+class _Reject(Exception):
+    pass
+
+
+def _hook(known: list[str]):
+    ev = _tyro_errors
+
+    def hook(event: Any) -> None:
+        if isinstance(event, ev.UnrecognizedArgs):
+            raise _Reject(_unknown(event.tokens, known))
+        if isinstance(event, ev.InvalidChoice):
+            raise _Reject(f"{_flag(event.argument)}: expected one of {', '.join(event.choices)}; "
+                          f"got {event.value!r}")
+        if isinstance(event, ev.BadValue):
+            got = "" if event.offending_value is None else f", got {event.offending_value!r}"
+            raise _Reject(f"{_flag(event.argument)} needs a value ({event.argument.lowered.metavar}){got}")
+        if isinstance(event, ev.MissingArgs):
+            names = ", ".join(_flag(a.arg) for a in event.missing_arguments)
+            raise _Reject(f"missing required argument(s): {names}")
+        if isinstance(event, ev.InstantiationFailure):
+            where = f"{_flag(event.argument)}: " if event.argument is not None else ""
+            raise _Reject(where + " ".join(str(event.message).split()))
+    return hook
+
+
+def _unknown(tokens: list[str], known: list[str]) -> str:
+    flags = [t for t in tokens if t.startswith("-")]
+    if not flags:
+        return f"unexpected argument(s) {' '.join(tokens)}"
+    bad = flags[0].split("=")[0]
+    near = difflib.get_close_matches(bad, known, n=1, cutoff=0.6)
+    hint = f"; did you mean {near[0]}?" if near else ""
+    return f"unknown flag {bad}{hint}"
+
+
+_BOX = re.compile(r"[│╭╮╰╯─]+")
+
+
+def _condense(text: str) -> str:
+    """tyro's own error box -> one line (used only for events the hook does not know)."""
+    lines = [_BOX.sub(" ", ln).strip() for ln in text.splitlines()]
+    lines = [ln for ln in lines if ln and not ln.lower().startswith(("for full helptext", "usage:"))]
+    return " ".join(" ".join(lines[:3]).split()) or "invalid arguments"
+
+
+def parse(cls: type, argv: Sequence[str] | None = None, *, prog: str | None = None,
+          description: str | None = None, default: Any = None, bool_values: bool = False) -> Any:
+    """Parse ``argv`` into an instance of the dataclass ``cls`` (``default``: an instance whose values
+    are the defaults).  Errors: one line on stderr, ``SystemExit(2)``."""
+    prog = prog or os.path.basename(sys.argv[0]) or "prog"
+    args = _normalise(sys.argv[1:] if argv is None else argv)
+    return _run(cls, args, prog, _all_flags(cls), bool_values, description, default)
+
+
+def _run(cls: type, args: list[str], prog: str, flags: list[str], bool_values: bool,
+         description: str | None = None, default: Any = None) -> Any:
+    markers = [tyro.conf.FlagConversionOff] if bool_values else [tyro.conf.FlagCreatePairsOff]
+    kwargs: dict[str, Any] = {} if default is None else {"default": default}
+    err = io.StringIO()
+    try:
+        with _tyro_errors.on_parse_error(_hook(["--help", *flags])), contextlib.redirect_stderr(err):
+            return tyro.cli(cls, args=args, prog=prog, description=description and inspect.cleandoc(description),
+                            use_underscores=True, registry=_registry(bool_values), config=markers, **kwargs)
+    except _Reject as exc:
+        fail(prog, f"{exc} (see {prog} --help)")
+    except ValueError as exc:      # __post_init__ of a top-level config (tyro re-raises those as they are)
+        fail(prog, " ".join(str(exc).split()))
+    except SystemExit as exc:
+        if exc.code in (0, None):
+            raise
+        fail(prog, f"{_condense(err.getvalue())} (see {prog} --help)")
+
+
+def _all_flags(cls: type) -> list[str]:
+    try:
+        return flags_of(cls)
+    except Exception:  # noqa: BLE001  (a union of subcommand types: no flat flag list)
+        return []
+
+
+# ------------------------------------------------------------------------------------------------------
+# config + presets
+
+def _preset_arg(argv: list[str]) -> str | None:
+    for i, a in enumerate(argv):
+        if a == "--preset":
+            return argv[i + 1] if i + 1 < len(argv) else None
+        if a.startswith("--preset="):
+            return a.split("=", 1)[1]
+    return None
+
+
+def parse_config(argv: Sequence[str] | None, presets: dict[str, tuple[str, Any]], default_preset: str,
+                 description: str = "", extra: type | None = None, *, prog: str | None = None
+                 ) -> tuple[Any, Any]:
+    """Parse ``argv`` into (config, extra options).
+
+    presets: {name: (one-line description, config instance)}; ``--preset NAME`` picks the starting
+    config (default ``default_preset``), every other config flag overrides one of its fields.
+    extra: an optional dataclass of command-line-only options (e.g. train.py's ``--resume``); its
+    fields are flags at the top level next to the config's.  Returns (config, extra instance or None).
+    """
+    prog = prog or os.path.basename(sys.argv[0]) or "prog"
+    args = _normalise(sys.argv[1:] if argv is None else argv)
+    name = _preset_arg(args) or default_preset
+    if name not in presets:
+        fail(prog, f"unknown preset {name!r}; choose one of: {', '.join(presets)}")
+    base = presets[name][1]
+    cfg_cls = type(base)
+    epilog = "presets: (--preset NAME; the defaults shown below are the chosen preset's values)\n" + "\n".join(
+        f"  {n:<12} {d}" for n, (d, _) in presets.items())
+    fields: list[tuple[str, Any, Any]] = [
+        ("preset", Annotated[Literal[tuple(presets)], tyro.conf.arg(  # type: ignore[misc]
+            help=f"starting config (default {default_preset}); every other flag overrides one of its fields")],
+         dataclasses.field(default=name)),
+        ("config", Annotated[cfg_cls, tyro.conf.arg(name="")], dataclasses.field(default=base)),
+    ]
+    if extra is not None:
+        fields.append(("extra", Annotated[extra, tyro.conf.arg(name="")], dataclasses.field(default=extra())))
+    args_cls = dataclasses.make_dataclass(f"{cfg_cls.__name__}Args", fields, frozen=True)
+    description = f"{inspect.cleandoc(description or '')}\n\n{epilog}"
+    flags = ["--preset", *flags_of(cfg_cls), *(flags_of(extra) if extra is not None else [])]
+    out = _run(args_cls, args, prog, flags, True, description)
+    return out.config, (out.extra if extra is not None else None)
