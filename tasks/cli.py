@@ -1,4 +1,5 @@
-"""Command-line helpers: shared argparse options for the train / eval scripts, and ``python -m tasks``.
+"""``python -m tasks`` (one dataclass per subcommand, parsed by ``vsml.training.cli``) and argparse options
+for scripts that build task families from flags.
 
 ``python -m tasks list``                       names, modifiers, presets and eval suites
 ``python -m tasks show SPEC [--split test]``   sample one small batch and print its shapes and label counts
@@ -12,6 +13,10 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Annotated, Literal, Union
+
+from tyro.conf import Positional, arg, subcommand
 
 from .base import SPLITS, TaskFamily
 from .datasets import DATASETS, IMAGE_DATASETS, default_cache_dir, find_dataset_files
@@ -52,7 +57,48 @@ def eval_families_from_args(args: argparse.Namespace) -> dict[str, TaskFamily]:
             for spec in eval_suite(args.eval_tasks)}
 
 
-def _cmd_list(_: argparse.Namespace) -> int:
+@dataclass(frozen=True)
+class ListCmd:
+    """names, modifiers, presets, eval suites"""
+
+
+@dataclass(frozen=True)
+class ShowCmd:
+    """sample a small batch of a spec"""
+
+    spec: Annotated[str, arg(metavar="SPEC"), Positional]   # a task spec, e.g. mix:digits,sum+resize14
+    split: Literal[SPLITS] = "train"  # noqa: F821
+    episodes: int = 2
+    length: int = 100
+    seed: int = 0
+    data_dir: str | None = None       # folder with the dataset files (also $VSML_DATA_DIR)
+    offline: bool = False             # never download (same as VSML_OFFLINE=1)
+
+
+@dataclass(frozen=True)
+class DownloadCmd:
+    """fetch, verify and decode datasets"""
+
+    names: Annotated[list[str], arg(metavar="NAME"), Positional]   # dataset names, e.g. mnist fashion_mnist
+    data_dir: str | None = None       # where to put them (default: the user cache or $VSML_DATA_DIR)
+
+    def __post_init__(self):
+        if not self.names:
+            raise ValueError("name at least one dataset, e.g. python -m tasks download mnist")
+
+
+@dataclass(frozen=True)
+class CheckCmd:
+    """which datasets are available offline"""
+
+    data_dir: str | None = None       # also look here (then $VSML_DATA_DIR, the user cache)
+
+
+Command = Union[Annotated[ListCmd, subcommand("list")], Annotated[ShowCmd, subcommand("show")],
+                Annotated[DownloadCmd, subcommand("download")], Annotated[CheckCmd, subcommand("check")]]
+
+
+def _cmd_list(_: ListCmd) -> int:
     print("task names:", ", ".join(SOURCE_NAMES))
     print("aliases:", ", ".join(f"{k}={v}" for k, v in sorted(ALIASES.items())))
     print("modifiers (join with '+'):", ", ".join(MODIFIERS))
@@ -66,7 +112,7 @@ def _cmd_list(_: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_show(args: argparse.Namespace) -> int:
+def _cmd_show(args: ShowCmd) -> int:
     fam = make_family(args.spec, data_dir=args.data_dir, download=_download_opt(args))
     for batch in fam.sample_many(args.episodes, args.length, args.seed, args.split):
         counts = batch.y.flatten().bincount(minlength=batch.num_classes).tolist()
@@ -76,7 +122,7 @@ def _cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_download(args: argparse.Namespace) -> int:
+def _cmd_download(args: DownloadCmd) -> int:
     status = 0
     for name in args.names:
         try:
@@ -88,7 +134,7 @@ def _cmd_download(args: argparse.Namespace) -> int:
     return status
 
 
-def _cmd_check(args: argparse.Namespace) -> int:
+def _cmd_check(args: CheckCmd) -> int:
     print(f"user cache: {default_cache_dir()}   $VSML_DATA_DIR: {os.environ.get('VSML_DATA_DIR') or '-'}")
     for name in IMAGE_DATASETS:
         if name not in DATASETS:
@@ -104,20 +150,8 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m tasks``."""
-    parser = argparse.ArgumentParser(prog="python -m tasks", description="VSML task families and datasets")
-    sub = parser.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("list", help="names, modifiers, presets, eval suites")
-    show = sub.add_parser("show", help="sample a small batch of a spec")
-    show.add_argument("spec")
-    show.add_argument("--split", default="train", choices=SPLITS)
-    show.add_argument("--episodes", type=int, default=2)
-    show.add_argument("--length", type=int, default=100)
-    show.add_argument("--seed", type=int, default=0)
-    dl = sub.add_parser("download", help="fetch, verify and decode datasets")
-    dl.add_argument("names", nargs="+")
-    sub.add_parser("check", help="which datasets are available offline")
-    for p in (show, dl, sub.choices["check"]):
-        p.add_argument("--data-dir", default=None)
-    show.add_argument("--offline", action="store_true")
-    args = parser.parse_args(argv)
-    return {"list": _cmd_list, "show": _cmd_show, "download": _cmd_download, "check": _cmd_check}[args.cmd](args)
+    from vsml.training.cli import parse
+
+    cmd = parse(Command, argv, prog="python -m tasks", description="VSML task families and datasets")
+    run = {ListCmd: _cmd_list, ShowCmd: _cmd_show, DownloadCmd: _cmd_download, CheckCmd: _cmd_check}
+    return run[type(cmd)](cmd)

@@ -164,6 +164,8 @@ def _normalise(argv: Sequence[str]) -> list[str]:
 
 def _flag(argument: Any) -> str:
     try:
+        if argument.is_positional():
+            return argument.display_name().upper()
         return argument.lowered.name_or_flags[-1]
     except Exception:  # noqa: BLE001  (tyro internals: best effort)
         return str(argument)
@@ -242,11 +244,13 @@ def _run(cls: type, args: list[str], prog: str, flags: list[str], bool_values: b
         fail(prog, f"{_condense(err.getvalue())} (see {prog} --help)")
 
 
-def _all_flags(cls: type) -> list[str]:
-    try:
-        return flags_of(cls)
-    except Exception:  # noqa: BLE001  (a union of subcommand types: no flat flag list)
-        return []
+def _all_flags(tp: Any) -> list[str]:
+    """flags_of for a dataclass, or for every member of a union of subcommand dataclasses."""
+    if get_origin(tp) is Annotated:
+        return _all_flags(get_args(tp)[0])
+    if get_origin(tp) in (typing.Union, types.UnionType):
+        return [f for a in get_args(tp) for f in _all_flags(a)]
+    return flags_of(tp) if dataclasses.is_dataclass(tp) else []
 
 
 # ------------------------------------------------------------------------------------------------------
