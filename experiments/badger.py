@@ -18,16 +18,17 @@ on one CPU core.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
+from tyro.conf import Positional
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -378,27 +379,29 @@ def plot_all(args) -> None:
     print(json.dumps({k: v for k, v in summary.items() if k != "loss_dynamics"}, indent=1, default=str))
 
 
+@dataclass(frozen=True)
+class BadgerStudyArgs:
+    experiment: Annotated[Literal["plateau", "topology", "fprinciple", "plots"], Positional]
+    steps: int = 2000
+    seeds: tuple[int, ...] = (0, 1, 2)   # comma-separated
+    variants: str = ""                   # comma-separated subset of the experiment's variants
+    task: str = "guessing[n=2]"
+    fp_task: str = "sinusoid[n=41,k=1-5]"
+    fp_length: int = 20
+    lr: float = 3e-3
+    eval_every: int = 50
+    # escape from the symmetric plateau: first step with smoothed meta-loss below this (N=2: chance 1; identical
+    # experts can at best guess the mean of the two numbers, mean meta-loss >= (1 + 19 * 0.5) / 20 = 0.525)
+    threshold: float = 0.45
+    threshold_chance: float = 0.8        # escape from the chance plateau: first step with smoothed meta-loss below this
+    wandb: Literal["disabled", "offline", "online"] = "disabled"
+    out: str = "/tmp/badger/exp"
+    docs: str = str(ROOT / "docs")
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("experiment", choices=["plateau", "topology", "fprinciple", "plots"])
-    ap.add_argument("--steps", type=int, default=2000)
-    ap.add_argument("--seeds", type=lambda s: [int(v) for v in s.split(",")], default=[0, 1, 2])
-    ap.add_argument("--variants", default="", help="comma-separated subset of the experiment's variants")
-    ap.add_argument("--task", default="guessing[n=2]")
-    ap.add_argument("--fp_task", default="sinusoid[n=41,k=1-5]")
-    ap.add_argument("--fp_length", type=int, default=20)
-    ap.add_argument("--lr", type=float, default=3e-3)
-    ap.add_argument("--eval_every", type=int, default=50)
-    ap.add_argument("--threshold", type=float, default=0.45,
-                    help="escape from the symmetric plateau: first step with smoothed meta-loss below this "
-                         "(N=2: chance 1; identical experts can at best guess the mean of the two numbers, "
-                         "mean meta-loss >= (1 + 19 * 0.5) / 20 = 0.525)")
-    ap.add_argument("--threshold_chance", type=float, default=0.8,
-                    help="escape from the chance plateau: first step with smoothed meta-loss below this")
-    ap.add_argument("--wandb", default="disabled", choices=["disabled", "offline", "online"])
-    ap.add_argument("--out", default="/tmp/badger/exp")
-    ap.add_argument("--docs", default=str(ROOT / "docs"))
-    args = ap.parse_args(argv)
+    from vsml.training.cli import parse
+    args = parse(BadgerStudyArgs, argv, prog="experiments/badger.py", description=__doc__)
     torch.set_num_threads(1)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     {"plateau": exp_plateau, "topology": exp_topology, "fprinciple": exp_fprinciple, "plots": plot_all}[

@@ -27,11 +27,12 @@ under ``--wandb_dir``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
@@ -235,18 +236,22 @@ def _rounded(obj, digits: int = 5):
     return obj
 
 
+@dataclass(frozen=True)
+class AggregateArgs:
+    runs: str                         # comma-separated output folders of horizon_study.py, one per seed
+    out: str                          # output prefix: writes <out>.md, <out>.json, <out>_<task>.png
+    wandb: Literal["disabled", "offline", "online"] = "disabled"
+    wandb_dir: str = "runs/horizon_aggregate"   # run folder of the wandb summary run
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--runs", required=True, help="comma-separated output folders of horizon_study.py, one per seed")
-    ap.add_argument("--out", required=True, help="output prefix: writes <out>.md, <out>.json, <out>_<task>.png")
-    ap.add_argument("--wandb", default="disabled", choices=("offline", "online", "disabled"))
-    ap.add_argument("--wandb_dir", default="runs/horizon_aggregate", help="run folder of the wandb summary run")
-    a = ap.parse_args(argv)
+    from vsml.training.cli import fail, parse
+    a = parse(AggregateArgs, argv, prog="horizon_aggregate.py", description=__doc__.split("\n\n")[0])
     runs = [Path(p.strip()) for p in a.runs.split(",") if p.strip()]
     try:
         configs, grouped = load_runs(runs)
     except AggregateError as e:
-        ap.error(str(e))
+        fail("horizon_aggregate.py", str(e))
     text, agg = build_report(configs, grouped)
     prefix = Path(a.out)
     prefix.parent.mkdir(parents=True, exist_ok=True)

@@ -43,7 +43,6 @@ a log axis), ``<out>/table.md``; wandb offline run under ``<out>/wandb``.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -547,15 +546,9 @@ def objective_check(sc: StudyConfig, r: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    for f in dataclasses.fields(StudyConfig):
-        tp = {"int": int, "float": float, "str": str, "bool": lambda s: s.lower() in ("1", "true", "yes")}[
-            f.type if isinstance(f.type, str) else f.type.__name__]
-        ap.add_argument(f"--{f.name}", type=tp, default=f.default)
-    try:
-        sc = StudyConfig(**vars(ap.parse_args(argv)))
-    except ConfigError as e:
-        ap.error(str(e))
+    from vsml.training.cli import parse
+    # booleans take a value (--objective true); anything but true/false, 1/0, yes/no, on/off is an error
+    sc = parse(StudyConfig, argv, prog="horizon_study.py", description=__doc__.split("\n\n")[0], bool_values=True)
     torch.set_num_threads(1)
     out = Path(sc.out)
     (out / "arms").mkdir(parents=True, exist_ok=True)

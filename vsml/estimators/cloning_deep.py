@@ -387,22 +387,26 @@ def drift_report(checkpoint: str, task: str, episodes: int, length: int, seed: i
     return out
 
 
+@dataclass(frozen=True)
+class CompareArgs:
+    """Meta-test a cloned VSML learner next to the gradient-descent teacher it cloned, on the same streams
+    and initial weights."""
+
+    checkpoint: str                   # run directory, .pt, θ .safetensors or pretrained:NAME
+    tasks: str = "mnist+resize14;fashion_mnist+resize14"
+    episodes: int = 16
+    length: int = 2000
+    seed: int = 22
+    alpha: float | None = None        # teacher α (default: the run's clone.alpha)
+    baselines: str = ""               # e.g. "sgd,adam"
+    data_dir: str | None = None
+    out_dir: str | None = None        # write results.json and curve PNGs here
+    drift: bool = False               # instead: the teacher-forced drift of the clone from its teacher on the first task
+
+
 def main(argv: list[str] | None = None) -> int:
-    import argparse
-    ap = argparse.ArgumentParser(description="Meta-test a cloned VSML learner next to the gradient-descent "
-                                             "teacher it cloned, on the same streams and initial weights.")
-    ap.add_argument("--checkpoint", required=True, help="run directory, .pt, θ .safetensors or pretrained:NAME")
-    ap.add_argument("--tasks", default="mnist+resize14;fashion_mnist+resize14")
-    ap.add_argument("--episodes", type=int, default=16)
-    ap.add_argument("--length", type=int, default=2000)
-    ap.add_argument("--seed", type=int, default=22)
-    ap.add_argument("--alpha", type=float, default=None, help="teacher α (default: the run's clone.alpha)")
-    ap.add_argument("--baselines", default="", help='e.g. "sgd,adam"')
-    ap.add_argument("--data_dir", default=None)
-    ap.add_argument("--out_dir", default=None, help="write results.json and curve PNGs here")
-    ap.add_argument("--drift", action="store_true", help="instead: the teacher-forced drift of the clone from "
-                                                         "its teacher on the first task (teacher_forced_drift)")
-    args = ap.parse_args(argv)
+    from vsml.training.cli import parse
+    args = parse(CompareArgs, argv, prog="python -m vsml.estimators.cloning_deep")
     if args.drift:
         from vsml.evaluation.evaluate import parse_task_list
         drift_report(args.checkpoint, parse_task_list(args.tasks)[0], args.episodes, args.length, args.seed,
