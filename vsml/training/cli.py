@@ -29,7 +29,6 @@ import difflib
 import inspect
 import io
 import os
-import re
 import sys
 import types
 import typing
@@ -37,7 +36,11 @@ from collections.abc import Sequence
 from typing import Annotated, Any, Literal, get_args, get_origin, get_type_hints
 
 import tyro
-from tyro import _errors as _tyro_errors   # parse-error events (private API: tyro pinned to 1.0.x)
+try:        # tyro's parse-error events (a private, experimental hook): exact one-line messages
+    from tyro import _errors as _tyro_errors
+    _HAS_HOOK = hasattr(_tyro_errors, "on_parse_error")
+except ImportError:                    # without it, tyro's error box is condensed to one line instead
+    _tyro_errors, _HAS_HOOK = None, False
 from tyro.constructors import ConstructorRegistry, PrimitiveConstructorSpec, PrimitiveTypeInfo
 
 __all__ = ["CliError", "parse", "parse_config", "fail", "flags_of"]
@@ -206,14 +209,22 @@ def _unknown(tokens: list[str], known: list[str]) -> str:
     return f"unknown flag {bad}{hint}"
 
 
-_BOX = re.compile(r"[│╭╮╰╯─]+")
-
-
 def _condense(text: str) -> str:
-    """tyro's own error box -> one line (used only for events the hook does not know)."""
-    lines = [_BOX.sub(" ", ln).strip() for ln in text.splitlines()]
-    lines = [ln for ln in lines if ln and not ln.lower().startswith(("for full helptext", "usage:"))]
-    return " ".join(" ".join(lines[:3]).split()) or "invalid arguments"
+    """tyro's own error box -> one line: the box's first section without its title (used only when the
+    parse-error hook is unavailable or an event type is new to it)."""
+    body: list[str] = []
+    for ln in text.splitlines():
+        t = ln.strip()
+        if t.startswith("╭"):             # title bar
+            continue
+        t = t.strip("│").strip()
+        if t.startswith("╰") or (t and set(t) <= set("─ ")):   # bottom or separator: end of first section
+            if body:
+                break
+            continue
+        if t:
+            body.append(t)
+    return " ".join(" ".join(body).split()) or "invalid arguments"
 
 
 def parse(cls: type, argv: Sequence[str] | None = None, *, prog: str | None = None,
@@ -231,7 +242,8 @@ def _run(cls: type, args: list[str], prog: str, flags: list[str], bool_values: b
     kwargs: dict[str, Any] = {} if default is None else {"default": default}
     err = io.StringIO()
     try:
-        with _tyro_errors.on_parse_error(_hook(["--help", *flags])), contextlib.redirect_stderr(err):
+        hook = _tyro_errors.on_parse_error(_hook(["--help", *flags])) if _HAS_HOOK else contextlib.nullcontext()
+        with hook, contextlib.redirect_stderr(err):
             return tyro.cli(cls, args=args, prog=prog, description=description and inspect.cleandoc(description),
                             use_underscores=True, registry=_registry(bool_values), config=markers, **kwargs)
     except _Reject as exc:
