@@ -58,6 +58,36 @@ def tanh_via_sigmoid(x: torch.Tensor) -> torch.Tensor:
     return 2.0 * torch.sigmoid(2.0 * x) - 1.0
 
 
+def gates_to_state(gates: torch.Tensor, c: torch.Tensor, tanh=torch.tanh) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sub-LSTM state update from its gate pre-activations (§1.2): the one place this math is written.
+
+    gates [..., 4N] in the order i, g, f, o; c [..., N]  ->  h', c' [..., N] with
+    c' = σ(f + 5)·c + σ(i − 5)·tanh(g),  h' = σ(o)·tanh(c').
+    ``tanh``: ``torch.tanh``, or ``tanh_via_sigmoid`` on the compiled no-grad path.
+    """
+    gi, gg, gf, go = gates.chunk(4, dim=-1)                 # 4 x [..., N]
+    c = torch.sigmoid(gf + GATE_F_OFFSET) * c + torch.sigmoid(gi + GATE_I_OFFSET) * tanh(gg)
+    return torch.sigmoid(go) * tanh(c), c
+
+
+def micro_steps(W_h: torch.Tensor, input_terms: tuple[torch.Tensor, ...], h: torch.Tensor, c: torch.Tensor,
+                micro_ticks: int, tanh=torch.tanh) -> tuple[torch.Tensor, torch.Tensor]:
+    """``micro_ticks`` sub-LSTM steps with frozen incoming messages, used by the dense layer (eager and
+    compiled) and the conv layer.
+
+    gates = h W_hᵀ + Σ input_terms, the input terms (precomputed message projections) broadcasting
+    against h [..., N]: the eager dense path passes one materialised term [E, A, B, 4N], the compiled
+    path the two unmaterialised ones [E, a, 1, 4N] and [E, 1, B, 4N] (the compiler fuses the
+    broadcast), the conv layer one term [E, L, k, k, IC, OC, 4N].  W_h [4N, N] or [E, 4N, N].
+    """
+    for _ in range(micro_ticks):
+        gates = _linear(h, W_h)                             # [..., 4N]
+        for term in input_terms:
+            gates = gates + term
+        h, c = gates_to_state(gates, c, tanh)
+    return h, c
+
+
 def lstm_micro_steps(p: CellParams, fwd_in: torch.Tensor, bwd_in: torch.Tensor, h: torch.Tensor,
                      c: torch.Tensor, micro_ticks: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``micro_ticks`` sub-LSTM steps of every pair of a dense layer with frozen messages (§1.2-1.3).
@@ -65,16 +95,10 @@ def lstm_micro_steps(p: CellParams, fwd_in: torch.Tensor, bwd_in: torch.Tensor, 
     fwd_in [E, A, M], bwd_in [E, B, M], h, c [E, A, B, N]  ->  h', c' [E, A, B, N]
     (The no-grad compiled path computes the same in ``_chunk_update``.)
     """
-    n = h.shape[-1]
     f_term = _linear(fwd_in, p.W_f)                         # [E, A, 4N]
     r_term = _linear(bwd_in, p.W_r, p.beta)                 # [E, B, 4N]  (β folded in)
     x_term = f_term[:, :, None, :] + r_term[:, None, :, :]  # [E, A, B, 4N], fixed for all micro-ticks
-    for _ in range(micro_ticks):
-        gates = x_term + _linear(h, p.W_h)                  # [E, A, B, 4N]
-        gi, gg, gf, go = gates.split(n, dim=-1)             # 4 x [E, A, B, N], order i, g, f, o
-        c = torch.sigmoid(gf + GATE_F_OFFSET) * c + torch.sigmoid(gi + GATE_I_OFFSET) * torch.tanh(gg)
-        h = torch.sigmoid(go) * torch.tanh(c)
-    return h, c
+    return micro_steps(p.W_h, (x_term,), h, c, micro_ticks)
 
 
 def readout_fwd(p: CellParams, h: torch.Tensor, ln_eps: float) -> torch.Tensor:
@@ -115,13 +139,8 @@ def _chunk_update(p: CellParams, f_term: torch.Tensor, r_term: torch.Tensor, h: 
     Returns h', c', the chunk's *sum* over a of φ [E, B, M] (the caller divides by A) and the
     chunk's ←m' [E, a, M].  Sized so the [E, a, B, 4N] gates stay in cache.
     """
-    n = h.shape[-1]
     f4, r4 = f_term[:, :, None, :], r_term[:, None, :, :]    # [E, a, 1, 4N], [E, 1, B, 4N]
-    for _ in range(micro_ticks):
-        gates = _linear(h, p.W_h) + f4 + r4                  # [E, a, B, 4N]
-        gi, gg, gf, go = gates.split(n, dim=-1)
-        c = torch.sigmoid(gf + GATE_F_OFFSET) * c + torch.sigmoid(gi + GATE_I_OFFSET) * tanh_via_sigmoid(gg)
-        h = torch.sigmoid(go) * tanh_via_sigmoid(c)
+    h, c = micro_steps(p.W_h, (f4, r4), h, c, micro_ticks, tanh_via_sigmoid)   # gates [E, a, B, 4N]
     if p.ln_fwd_g is None:
         fwd_sum = _linear(h.sum(1), p.W_fwd)                 # [E, B, M]  (bias added by the caller)
         bwd_out = _linear(h.mean(2), p.W_bwd, p.b_bwd)       # [E, a, M]

@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from vsml.engine.config import ConvGeometry, ConvSpec
-from vsml.engine.cell import GATE_F_OFFSET, GATE_I_OFFSET, _layer_norm, _linear
+from vsml.engine.cell import _layer_norm, _linear, micro_steps
 from vsml.engine.params import CellParams
 
 __all__ = ["backward_counts", "conv_layer_update", "gather_patches", "scatter_patches"]
@@ -105,17 +105,12 @@ def conv_layer_update(p: CellParams, spec: ConvSpec, g: ConvGeometry, fwd_in: to
     ←m' [E, H·W·IC, M].  θ may be shared or per episode (CellParams with a leading E axis).
     """
     e, n_pos, oc = fwd_in.shape[0], g.out_height * g.out_width, g.out_channels
-    n = h.shape[-1]
     patches = gather_patches(fwd_in, g)                                   # [E, L, k, k, IC, M]
     f_term = _linear(patches, p.W_f)                                      # [E, L, k, k, IC, 4N]
     r_term = _linear(bwd_in.reshape(e, n_pos, oc, -1), p.W_r, p.beta)     # [E, L, OC, 4N] (β folded in)
     x_term = f_term[..., :, None, :] + r_term[:, :, None, None, None, :, :]   # [E, L, k, k, IC, OC, 4N]
-    hp, cp = h[:, None], c[:, None]                                       # [E, 1, k, k, IC, OC, N]: shared
-    for _ in range(micro_ticks):
-        gates = x_term + _linear(hp, p.W_h)                               # [E, L, k, k, IC, OC, 4N]
-        gi, gg, gf, go = gates.split(n, dim=-1)                           # order i, g, f, o
-        cp = torch.sigmoid(gf + GATE_F_OFFSET) * cp + torch.sigmoid(gi + GATE_I_OFFSET) * torch.tanh(gg)
-        hp = torch.sigmoid(go) * torch.tanh(cp)                           # [E, L, k, k, IC, OC, N]
+    # every output position runs a private copy of the shared tap states [E, 1, k, k, IC, OC, N]
+    hp, cp = micro_steps(p.W_h, (x_term,), h[:, None], c[:, None], micro_ticks)   # [E, L, k, k, IC, OC, N]
     # forward: mean over (i, j, ic) of φ at every (p, q, oc)
     if p.ln_fwd_g is None:
         fwd_out = _linear(hp.mean((2, 3, 4)), p.W_fwd, p.b_fwd)           # [E, L, OC, M]
