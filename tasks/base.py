@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import math
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -67,6 +68,23 @@ def torch_generator(seed: int, *keys: object, device: torch.device | str | None 
 def numpy_rng(seed: int, *keys: object) -> np.random.Generator:
     """A ``numpy.random.Generator(PCG64)`` seeded with ``derive_seed(seed, *keys)``."""
     return np.random.Generator(np.random.PCG64(derive_seed(seed, *keys)))
+
+
+def truncated_normal(shape: tuple[int, ...], std: float = 1.0, generator: torch.Generator | None = None,
+                     dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> torch.Tensor:
+    """Normal(0, std) truncated at ±2 std, *without* variance correction (haiku's / TF's default).
+
+    The project's one truncated-normal routine: θ initialisation and initial cell states
+    (``vsml.engine.params``, ``vsml.engine.state``), baseline weights, the ``random`` task's images.
+    Sampled by inverting the CDF on U(Φ(-2), Φ(2)): one uniform draw per element, so the result is
+    a deterministic function of the generator's state and of the shape.
+    """
+    lo = 0.5 * (1.0 + math.erf(-2.0 / math.sqrt(2.0)))
+    gen_device = generator.device if generator is not None else device
+    u = torch.rand(shape, generator=generator, dtype=torch.float64, device=gen_device)
+    u = lo + (1.0 - 2.0 * lo) * u
+    z = math.sqrt(2.0) * torch.erfinv(2.0 * u - 1.0)
+    return (z.clamp_(-2.0, 2.0) * std).to(dtype=dtype, device=device)
 
 
 def check_sample_args(num_episodes: int, length: int, seed: int, split: str) -> None:

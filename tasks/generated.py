@@ -26,31 +26,11 @@ import random as _py_random
 import numpy as np
 import torch
 
-from .base import numpy_rng, torch_generator
+from .base import numpy_rng, torch_generator, truncated_normal
 from .errors import DatasetNotFoundError
 from .sources import ArraySource, Source
 
 __all__ = ["MNIST1DSource", "RandomSource", "SumSource", "TeacherSource", "load_mnist1d", "truncated_normal"]
-
-
-def truncated_normal(shape: tuple[int, ...], gen: torch.Generator, low: float = -2.0, high: float = 2.0
-                     ) -> torch.Tensor:
-    """float32 standard normal samples truncated to [low, high] (like TF's ``truncated_normal`` for the default
-    +-2): draw N(0, 1) and redraw the values outside the interval until none is left (vectorised rejection;
-    4.6% are redrawn in the first round for +-2). ``low`` < ``high`` and the interval must have non-negligible
-    mass."""
-    if not low < high:
-        raise ValueError(f"truncated_normal: need low < high, got [{low}, {high}]")
-    z = torch.randn(shape, generator=gen)
-    flat = z.view(-1)
-    bad = ((flat < low) | (flat > high)).nonzero().squeeze(1)
-    for _ in range(1000):
-        if bad.numel() == 0:
-            return z
-        redraw = torch.randn(bad.numel(), generator=gen)
-        flat[bad] = redraw
-        bad = bad[(redraw < low) | (redraw > high)]
-    raise RuntimeError(f"truncated_normal: [{low}, {high}] has too little mass for rejection sampling")
 
 
 class RandomSource(ArraySource):
@@ -91,7 +71,7 @@ class SumSource(Source):
         gen = torch_generator(seed, split, "sum")
         e, t = num_episodes, length
         u = torch.rand(e, t, generator=gen) * 2.0 - 1.0  # [E, T] per-example mean
-        x = truncated_normal((e, t, *self.feature_shape), gen)  # [E, T, H, W]
+        x = truncated_normal((e, t, *self.feature_shape), 1.0, gen)  # [E, T, H, W]
         x.add_(u[:, :, None, None])
         y = (x.sum(dim=(2, 3)) >= 0).to(torch.int64)  # [E, T]
         return x, self._relabel_full_subsets(y, subsets)

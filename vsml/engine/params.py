@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
+from tasks.base import truncated_normal  # the one truncated-normal routine (tasks/ is the lower layer)
+
 from vsml.engine.config import SubLSTMConfig, VSMLConfig
 
 
@@ -47,21 +49,6 @@ def param_shapes(cell: SubLSTMConfig) -> list[tuple[str, tuple[int, ...]]]:
 def theta_size(cell: SubLSTMConfig) -> int:
     """|θ| of one set."""
     return sum(math.prod(s) for _, s in param_shapes(cell))
-
-
-def truncated_normal(shape: tuple[int, ...], std: float, generator: torch.Generator | None = None,
-                     dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> torch.Tensor:
-    """Normal(0, std) truncated at ±2 std, *without* variance correction (haiku's default).
-
-    Sampled by inverting the CDF on U(Φ(-2), Φ(2)), so one uniform draw per element and
-    the result is a deterministic function of the generator.
-    """
-    lo = 0.5 * (1.0 + math.erf(-2.0 / math.sqrt(2.0)))
-    gen_device = generator.device if generator is not None else device
-    u = torch.rand(shape, generator=generator, dtype=torch.float64, device=gen_device)
-    u = lo + (1.0 - 2.0 * lo) * u
-    z = math.sqrt(2.0) * torch.erfinv(2.0 * u - 1.0)
-    return (z.clamp_(-2.0, 2.0) * std).to(dtype=dtype, device=device)
 
 
 def init_theta(cfg: VSMLConfig, generator: torch.Generator | None = None,
