@@ -10,6 +10,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange, repeat
 
 __all__ = [
     "apply_permutation",
@@ -158,8 +159,8 @@ def random_projection(x: torch.Tensor, out_dim: int, gen: torch.Generator, *, sh
 
 def apply_permutation(x: torch.Tensor, perms: torch.Tensor) -> torch.Tensor:
     """Permute the features of every step of episode e by perms[e]: x [E, T, D], perms [E, D] -> [E, T, D]."""
-    e, t, d = x.shape
-    return x.gather(2, perms.to(x.device)[:, None, :].expand(e, t, d))
+    t = x.shape[1]
+    return x.gather(2, repeat(perms.to(x.device), "e d -> e t d", t=t))
 
 
 def resize_images(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -168,6 +169,6 @@ def resize_images(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     e, t, h, w = x.shape
     if (h, w) == tuple(size):
         return x
-    flat = x.reshape(e * t, 1, h, w)  # [E, T, H, W] -> [E*T, 1, H, W]
+    flat = rearrange(x, "e t h w -> (e t) 1 h w")  # one single-channel image per example
     out = F.interpolate(flat, size=tuple(size), mode="bilinear", align_corners=False, antialias=False)
-    return out.reshape(e, t, *size)  # [E*T, 1, h, w] -> [E, T, h, w]
+    return rearrange(out, "(e t) 1 h w -> e t h w", e=e)

@@ -46,6 +46,7 @@ import dataclasses
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange, reduce, repeat
 
 from vsml.engine.config import ConvGeometry, ConvSpec
 from vsml.engine.cell import _layer_norm, _linear, micro_steps
@@ -60,16 +61,14 @@ def gather_patches(msg: torch.Tensor, g: ConvGeometry) -> torch.Tensor:
     msg [E, H·W·IC, M] (flat, order (H, W, IC))  ->  [E, Ho·Wo, k, k, IC, M]; entry
     [e, p·Wo + q, i, j, ic] is msg at (p·s + i − top, q·s + j − left, ic) or 0 outside the image.
     """
-    e, m = msg.shape[0], msg.shape[-1]
     k = g.kernel
     top, bottom, left, right = g.pads
-    img = msg.reshape(e, g.height, g.width, g.in_channels, m).permute(0, 3, 4, 1, 2)     # [E, IC, M, H, W]
-    img = F.pad(img.reshape(e, g.in_channels * m, g.height, g.width), (left, right, top, bottom))
-    cols = F.unfold(img, k, stride=g.stride)                                            # [E, IC·M·k·k, L]
+    img = rearrange(msg, "e (h w ic) m -> e (ic m) h w", h=g.height, w=g.width)   # channels first for unfold
+    cols = F.unfold(F.pad(img, (left, right, top, bottom)), k, stride=g.stride)   # [E, IC·M·k·k, L]
     n_pos = g.out_height * g.out_width
     if cols.shape[-1] != n_pos:  # cannot happen for odd k with P = k//2; guards the geometry formula
         raise RuntimeError(f"unfold produced {cols.shape[-1]} positions, expected {n_pos} for {g}")
-    return cols.reshape(e, g.in_channels, m, k, k, n_pos).permute(0, 5, 3, 4, 1, 2)     # [E, L, k, k, IC, M]
+    return rearrange(cols, "e (ic m ki kj) l -> e l ki kj ic m", ic=g.in_channels, ki=k, kj=k)
 
 
 def scatter_patches(vals: torch.Tensor, g: ConvGeometry) -> torch.Tensor:
@@ -77,14 +76,12 @@ def scatter_patches(vals: torch.Tensor, g: ConvGeometry) -> torch.Tensor:
 
     vals [E, Ho·Wo, k, k, IC, M]  ->  [E, H·W·IC, M] (entries that fell on padding are dropped).
     """
-    e, n_pos, k = vals.shape[0], vals.shape[1], g.kernel
-    m = vals.shape[-1]
+    k = g.kernel
     top, bottom, left, right = g.pads
-    cols = vals.permute(0, 4, 5, 2, 3, 1).reshape(e, g.in_channels * m * k * k, n_pos)  # [E, IC·M·k·k, L]
+    cols = rearrange(vals, "e l ki kj ic m -> e (ic m ki kj) l")                       # F.fold's layout
     img = F.fold(cols, (g.height + top + bottom, g.width + left + right), k, stride=g.stride)
-    img = img[:, :, top:top + g.height, left:left + g.width]                            # [E, IC·M, H, W]
-    img = img.reshape(e, g.in_channels, m, g.height, g.width).permute(0, 3, 4, 1, 2)    # [E, H, W, IC, M]
-    return img.reshape(e, g.in_dim, m)                                                  # [E, H·W·IC, M]
+    img = img[:, :, top:top + g.height, left:left + g.width]                            # crop the padding
+    return rearrange(img, "e (ic m) h w -> e (h w ic) m", ic=g.in_channels)
 
 
 def backward_counts(g: ConvGeometry, dtype=torch.float32, device=None) -> torch.Tensor:
@@ -104,33 +101,38 @@ def conv_layer_update(p: CellParams, spec: ConvSpec, g: ConvGeometry, fwd_in: to
     h', c' [E, k, k, IC, OC, N] (mean over output positions), →m' [E, Ho·Wo·OC, M],
     ←m' [E, H·W·IC, M].  θ may be shared or per episode (CellParams with a leading E axis).
     """
-    e, n_pos, oc = fwd_in.shape[0], g.out_height * g.out_width, g.out_channels
+    oc = g.out_channels
     patches = gather_patches(fwd_in, g)                                   # [E, L, k, k, IC, M]
     f_term = _linear(patches, p.W_f)                                      # [E, L, k, k, IC, 4N]
-    r_term = _linear(bwd_in.reshape(e, n_pos, oc, -1), p.W_r, p.beta)     # [E, L, OC, 4N] (β folded in)
-    x_term = f_term[..., :, None, :] + r_term[:, :, None, None, None, :, :]   # [E, L, k, k, IC, OC, 4N]
-    # every output position runs a private copy of the shared tap states [E, 1, k, k, IC, OC, N]
-    hp, cp = micro_steps(p.W_h, (x_term,), h[:, None], c[:, None], micro_ticks)   # [E, L, k, k, IC, OC, N]
+    r_term = _linear(rearrange(bwd_in, "e (l oc) m -> e l oc m", oc=oc), p.W_r, p.beta)   # β folded in
+    x_term = (rearrange(f_term, "e l ki kj ic g -> e l ki kj ic 1 g")
+              + rearrange(r_term, "e l oc g -> e l 1 1 1 oc g"))        # [E, L, k, k, IC, OC, 4N]
+    # every output position l runs a private copy of the shared tap states
+    shared = "e ki kj ic oc n -> e 1 ki kj ic oc n"
+    hp, cp = micro_steps(p.W_h, (x_term,), rearrange(h, shared), rearrange(c, shared), micro_ticks)
     # forward: mean over (i, j, ic) of φ at every (p, q, oc)
+    over_taps = "e l ki kj ic oc x -> e l oc x"
     if p.ln_fwd_g is None:
-        fwd_out = _linear(hp.mean((2, 3, 4)), p.W_fwd, p.b_fwd)           # [E, L, OC, M]
+        fwd_out = _linear(reduce(hp, over_taps, "mean"), p.W_fwd, p.b_fwd)   # [E, L, OC, M]
     else:
         phi = _layer_norm(_linear(hp, p.W_fwd, p.b_fwd), p.ln_fwd_g, p.ln_fwd_b, ln_eps)
-        fwd_out = phi.mean((2, 3, 4))                                     # [E, L, OC, M]
+        fwd_out = reduce(phi, over_taps, "mean")                          # [E, L, OC, M]
     # backward: ψ̄ = mean over oc, then back-projected onto the input positions
+    over_oc = "e l ki kj ic oc x -> e l ki kj ic x"
     if p.ln_bwd_g is None:
-        psi = _linear(hp.mean(5), p.W_bwd, p.b_bwd)                       # [E, L, k, k, IC, M]
+        psi = _linear(reduce(hp, over_oc, "mean"), p.W_bwd, p.b_bwd)      # [E, L, k, k, IC, M]
     else:
-        psi = _layer_norm(_linear(hp, p.W_bwd, p.b_bwd), p.ln_bwd_g, p.ln_bwd_b, ln_eps).mean(5)
+        psi = reduce(_layer_norm(_linear(hp, p.W_bwd, p.b_bwd), p.ln_bwd_g, p.ln_bwd_b, ln_eps), over_oc, "mean")
     bwd_sum = scatter_patches(psi, g)                                     # [E, H·W·IC, M]
     if spec.bwd_norm == "kernel":
         bwd_out = bwd_sum / (g.kernel * g.kernel)
     else:
-        cnt = backward_counts(g, bwd_sum.dtype, bwd_sum.device).clamp(min=1.0)   # [H, W]
-        cnt = cnt[:, :, None].expand(g.height, g.width, g.in_channels).reshape(-1, 1)   # [H·W·IC, 1]
-        bwd_out = bwd_sum / cnt
+        cnt = backward_counts(g, bwd_sum.dtype, bwd_sum.device).clamp(min=1.0)
+        bwd_out = bwd_sum / repeat(cnt, "h w -> (h w ic) 1", ic=g.in_channels)
     # weight sharing: one state per tap, the mean over output positions
-    return hp.mean(1), cp.mean(1), fwd_out.reshape(e, n_pos * oc, -1), bwd_out
+    per_tap = "e l ki kj ic oc n -> e ki kj ic oc n"
+    return (reduce(hp, per_tap, "mean"), reduce(cp, per_tap, "mean"),
+            rearrange(fwd_out, "e l oc m -> e (l oc) m"), bwd_out)
 
 
 def check_state(cfg, state, num_episodes: int, in_dim: int) -> None:

@@ -67,6 +67,7 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 
 from vsml.estimators.bptt import unroll_chunked
 from vsml.engine.config import ConfigError
@@ -143,12 +144,12 @@ def probe_logits(learner: Any, theta: torch.Tensor, state: Any, xq: torch.Tensor
     theta: shared θ; state: E episodes; xq [E, Q, D] -> logits [E, Q, C].  Runs E·Q one-step
     episodes from copies of the state (differentiable w.r.t. θ and the state).
     """
-    e, q, d = xq.shape
+    e, q, _ = xq.shape
     rep = state_repeat_interleave(state, q)                                   # [E*Q] (episode-major)
-    xr = xq.reshape(e * q, 1, d)                                              # [E*Q, 1, D]
+    xr = rearrange(xq, "e q d -> (e q) 1 d")                                  # E·Q one-step episodes
     yr = torch.zeros(e * q, 1, dtype=torch.long, device=xq.device)            # unused: ŷ precedes y
     out = learner.unroll(theta, xr, yr, num_classes, state=rep)
-    return out.logits.reshape(e, q, num_classes)                              # [E, Q, C]
+    return rearrange(out.logits, "(e q) 1 c -> e q c", e=e)
 
 
 def _float_leaves(state: Any) -> tuple[list[torch.Tensor], list[int], Any]:

@@ -47,6 +47,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+from einops import rearrange
 
 __all__ = ["ESConfig", "centered_ranks", "es_ask", "es_gradient", "es_tell", "pair_seed", "sample_noise"]
 
@@ -169,9 +170,9 @@ def es_ask(theta: torch.Tensor, cfg: ESConfig, step: int,
     eps = sample_noise(cfg.seed, step, pair_indices, theta.shape, theta.dtype, theta.device,
                        cfg.noise_device)                                   # [P, *θ]
     eps.mul_(cfg.sigma)
-    pop = torch.stack([theta + eps, theta - eps], dim=1)                   # [P, 2, *θ]
+    pop = torch.stack([theta + eps, theta - eps], dim=1)
     del eps
-    return pop.reshape(-1, *theta.shape)                                   # [2P, *θ]
+    return rearrange(pop, "p sign ... -> (p sign) ...")                    # members θ₀⁺, θ₀⁻, θ₁⁺, ...
 
 
 def es_tell(theta: torch.Tensor, losses: torch.Tensor, cfg: ESConfig, step: int) -> tuple[torch.Tensor, dict]:
@@ -202,7 +203,7 @@ def es_tell(theta: torch.Tensor, losses: torch.Tensor, cfg: ESConfig, step: int)
         f = torch.where(finite, losses, fin.max())                          # worst finite loss
     else:
         f = centered_ranks(losses)                                          # [2P] in [-0.5, 0.5]
-    f = f.reshape(p, 2)                                                     # [P, (+, -)]
+    f = rearrange(f, "(p sign) -> p sign", sign=2)                          # sign 0: +ε, 1: −ε
     w = (f[:, 0] - f[:, 1]) / (2.0 * cfg.sigma * p)                         # [P]  (f⁺ − f⁻)/(2σP)
 
     grad = torch.zeros(theta.shape, dtype=torch.float32 if theta.dtype != torch.float64 else torch.float64,

@@ -70,6 +70,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 import torch
+from einops import rearrange
 
 from vsml.engine.config import ConfigError
 from vsml.estimators.es import pair_seed, sample_noise
@@ -188,7 +189,7 @@ class _TruncatedBase:
             raise ValueError(f"state.t = {state.t} outside [0, horizon = {horizon})")
         eps = sample_noise(cfg.seed, step_index, range(p), theta.shape, theta.dtype, theta.device)   # [P, *θ]
         pert = cfg.sigma * eps
-        thetas = torch.stack([theta + pert, theta - pert], 1).reshape(2 * p, *theta.shape)         # [2P, *θ]
+        thetas = rearrange(torch.stack([theta + pert, theta - pert], 1), "p sign ... -> (p sign) ...")   # [2P, *θ]
         del pert
 
         inner, t, episode = state.inner, state.t, state.episode
@@ -207,7 +208,7 @@ class _TruncatedBase:
                                      f"expected [2P, length] = {[2 * p, n]}")
                 loss_sum += float(losses.sum())
                 n_loss += losses.numel()
-                seg = losses.sum(1).reshape(p, 2)                              # [P, (+, −)]
+                seg = rearrange(losses.sum(1), "(p sign) -> p sign", sign=2)  # sign 0: +ε, 1: −ε
                 diff = seg[:, 0] - seg[:, 1]                                   # [P]  L⁺ − L⁻
                 grad_flat += diff @ xi.reshape(p, -1).to(torch.float64)
                 t += n
