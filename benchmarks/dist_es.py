@@ -18,20 +18,20 @@ over the first row and parallel efficiency = speed-up / W.  Intra-op threads per
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def worker(a: argparse.Namespace) -> None:
+def worker(a: DistESArgs) -> None:
     import torch
 
     torch.set_num_threads(a.threads)
@@ -93,7 +93,7 @@ def worker(a: argparse.Namespace) -> None:
     ctx.close()
 
 
-def launch(a: argparse.Namespace) -> None:
+def launch(a: DistESArgs) -> None:
     rows, load_before = [], os.getloadavg()[0]
     for w in [int(v) for v in a.procs.split(",")]:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(w),
@@ -122,20 +122,24 @@ def launch(a: argparse.Namespace) -> None:
               f"{sp:.2f}x | {sp / (r['procs'] / rows[0]['procs']):.0%} | {r['sample_s_per_step']:.3f} |")
 
 
+@dataclass(frozen=True)
+class DistESArgs:
+    procs: str = "1,2"                # comma-separated process counts
+    pairs: int = 32
+    length: int = 100
+    task: str = "digits+proj"
+    trials: int = 5
+    steps: int = 3                    # meta-steps per trial
+    threads: int = 1                  # intra-op threads per process
+    device: str = "cpu"
+    compile: bool = False             # torch.compile the no-grad tick (as train.py)
+    member_batch: int = 0
+    worker: bool = False              # internal: run as one torchrun worker (set by the launcher)
+
+
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--procs", default="1,2", help="comma-separated process counts (default 1,2)")
-    p.add_argument("--pairs", type=int, default=32)
-    p.add_argument("--length", type=int, default=100)
-    p.add_argument("--task", default="digits+proj")
-    p.add_argument("--trials", type=int, default=5)
-    p.add_argument("--steps", type=int, default=3, help="meta-steps per trial")
-    p.add_argument("--threads", type=int, default=1, help="intra-op threads per process")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--compile", action="store_true", help="torch.compile the no-grad tick (as train.py)")
-    p.add_argument("--member_batch", type=int, default=0)
-    a = p.parse_args()
+    from vsml.training.cli import parse
+    a = parse(DistESArgs, prog="benchmarks/dist_es.py", description=__doc__)
     worker(a) if a.worker else launch(a)
 
 

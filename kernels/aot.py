@@ -14,11 +14,11 @@ Must run *without* TRITON_INTERPRET=1 (the interpreter replaces the kernel objec
 
 from __future__ import annotations
 
-import argparse
 import glob
 import os
 import subprocess
 import tempfile
+from dataclasses import dataclass
 
 SIGNATURE = {
     "x_ptr": "*fp32", "y_ptr": "*i64", "theta_ptr": "*fp32", "h_ptr": "*fp32", "c_ptr": "*fp32",
@@ -79,15 +79,19 @@ def compile_kernel(arch: int = 90, num_warps: int = 4, **constexprs) -> dict:
     return info
 
 
+@dataclass(frozen=True)
+class AotArgs:
+    arch: int = 90                    # CUDA compute capability x 10 (90: H100)
+    block_a: str = "16,32,64"         # comma list of BA tile sizes
+    precision: str = "ieee,tf32,tf32x3"
+    num_warps: str = "4"              # comma list
+    backward_pass: bool = False
+    layer_norm: bool = False
+
+
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--arch", type=int, default=90)
-    ap.add_argument("--block-a", default="16,32,64")
-    ap.add_argument("--precision", default="ieee,tf32,tf32x3")
-    ap.add_argument("--num-warps", default="4")
-    ap.add_argument("--backward-pass", action="store_true")
-    ap.add_argument("--layer-norm", action="store_true")
-    args = ap.parse_args(argv)
+    from vsml.training.cli import parse
+    args = parse(AotArgs, argv, prog="python -m kernels.aot", description=__doc__)
     print(f"{'precision':>9} {'BA':>4} {'warps':>5} {'regs':>5} {'spill B':>8} {'smem B':>7}")
     for prec in args.precision.split(","):
         for ba in (int(v) for v in args.block_a.split(",")):

@@ -31,11 +31,12 @@ calls: compilation, then recompiles for the carried state) is never timed.
 
 from __future__ import annotations
 
-import argparse
 import inspect
 import math
 import platform
 import time
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -151,27 +152,27 @@ def bench_cell(run, cfg: VSMLConfig, e: int, d: int, c: int, steps: int, chunk: 
     return e * done / elapsed, done
 
 
+@dataclass(frozen=True)
+class BenchArgs:
+    device: str | None = None         # cuda or cpu (default: cuda when available)
+    episodes: str | None = None       # comma list of E (default 1,64,1024,2048 on CUDA, 1,16,64 on CPU)
+    steps: int = 100                  # timed examples per episode (max)
+    chunk: int | None = None          # examples per unroll call (default: all steps on CUDA, 5 on CPU so the budget can stop a cell)
+    budget: float | None = None       # seconds per cell before it stops early (default 20 on CPU, unlimited on CUDA)
+    nets: str = "784-10,784-32-10"
+    backends: str = "eager,compile,cpu,triton"   # subset of eager,compile,cpu,triton
+    repeats: int = 1                  # timed runs per cell: report the best and the spread
+    # cpu: time by this process's CPU seconds instead of wall time -- with --threads 1 on a machine shared with
+    # other jobs this measures examples per core-second (rates are then per core, not of the machine)
+    clock: Literal["wall", "cpu"] = "wall"
+    threads: int | None = None        # torch intra-op threads (default: torch's)
+    backward_pass: bool = False       # backward-pass schedule (2 sweeps)
+    layer_norm: bool = False
+
+
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    ap.add_argument("--episodes", default=None,
-                    help="comma list of E (default 1,64,1024,2048 on CUDA, 1,16,64 on CPU)")
-    ap.add_argument("--steps", type=int, default=100, help="timed examples per episode (max)")
-    ap.add_argument("--chunk", type=int, default=None, help="examples per unroll call (default: all steps on "
-                    "CUDA, 5 on CPU so the budget can stop a cell)")
-    ap.add_argument("--budget", type=float, default=None, help="seconds per cell before it stops early "
-                    "(default 20 on CPU, unlimited on CUDA)")
-    ap.add_argument("--nets", default="784-10,784-32-10")
-    ap.add_argument("--backends", default="eager,compile,cpu,triton", help="subset of eager,compile,cpu,triton")
-    ap.add_argument("--repeats", type=int, default=1, help="timed runs per cell: report the best and the spread")
-    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
-                    help="cpu: time by this process's CPU seconds instead of wall time -- with --threads 1 on a "
-                         "machine shared with other jobs this measures examples per core-second (rates are then "
-                         "per core, not of the machine)")
-    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    ap.add_argument("--backward-pass", action="store_true", help="backward-pass schedule (2 sweeps)")
-    ap.add_argument("--layer-norm", action="store_true")
-    args = ap.parse_args(argv)
+    from vsml.training.cli import parse
+    args = parse(BenchArgs, argv, prog="python -m kernels.bench", description=__doc__)
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.threads:
