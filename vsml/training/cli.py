@@ -269,12 +269,14 @@ def _all_flags(tp: Any) -> list[str]:
 # config + presets
 
 def _preset_arg(argv: list[str]) -> str | None:
+    """The value of the last ``--preset`` (as for every other flag, the last one wins)."""
+    found = None
     for i, a in enumerate(argv):
-        if a == "--preset":
-            return argv[i + 1] if i + 1 < len(argv) else None
-        if a.startswith("--preset="):
-            return a.split("=", 1)[1]
-    return None
+        if a == "--preset" and i + 1 < len(argv):
+            found = argv[i + 1]
+        elif a.startswith("--preset="):
+            found = a.split("=", 1)[1]
+    return found
 
 
 def parse_config(argv: Sequence[str] | None, presets: dict[str, tuple[str, Any]], default_preset: str,
