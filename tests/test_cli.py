@@ -157,3 +157,14 @@ def test_errors_stay_one_line_without_tyros_private_error_hook(monkeypatch, caps
     monkeypatch.setattr(cli, "_HAS_HOOK", False)         # tyro's box is condensed instead
     assert "--es.pairz" in _one_line_error(capsys, train_cli.main, ["--es.pairz", "3"])
     assert "ESConfig.sigma must be" in _one_line_error(capsys, train_cli.main, ["--es.sigma", "-1"])
+
+
+def test_every_command_line_uses_the_typed_config_cli():
+    """No hand-written argparse parser outside tasks.cli's helper for third-party scripts."""
+    allowed = {ROOT / "tasks" / "cli.py"}
+    files = [ROOT / "train.py", ROOT / "eval.py"]
+    for d in ("vsml", "kernels", "tasks", "experiments", "benchmarks"):
+        files += sorted((ROOT / d).rglob("*.py"))
+    offenders = [str(p.relative_to(ROOT)) for p in files
+                 if p not in allowed and "ArgumentParser(" in p.read_text()]
+    assert not offenders, offenders

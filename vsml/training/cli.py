@@ -240,20 +240,23 @@ def _run(cls: type, args: list[str], prog: str, flags: list[str], bool_values: b
          description: str | None = None, default: Any = None) -> Any:
     markers = [tyro.conf.FlagConversionOff] if bool_values else [tyro.conf.FlagCreatePairsOff]
     kwargs: dict[str, Any] = {} if default is None else {"default": default}
-    err = io.StringIO()
+    err = io.StringIO()            # tyro's own error output, replaced by one line
     try:
         hook = _tyro_errors.on_parse_error(_hook(["--help", *flags])) if _HAS_HOOK else contextlib.nullcontext()
         with hook, contextlib.redirect_stderr(err):
-            return tyro.cli(cls, args=args, prog=prog, description=description and inspect.cleandoc(description),
-                            use_underscores=True, registry=_registry(bool_values), config=markers, **kwargs)
+            out = tyro.cli(cls, args=args, prog=prog, description=description and inspect.cleandoc(description),
+                           use_underscores=True, registry=_registry(bool_values), config=markers, **kwargs)
     except _Reject as exc:
         fail(prog, f"{exc} (see {prog} --help)")
-    except ValueError as exc:      # __post_init__ of a top-level config (tyro re-raises those as they are)
+    except ValueError as exc:      # __post_init__ of a config at the top level: tyro lets those through
         fail(prog, " ".join(str(exc).split()))
     except SystemExit as exc:
-        if exc.code in (0, None):
+        if exc.code in (0, None):  # --help
+            sys.stderr.write(err.getvalue())
             raise
         fail(prog, f"{_condense(err.getvalue())} (see {prog} --help)")
+    sys.stderr.write(err.getvalue())   # warnings printed while the configs were built
+    return out
 
 
 def _all_flags(tp: Any) -> list[str]:
