@@ -67,7 +67,7 @@ class ShowCmd:
     """sample a small batch of a spec"""
 
     spec: Annotated[str, arg(metavar="SPEC"), Positional]   # a task spec, e.g. mix:digits,sum+resize14
-    split: Literal[SPLITS] = "train"  # noqa: F821
+    split: Literal[SPLITS] = "train"  # the split to sample (SPLITS)
     episodes: int = 2
     length: int = 100
     seed: int = 0
