@@ -14,6 +14,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from vsml.evaluation.load import load_learner
 
@@ -33,12 +34,17 @@ class EvalArgs:
     out: str | None = None          # output folder (default <run>/eval or eval_out)
     data_dir: str | None = None     # folder with the dataset files (or set VSML_DATA_DIR)
     device: str = "cpu"
-    no_compile: bool = False        # eager PyTorch path (no torch.compile)
+    # no-grad path of a VSML learner (kernels/backend.py): auto (default: the fused Triton kernel on CUDA, the
+    # C++ kernel on CPU), torch (eager), compile, cpu, triton; a forced one that cannot run is a one-line error
+    backend: Literal["auto", "torch", "compile", "cpu", "triton"] | None = None
+    no_compile: bool = False        # eager PyTorch path (the same as --backend torch)
     no_plot: bool = False
 
     def __post_init__(self):
         if (self.episodes is not None and self.episodes < 1) or (self.length is not None and self.length < 1):
             raise ValueError(f"--episodes and --length must be >= 1, got {self.episodes} and {self.length}")
+        if self.no_compile and self.backend not in (None, "torch"):
+            raise ValueError(f"--no-compile means --backend torch; it contradicts --backend {self.backend}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,10 +64,15 @@ def main(argv: list[str] | None = None) -> int:
     from vsml.training.checkpoint import CheckpointError
     from vsml.evaluation.evaluate import FrozenLearner, evaluate, parse_task_list, summary_table, write_results
 
+    backend = args.backend or ("torch" if args.no_compile else "auto")
     learners, tasks, out = [], args.tasks, args.out
     try:
         if args.checkpoint:
-            name, learner, theta, cfg_dict = load_learner(args.checkpoint, args.device, not args.no_compile)
+            name, learner, theta, cfg_dict = load_learner(args.checkpoint, args.device, backend=backend)
+            from kernels.backend import check_backend
+            check_backend(backend, args.device, getattr(learner, "cfg", None), learner=name)
+            if hasattr(learner, "no_grad_backend"):
+                print(f"[eval] {name}: backend {backend} -> {learner.no_grad_backend(theta)} on {args.device}")
             if name == "badger":      # Guessing-Game meta-test, state analyses and the run's plots
                 from vsml.evaluation.badger_eval import eval_run
                 return eval_run(args.checkpoint, learner, theta, cfg_dict, tasks, user_episodes, user_length,
@@ -77,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         for b in [s.strip() for s in args.baselines.split(",") if s.strip()]:
             bl = make_learner(b)
             learners.append(FrozenLearner(b, bl, bl.init_theta()))
-    except (CheckpointError, KeyError, ValueError) as exc:
+    except (CheckpointError, KeyError, ValueError) as exc:     # ValueError covers ConfigError / BackendError
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if not learners:

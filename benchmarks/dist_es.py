@@ -42,10 +42,10 @@ def worker(a: DistESArgs) -> None:
     from vsml.training.presets import get, replace
 
     cfg = get("default")
-    cfg = replace(cfg, task=a.task, episode_length=a.length, device=a.device, compile=a.compile,
+    cfg = replace(cfg, task=a.task, episode_length=a.length, device=a.device, backend=("auto" if a.compile else "torch"),
                   clone=replace(cfg.clone, steps=0), es=replace(cfg.es, pairs=a.pairs))
     ctx = init_distributed(cfg)
-    net = VSMLNetwork(cfg.vsml, compile=cfg.compile)
+    net = VSMLNetwork(cfg.vsml, backend=cfg.backend)
     theta = torch.nn.Parameter(net.init_theta(torch.Generator().manual_seed(0)).to(ctx.device))
     opt = make_optimizer(theta, 0.025)
     est = DistributedESEstimator(net, cfg.es, ctx, member_batch=a.member_batch)

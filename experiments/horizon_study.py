@@ -211,7 +211,7 @@ ARMS = ("es50", "es500", "es2000", "tes500", "pes500", "pes2000", "bptt50", "tbp
 
 def _base_cfg(sc: StudyConfig, learner: str, name: str, **kw) -> TrainConfig:
     cfg = TrainConfig(name=name, learner=learner, task=sc.train_task, data_dir=sc.data_dir,
-                      out_dir=str(Path(sc.out) / "runs"), seed=sc.seed, compile=(learner == "vsml"),
+                      out_dir=str(Path(sc.out) / "runs"), seed=sc.seed, backend=("auto" if learner == "vsml" else "torch"),
                       ckpt_every=0, eval=EvalConfig(tasks="digits", every=0, episodes=2, length=20),
                       log=LogConfig(every=10, wandb=sc.wandb, project="vsml-horizon", progress=False))
     if learner == "metarnn":                       # θ0 and every arm share one Meta-RNN architecture

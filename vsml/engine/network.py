@@ -44,6 +44,29 @@ from vsml.engine.state import EpisodeOutput, VSMLState, init_state
 #: sub-LSTMs per compiled chunk on the no-grad path (measured on a 2-core AVX-512 CPU: chunks of
 #: ~16k pairs keep the gates in cache and run 1.4-1.7x faster than the whole grid at once)
 CHUNK_PAIRS = 16384
+#: the names of ``kernels.backend.BACKENDS`` (kept here so the eager path never imports ``kernels``)
+BACKENDS = ("auto", "torch", "compile", "cpu", "triton")
+#: bytes of temporaries per sub-LSTM (in units of N floats) a compiled chunk may hold on CUDA: gates
+#: (4N), h, c in and out (4N), message terms and readouts; generous, so a chunk never runs out of memory
+CUDA_FLOATS_PER_PAIR_PER_N = 16
+#: fraction of the free CUDA memory one compiled chunk may use
+CUDA_CHUNK_MEMORY_FRACTION = 0.25
+
+
+def chunk_inputs(e: int, a: int, b: int, n: int, device: torch.device) -> int:
+    """Inputs a per compiled chunk of a [E, A, B] layer update (device-aware).
+
+    CPU: ``CHUNK_PAIRS // (E·B)`` (cache-sized chunks, measured fastest).  CUDA: the whole grid when its
+    temporaries fit in a quarter of the free memory, else as many inputs as do (never cache-sized
+    chunks: on a GPU every chunk is a launch, and E=2048 x B=10 would give one launch per input).
+    Other devices: the whole grid."""
+    if device.type == "cpu":
+        return max(1, CHUNK_PAIRS // (e * b))
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        per_input = e * b * n * CUDA_FLOATS_PER_PAIR_PER_N * 4             # bytes per input a
+        return max(1, min(a, int(free * CUDA_CHUNK_MEMORY_FRACTION) // per_input))
+    return a
 
 
 # --------------------------------------------------------------------------------------------
@@ -63,22 +86,44 @@ class VSMLNetwork:
 
     meta_trainable = True
 
-    def __init__(self, cfg: VSMLConfig, compile: bool = False):
-        """``compile=True`` runs every layer update through a ``torch.compile``d kernel
-        (``_chunk_update``, over cache-sized chunks of inputs a) whenever autograd is off, e.g. ES
-        populations and meta-testing; with autograd on, the eager path runs.  The first call per
-        shape compiles (seconds to a minute on a small CPU)."""
+    def __init__(self, cfg: VSMLConfig, compile: bool = False, backend: str | None = None, kernel: str = "v1"):
+        """``backend`` picks the no-grad path (``kernels/backend.py``): "auto" (the fused Triton kernel on
+        CUDA, the C++ kernel on the CPU, torch.compile chunks otherwise), "torch" (eager), "compile",
+        "cpu" or "triton".  With autograd on, the eager path always runs.  ``backend=None`` keeps the
+        older switch: ``compile=True`` means "auto", ``compile=False`` "torch".  ``kernel``: the fused
+        kernel's version (``kernels.backend.fused_kernel``).  The first compiled call per shape compiles
+        (seconds to a minute on a small CPU)."""
         self.cfg = cfg
-        self.compile = compile
+        if backend is None:
+            backend = "auto" if compile else "torch"
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+        self.backend = backend
+        self.kernel = kernel
+        self.compile = backend != "torch"
         self._chunk_fn = None
         # no-grad path: the hand-written CPU kernel (kernels/cpu_vsml.py) where it applies, builds and
-        # VSML_CPU_KERNEL is not 'off'; False forces the torch.compile chunks
+        # VSML_CPU_KERNEL is not 'off'; False forces the torch.compile chunks (under backend auto / cpu)
         self.cpu_kernel = True
 
-    def _chunked_layer(self, p: CellParams, fwd_in, bwd_in, h, c):
-        """No-grad layer update: the CPU kernel when it applies (else None -> fall through), otherwise
-        the compiled chunk function, looping over chunks of inputs a."""
-        if self.cpu_kernel:
+    def no_grad_backend(self, theta: torch.Tensor, state: VSMLState | None = None,
+                        backend: str | None = None) -> str:
+        """The path an unroll of θ (and ``state``) takes now: "torch", "compile", "cpu" or "triton"
+        (``kernels.backend.resolve_backend``; autograd -> "torch")."""
+        grad = torch.is_grad_enabled() and (theta.requires_grad or (state is not None and any(
+            t.requires_grad for t in (*state.h, *state.c, *state.bwd))))
+        name = backend or self.backend
+        if name == "torch" or grad:
+            return "torch"
+        from kernels.backend import resolve_backend
+        return resolve_backend(backend or self.backend, theta.device, requires_grad=grad, dtype=theta.dtype,
+                               cfg=self.cfg, strict_grad=False)
+
+    def _chunked_layer(self, p: CellParams, fwd_in, bwd_in, h, c, mode: str = "cpu"):
+        """No-grad layer update.  ``mode`` "cpu": the C++ kernel when it applies (auto: else fall through;
+        a forced backend="cpu" raises instead), "compile": the compiled chunk function, looping over
+        chunks of inputs a (:func:`chunk_inputs`: cache-sized on the CPU, memory-sized on CUDA)."""
+        if mode == "cpu" and self.cpu_kernel:
             try:
                 from kernels.cpu_vsml import try_layer_update
             except ImportError:                                 # kernels/ not installed next to vsml/
@@ -87,6 +132,10 @@ class VSMLNetwork:
                 out = try_layer_update(self.cfg, p, fwd_in, bwd_in, h, c)
                 if out is not None:
                     return out
+                if self.backend == "cpu":
+                    from kernels.backend import BackendError
+                    raise BackendError("backend='cpu': the C++ kernel does not apply to this layer update "
+                                       "(float32 CPU tensors, N=16, M<=16, no autograd) or could not be built")
         if self._chunk_fn is None:
             import torch._dynamo.config as dcfg
             # one graph per chunk shape and θ mode: ES populations, meta-test batches, several tasks
@@ -97,7 +146,7 @@ class VSMLNetwork:
         e, a, b, _ = h.shape
         f_term = _linear(fwd_in, p.W_f)                         # [E, A, 4N]
         r_term = _linear(bwd_in, p.W_r, p.beta)                 # [E, B, 4N]
-        step = max(1, CHUNK_PAIRS // (e * b))
+        step = chunk_inputs(e, a, b, self.cfg.cell.hidden, h.device)
         if step >= a:
             h2, c2, fsum, bwd_out = self._chunk_fn(p, f_term, r_term, h, c, self.cfg.micro_ticks, self.cfg.cell.ln_eps)
         else:
@@ -158,11 +207,13 @@ class VSMLNetwork:
     # -- one tick ------------------------------------------------------------------------------
 
     def tick(self, theta: torch.Tensor, state: VSMLState, x_t: torch.Tensor, y_t: torch.Tensor,
-             fused: bool = False) -> tuple[torch.Tensor, VSMLState]:
+             fused: bool | str = False) -> tuple[torch.Tensor, VSMLState]:
         """Process example t: predict ŷ_t from x_t (before y_t is used), then feed y_t's error.
 
         theta [L, P] or [E, L, P], x_t [E, D], y_t [E] -> logits [E, C] and the new state.
-        ``fused``: use the compiled, chunked layer update (no-grad only).
+        ``fused``: the no-grad layer update: False / "torch" (eager), "compile" (compiled chunks), True /
+        "cpu" (the C++ kernel, else compiled chunks).  The fused Triton kernel runs whole unrolls
+        (:meth:`unroll`), not ticks.
         """
         cfg = self.cfg
         params = self.layer_params(theta)
@@ -175,8 +226,8 @@ class VSMLNetwork:
                 from vsml.engine.conv import conv_layer_update
                 return conv_layer_update(p, cfg.conv[k], geo[k], fwd_in, bwd_in, h_k, c_k, cfg.micro_ticks,
                                          cfg.cell.ln_eps)
-            if fused:
-                return self._chunked_layer(p, fwd_in, bwd_in, h_k, c_k)
+            if fused and fused != "torch":
+                return self._chunked_layer(p, fwd_in, bwd_in, h_k, c_k, "compile" if fused == "compile" else "cpu")
             return layer_update(p, fwd_in, bwd_in, h_k, c_k, cfg.micro_ticks, cfg.cell.ln_eps)
 
         k_last = cfg.num_layers - 1
@@ -250,7 +301,8 @@ class VSMLNetwork:
         return x, num_classes
 
     def unroll(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, num_classes: int | None = None,
-               state: VSMLState | None = None, generator: torch.Generator | None = None) -> EpisodeOutput:
+               state: VSMLState | None = None, generator: torch.Generator | None = None,
+               backend: str | None = None) -> EpisodeOutput:
         """Run a stream of examples online through the network.
 
         Args:
@@ -260,6 +312,7 @@ class VSMLNetwork:
             num_classes: C; required unless ``state`` is given.
             state: carried state from a previous call (truncated unrolls); None draws a fresh
                 random state with ``generator`` (one draw per episode).
+            backend: override this network's ``backend`` for this call (see ``__init__``).
         Returns:
             EpisodeOutput with logits [E, T, C], loss [E, T], correct [E, T] and the final state.
         """
@@ -268,7 +321,11 @@ class VSMLNetwork:
         y = y.long()
         if state is None:
             state = self.init_state(e, d, num_classes, generator, theta.dtype, theta.device)
-        fused = self.compile and not (torch.is_grad_enabled() and theta.requires_grad)
+        which = self.no_grad_backend(theta, state, backend)
+        if which == "triton":                                      # all T examples in one kernel launch
+            from kernels.backend import fused_unroll_output
+            return fused_unroll_output(self.cfg, theta, x, y, num_classes, state, kernel=self.kernel)
+        fused = which if which != "torch" else False
         logits = []
         for t in range(t_len):
             lg, state = self.tick(theta, state, x[:, t], y[:, t], fused)

@@ -6,8 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def load_learner(path: str, device: str = "cpu", compile: bool = True):
-    """(name, learner, θ, train config dict) from a run dir, a .pt checkpoint or a θ .safetensors file."""
+def load_learner(path: str, device: str = "cpu", compile: bool = True, backend: str | None = None):
+    """(name, learner, θ, train config dict) from a run dir, a .pt checkpoint or a θ .safetensors file.
+
+    ``backend``: the VSML network's no-grad path (kernels/backend.py); None: "auto" if ``compile`` else
+    "torch" (the run's own setting is not reused: the machine may differ)."""
     import torch
 
     from vsml.training.checkpoint import CheckpointError, load_checkpoint, load_theta
@@ -25,7 +28,9 @@ def load_learner(path: str, device: str = "cpu", compile: bool = True):
         theta, cfg_dict = ck["theta"], ck["config"]
     cfg = config_from_dict(cfg_dict)
     from dataclasses import replace
-    cfg = replace(cfg, compile=compile, device=device)
+    if backend is None:
+        backend = "auto" if compile else "torch"
+    cfg = replace(cfg, backend=backend, device=device)
     learner = build_learner(cfg)
     want = tuple(learner.init_theta().shape)
     if tuple(theta.shape) != want:

@@ -10,7 +10,7 @@ def build_learner(cfg: Any):
     from vsml.learners.baselines import make_learner
     from vsml.engine.network import VSMLNetwork
     if cfg.learner == "vsml":
-        return VSMLNetwork(cfg.vsml, compile=cfg.compile)
+        return VSMLNetwork(cfg.vsml, backend=cfg.backend)
     if cfg.learner == "badger":
         from vsml.learners.badger import MicroBadger
         return MicroBadger(cfg.badger)

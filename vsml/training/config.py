@@ -73,7 +73,11 @@ class TrainConfig:
     steps: int = 200                  # meta-training steps (after clone.steps cloning steps)
     seed: int = 0
     device: str = "cpu"
-    compile: bool = True              # torch.compile the no-grad VSML tick (ES, meta-test)
+    # no-grad unroll path of the VSML network (ES members, PES particles, meta-tests; kernels/backend.py):
+    # auto = fused Triton kernel on CUDA, C++ kernel on CPU; torch = eager; compile; cpu; triton.
+    # Gradients always take the autograd path.  Replaces the older ``compile`` flag (False -> torch,
+    # True -> auto; still read from old config.json / checkpoints).
+    backend: Literal["auto", "torch", "compile", "cpu", "triton"] = "auto"
     data_dir: str | None = None
     out_dir: str = "runs"
     ckpt_every: int = 50
@@ -104,6 +108,8 @@ class TrainConfig:
                               f"{self.bmg.episode_length}, got {self.episode_length}")
         if self.ckpt_every < 0:
             raise ConfigError(f"ckpt_every must be >= 0, got {self.ckpt_every}")
+        if self.backend not in ("auto", "torch", "compile", "cpu", "triton"):
+            raise ConfigError(f"backend must be one of auto, torch, compile, cpu, triton; got {self.backend!r}")
 
     @property
     def resolved_lr(self) -> float:
@@ -122,6 +128,9 @@ class TrainConfig:
 def config_from_dict(d: dict[str, Any]) -> TrainConfig:
     """Rebuild a TrainConfig from its ``to_dict`` (tolerates derived keys; rejects unknown ones)."""
     d = {k: v for k, v in d.items() if k != "resolved_lr"}
+    if "compile" in d:              # configs written before the backend switch: compile=False -> torch, True -> auto
+        compiled = d.pop("compile")
+        d.setdefault("backend", "auto" if compiled else "torch")
     sub = {"vsml": VSMLConfig.from_dict, "es": lambda v: ESConfig(**v), "bptt": lambda v: BPTTConfig(**v),
            "clone": lambda v: CloneConfig(**v), "pes": lambda v: PESConfig(**v), "bmg": lambda v: BMGConfig(**v),
            "eval": lambda v: EvalConfig(**v), "log": lambda v: LogConfig(**v),

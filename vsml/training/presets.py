@@ -24,7 +24,7 @@ PRESETS: dict[str, tuple[str, TrainConfig]] = {
         "seconds-long smoke test of every code path (used by the tests)",
         TrainConfig(name="tiny", task="digits+proj", es=ESConfig(pairs=2), episode_length=6, steps=3,
                     clone=CloneConfig(steps=2, episodes=2, length=4),
-                    compile=False, ckpt_every=1, eval=EvalConfig(tasks="digits", every=2, episodes=2, length=12),
+                    backend="torch", ckpt_every=1, eval=EvalConfig(tasks="digits", every=2, episodes=2, length=12),
                     log=LogConfig(every=1, progress=False))),
     "bptt": (
         "backprop meta-training (truncated BPTT, LayerNorm, Adam 1e-3, clip 25) on projected digits",
@@ -54,12 +54,12 @@ PRESETS: dict[str, tuple[str, TrainConfig]] = {
     "metarnn": (
         "Meta-RNN baseline (LSTM fed [x, e, y]) meta-trained by ES on the default family",
         TrainConfig(name="metarnn", learner="metarnn", task="mnist5k+resize8+proj", es=ESConfig(pairs=32),
-                    episode_length=100, steps=300, compile=False,
+                    episode_length=100, steps=300, backend="torch",
                     eval=EvalConfig(tasks="digits", every=100, episodes=16, length=500))),
     "hebbian": (
         "Hebbian/Oja fast-weight baseline meta-trained by ES on the default family",
         TrainConfig(name="hebbian", learner="hebbian", task="mnist5k+resize8+proj", es=ESConfig(pairs=32),
-                    episode_length=100, steps=300, compile=False,
+                    episode_length=100, steps=300, backend="torch",
                     eval=EvalConfig(tasks="digits", every=100, episodes=16, length=500))),
     "badger": (
         "Micro-Badger on the Guessing Game (badger-bmg-es.md §A): 6 experts (designated outputs, per-expert "
@@ -68,7 +68,7 @@ PRESETS: dict[str, tuple[str, TrainConfig]] = {
         TrainConfig(name="badger", learner="badger", task="guessing[n=2]", estimator="bptt",
                     badger=BadgerConfig(n_experts=6, readout="designated", topology="complete", init_noise=0.5),
                     bptt=BPTTConfig(truncation=0, clip_grad_norm=1.0), lr=3e-3, meta_batch=64,
-                    episode_length=20, steps=2000, compile=False, ckpt_every=500,
+                    episode_length=20, steps=2000, backend="torch", ckpt_every=500,
                     eval=EvalConfig(tasks="guessing[n=2]", every=100, episodes=512, length=20),
                     log=LogConfig(every=10))),
 }

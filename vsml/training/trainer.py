@@ -170,6 +170,8 @@ def train(cfg: TrainConfig, resume: str | None = None, run_dir: str | None = Non
     from tasks import make_family
     from vsml.evaluation.evaluate import parse_task_list
     ctx = init_distributed(cfg)       # the torchrun process group, or a one-process context
+    from kernels.backend import check_backend
+    check_backend(cfg.backend, ctx.device, cfg.vsml, cfg.learner)   # a forced backend that cannot run: ConfigError
     # load (or fail on) every dataset the run needs before creating the run directory
     family = make_family(cfg.task, data_dir=cfg.data_dir)
     family.prepare(("train",))
@@ -233,7 +235,7 @@ def train(cfg: TrainConfig, resume: str | None = None, run_dir: str | None = Non
         from vsml.estimators.pes import LearnerSystem
 
         def sample(num, length, seed):
-            b = family.sample(num, length, seed=seed, split="train")
+            b = family.sample(num, length, seed=seed, split="train", device=device)
             return b.x.to(device), b.y.to(device), b.num_classes
 
         system = LearnerSystem(learner, sample, horizon=cfg.pes.horizon, device=device)
@@ -271,12 +273,13 @@ def train(cfg: TrainConfig, resume: str | None = None, run_dir: str | None = Non
                 cloning = step < cfg.clone.steps
                 seed_s = derive_seed(cfg.seed, "meta-train-data", step)
                 if cloning:
-                    batch = family.sample(cfg.clone.episodes, cfg.clone.length, seed=seed_s, split="train")
+                    batch = family.sample(cfg.clone.episodes, cfg.clone.length, seed=seed_s, split="train",
+                                          device=device)
                     est, optim = cloner, opt_clone
                 elif truncated:
                     batch, optim = None, opt
                 else:
-                    batch = family.sample(n_data, cfg.episode_length, seed=seed_s, split="train")
+                    batch = family.sample(n_data, cfg.episode_length, seed=seed_s, split="train", device=device)
                     est, optim = estimator, opt
                 if batch is None:
                     grad, m, pes_state = estimator.step(theta.detach(), pes_state, system, step)
