@@ -7,6 +7,7 @@ Every function takes an explicit ``torch.Generator`` and works on a whole batch 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -128,14 +129,16 @@ def glorot_uniform_limit(fan_in: int, fan_out: int) -> float:
     return math.sqrt(6.0 / (fan_in + fan_out))
 
 
-def random_projection(x: torch.Tensor, out_dim: int, gen: torch.Generator, *, shared: bool = False
-                      ) -> torch.Tensor:
+def random_projection(x: torch.Tensor, out_dim: int, gen: torch.Generator | Sequence[torch.Generator], *,
+                      shared: bool = False) -> torch.Tensor:
     """x' = x R per episode, R [D, D'] with entries U(-l, l), l = sqrt(6 / (D + D')) (Glorot uniform).
 
     Args:
         x: float32 [E, T, D] (normalised inputs).
         out_dim: D'.
-        gen: generator on x's device (the matrices are drawn there), consumed in episode order.
+        gen: a generator on x's device (the matrices are drawn there), consumed in episode order; or a
+            sequence of E generators on x's device, episode e's matrix drawn from ``gen[e]`` alone
+            (per-episode streams: any subset of episodes can be built without the others).
         shared: draw one R for all episodes (the reference's fixed projection) instead of one per episode.
 
     Returns:
@@ -144,6 +147,10 @@ def random_projection(x: torch.Tensor, out_dim: int, gen: torch.Generator, *, sh
     """
     e, t, d = x.shape
     limit = glorot_uniform_limit(d, out_dim)
+    gens = None if isinstance(gen, torch.Generator) else list(gen)
+    if gens is not None and (shared or len(gens) != e):
+        raise ValueError(f"random_projection: per-episode generators need shared=False and one per episode "
+                         f"({e}), got {len(gens)}")
     if shared:
         r = torch.rand(d, out_dim, generator=gen, device=x.device, dtype=x.dtype).mul_(2.0 * limit).sub_(limit)
         return x @ r  # [E, T, D] @ [D, D'] -> [E, T, D']
@@ -151,7 +158,12 @@ def random_projection(x: torch.Tensor, out_dim: int, gen: torch.Generator, *, sh
     chunk = max(1, PROJECTION_CHUNK_ELEMENTS // (d * out_dim))
     for start in range(0, e, chunk):
         stop = min(e, start + chunk)
-        r = torch.rand(stop - start, d, out_dim, generator=gen, device=x.device, dtype=x.dtype)  # [e_c, D, D']
+        if gens is None:
+            r = torch.rand(stop - start, d, out_dim, generator=gen, device=x.device, dtype=x.dtype)  # [e_c, D, D']
+        else:
+            r = torch.empty(stop - start, d, out_dim, device=x.device, dtype=x.dtype)
+            for j in range(start, stop):
+                torch.rand(d, out_dim, generator=gens[j], device=x.device, dtype=x.dtype, out=r[j - start])
         r.mul_(2.0 * limit).sub_(limit)
         torch.bmm(x[start:stop], r, out=out[start:stop])  # [e_c, T, D] @ [e_c, D, D'] -> [e_c, T, D']
     return out

@@ -27,7 +27,10 @@ __all__ = [
     "TaskFamily",
     "check_sample_args",
     "derive_seed",
+    "episode_generators",
+    "episode_selection",
     "numpy_rng",
+    "sample_episodes",
     "torch_generator",
 ]
 
@@ -70,7 +73,8 @@ def numpy_rng(seed: int, *keys: object) -> np.random.Generator:
     return np.random.Generator(np.random.PCG64(derive_seed(seed, *keys)))
 
 
-def truncated_normal(shape: tuple[int, ...], std: float = 1.0, generator: torch.Generator | None = None,
+def truncated_normal(shape: tuple[int, ...], std: float = 1.0,
+                     generator: torch.Generator | Sequence[torch.Generator] | None = None,
                      dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> torch.Tensor:
     """Normal(0, std) truncated at ±2 std, *without* variance correction (haiku's / TF's default).
 
@@ -78,13 +82,34 @@ def truncated_normal(shape: tuple[int, ...], std: float = 1.0, generator: torch.
     (``vsml.engine.params``, ``vsml.engine.state``), baseline weights, the ``random`` task's images.
     Sampled by inverting the CDF on U(Φ(-2), Φ(2)): one uniform draw per element, so the result is
     a deterministic function of the generator's state and of the shape.
+
+    ``generator``: one generator (the uniforms are drawn on its device, the result moved to ``device``), or
+    a sequence of ``shape[0]`` generators, one per row of the leading axis (per-episode streams: row i
+    depends only on generator i, so any subset of episodes can be drawn alone, e.g. one rank's share of
+    an ES population; see :func:`episode_generators`).  With CUDA generators everything stays on the GPU.
     """
     lo = 0.5 * (1.0 + math.erf(-2.0 / math.sqrt(2.0)))
-    gen_device = generator.device if generator is not None else device
-    u = torch.rand(shape, generator=generator, dtype=torch.float64, device=gen_device)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        gens = list(generator)
+        if len(gens) != shape[0]:
+            raise ValueError(f"truncated_normal: {len(gens)} generators for a leading axis of {shape[0]}")
+        gen_device = gens[0].device if gens else (device or "cpu")
+        u = torch.empty(shape, dtype=torch.float64, device=gen_device)
+        for i, g in enumerate(gens):                                  # one stream per row
+            torch.rand(shape[1:], generator=g, dtype=torch.float64, device=gen_device, out=u[i])
+    else:
+        gen_device = generator.device if generator is not None else device
+        u = torch.rand(shape, generator=generator, dtype=torch.float64, device=gen_device)
     u = lo + (1.0 - 2.0 * lo) * u
     z = math.sqrt(2.0) * torch.erfinv(2.0 * u - 1.0)
     return (z.clamp_(-2.0, 2.0) * std).to(dtype=dtype, device=device)
+
+
+def episode_generators(seeds: Sequence[int], device: torch.device | str | None = None) -> list[torch.Generator]:
+    """One generator per episode on ``device`` (CPU by default), seeded with ``seeds[i]``: the per-episode
+    streams :func:`truncated_normal` and ``vsml.engine.state.init_state`` accept."""
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    return [torch.Generator(device=dev).manual_seed(int(s)) for s in seeds]
 
 
 def check_sample_args(num_episodes: int, length: int, seed: int, split: str) -> None:
@@ -96,6 +121,34 @@ def check_sample_args(num_episodes: int, length: int, seed: int, split: str) -> 
         raise ValueError(f"seed must be a non-negative int, got {seed!r}")
     if split not in SPLITS:
         raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+
+
+def episode_selection(episodes: range | slice | None, num_episodes: int) -> range | None:
+    """``episodes`` (a range or slice of step 1 within [0, E)) as a range; None for all E episodes."""
+    if episodes is None:
+        return None
+    if isinstance(episodes, slice):
+        episodes = range(*episodes.indices(num_episodes))
+    if not isinstance(episodes, range) or episodes.step != 1:
+        raise ValueError(f"episodes must be a contiguous range or slice (step 1), got {episodes!r}")
+    if len(episodes) < 1 or episodes.start < 0 or episodes.stop > num_episodes:
+        raise ValueError(f"episodes {episodes!r} must be a non-empty part of range({num_episodes})")
+    return episodes
+
+
+def sample_episodes(family: "TaskFamily", num_episodes: int, length: int, seed: int, split: str = "train", *,
+                    device: torch.device | str | None = None, episodes: range | slice | None = None
+                    ) -> "EpisodeBatch":
+    """``family.sample(...)`` restricted to ``episodes`` of the E: through the family's own ``episodes=``
+    argument when it has one (per-episode streams, only those episodes are built), else by building all E
+    and selecting (families without per-episode support: generated tasks, the Guessing Game)."""
+    sel = episode_selection(episodes, int(num_episodes))
+    if sel is None:
+        return family.sample(num_episodes, length, seed, split, device=device)
+    import inspect
+    if "episodes" in inspect.signature(family.sample).parameters:
+        return family.sample(num_episodes, length, seed, split, device=device, episodes=sel)
+    return family.sample(num_episodes, length, seed, split, device=device).select(slice(sel.start, sel.stop))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -264,7 +317,9 @@ class TaskFamily(abc.ABC):
         """Draw ``num_episodes`` episodes of ``length`` steps from ``split``; deterministic in (seed, split).
 
         ``device`` (optional) is where the batch is built and returned; index sampling always runs on the CPU,
-        so only the projection matrices (drawn on ``device``) depend on the device type.
+        so only the projection matrices (drawn on ``device``) depend on the device type.  Families that can
+        build a subset of the episodes alone also take ``episodes=`` (a range of [0, E)); use
+        :func:`sample_episodes` to ask any family.
         """
 
     def sample_many(

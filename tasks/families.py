@@ -15,6 +15,14 @@ Order of operations in :meth:`SourceFamily.sample` (vsml.md §3.2, with the proj
 
 Unlike the reference code (decision 4 of §8), projections and permutations are drawn **per episode** from
 the seed, not once per process.
+
+Where the work happens (``sample(..., device=...)``): example indices, class subsets and permutation keys
+are drawn on the host (O(E·T) and O(E·D) work, batch streams); the examples are gathered from a copy of
+the split on ``device``; resize, normalisation, permutation and projection run there.  On the CPU the
+projections of a batch come from one stream (seed, split, "proj") consumed in episode order (the numbers
+of every earlier version); on any other device, and whenever ``episodes=`` selects a subset, episode i's
+matrix comes from its own stream (seed, split, "proj", i), so a distributed rank builds only its own
+episodes and ``sample(E, ..., episodes=r)`` equals the rows r of ``sample(E, ..., episodes=range(E))``.
 """
 
 from __future__ import annotations
@@ -32,7 +40,17 @@ from .augment import (
     resize_images,
     sample_class_subsets,
 )
-from .base import SPLITS, EpisodeBatch, TaskFamily, check_sample_args, derive_seed, numpy_rng, torch_generator
+from .base import (
+    SPLITS,
+    EpisodeBatch,
+    TaskFamily,
+    check_sample_args,
+    derive_seed,
+    episode_selection,
+    numpy_rng,
+    sample_episodes,
+    torch_generator,
+)
 from .sources import Source
 
 __all__ = ["Augmentation", "MixtureFamily", "SourceFamily"]
@@ -168,13 +186,22 @@ class SourceFamily(TaskFamily):
         lo, hi = self.aug.classes
         return int(numpy_rng(seed, split, "classes-k").integers(lo, hi + 1))
 
-    def sample(self, num_episodes, length, seed, split="train", *, device=None) -> EpisodeBatch:
+    def sample(self, num_episodes, length, seed, split="train", *, device=None, episodes=None) -> EpisodeBatch:
         check_sample_args(num_episodes, length, seed, split)
         aug, src = self.aug, self.source
         e, t = int(num_episodes), int(length)
         dev = torch.device(device) if device is not None else torch.device("cpu")
+        sel = episode_selection(episodes, e)            # None: all E episodes
+        # per-episode streams for the device-side draws (projections): on any device but the CPU, and
+        # whenever a subset of the episodes is asked for; the CPU default keeps the batch streams (the
+        # numbers of every earlier version)
+        per_episode = sel is not None or dev.type != "cpu"
+        e_out = e if sel is None else len(sel)
 
-        # 1. class subsets: [E, k]
+        def pick(v: torch.Tensor) -> torch.Tensor:
+            return v if sel is None else v[sel.start:sel.stop]
+
+        # 1. class subsets: [E, k] (host, cheap: drawn for all E, then this call's episodes kept)
         subsets = None
         k = self.subset_size(seed, split)
         if aug.class_list is not None:
@@ -193,10 +220,16 @@ class SourceFamily(TaskFamily):
                 subsets = present[picks]  # [E, k]
         num_classes = src.num_classes if k is None else k
 
-        # 2. raw examples: x [E, T, *feature_shape], y [E, T]
-        x, y = src.draw(e, t, seed, split, subsets)
-        x = x.to(dev)
-        y = y.to(dev)
+        # 2. raw examples: x [E, T, *feature_shape], y [E, T]; array sources draw the indices on the host
+        # and gather on the device (only the indices travel); other sources draw on the host
+        if hasattr(src, "draw_indices"):
+            real, y = src.draw_indices(e, t, seed, split, subsets)
+            x = src.gather(pick(real), split, dev)
+            y = pick(y).to(dev)
+        else:
+            x, y = src.draw(e, t, seed, split, subsets)
+            x = pick(x).to(dev)
+            y = pick(y).to(dev)
 
         # 3. resize (before normalisation): [E, T, H, W] -> [E, T, h, w]
         if aug.resize is not None:
@@ -208,7 +241,7 @@ class SourceFamily(TaskFamily):
             x = x.sub_(mean).div_(std)
 
         # 5. flatten: [E, T, *shape] -> [E, T, D]
-        x = x.reshape(e, t, -1)
+        x = x.reshape(e_out, t, -1)
         d = x.shape[2]
 
         # per-episode streams from (seed, split), or one draw shared by everything from the fixed seed
@@ -216,29 +249,37 @@ class SourceFamily(TaskFamily):
         aug_key: tuple = (aug.fixed_seed, "fixed") if fixed else (seed, split)
         n_draw = 1 if fixed else e
 
-        # 6. per-episode feature permutation
+        # 6. per-episode feature permutation (host keys [E, D], this call's rows applied on the device)
         if aug.perm:
             perms = random_permutations(n_draw, d, torch_generator(*aug_key, "perm")).expand(e, d)  # [E, D]
-            x = apply_permutation(x, perms)
+            x = apply_permutation(x, pick(perms))
 
         # 7. per-episode random projection [E, D, D'] (drawn on the target device)
         if aug.proj:
             out_dim = aug.proj_dim if aug.proj_dim is not None else d
-            x = random_projection(x, out_dim, torch_generator(*aug_key, "proj", device=dev), shared=fixed)
+            if per_episode and not fixed:   # episode i's matrix from its own stream (seed, split, "proj", i)
+                first = 0 if sel is None else sel.start
+                gens = [torch_generator(seed, split, "proj", i, device=dev) for i in range(first, first + e_out)]
+                x = random_projection(x, out_dim, gens)
+            else:
+                x = random_projection(x, out_dim, torch_generator(*aug_key, "proj", device=dev), shared=fixed)
 
         # 8. per-episode label permutation
         if aug.labelperm:
             gen = torch_generator(*aug_key, "labelperm")
-            lperm = random_permutations(n_draw, num_classes, gen).expand(e, num_classes).to(dev)  # [E, C]
-            y = lperm.gather(1, y)
+            lperm = random_permutations(n_draw, num_classes, gen).expand(e, num_classes)  # [E, C]
+            y = pick(lperm).to(dev).gather(1, y)
 
+        info = {"split": split, "seed": int(seed), "source": src.name, "subset_size": k}
+        if sel is not None:
+            info["episodes"] = (sel.start, sel.stop, e)
         return EpisodeBatch(
             x=x.contiguous(),
             y=y.contiguous(),
             num_classes=num_classes,
             name=self.name,
             image_shape=self.image_shape,  # None after a projection to another dimension
-            info={"split": split, "seed": int(seed), "source": src.name, "subset_size": k},
+            info=info,
         )
 
 
@@ -292,10 +333,11 @@ class MixtureFamily(TaskFamily):
         """Index of the member that ``sample(..., seed, split)`` uses."""
         return int(numpy_rng(seed, split, "mixture-pick").choice(len(self._members), p=self.weights))
 
-    def sample(self, num_episodes, length, seed, split="train", *, device=None) -> EpisodeBatch:
+    def sample(self, num_episodes, length, seed, split="train", *, device=None, episodes=None) -> EpisodeBatch:
         check_sample_args(num_episodes, length, seed, split)
         i = self.pick(seed, split)
-        batch = self._members[i].sample(num_episodes, length, derive_seed(seed, "member", i), split, device=device)
+        batch = sample_episodes(self._members[i], num_episodes, length, derive_seed(seed, "member", i), split,
+                                device=device, episodes=episodes)
         batch.info.update({"mixture": self.name, "member_index": i, "seed": int(seed)})
         return batch
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tasks.base import truncated_normal  # the one truncated-normal routine (tasks/ is the lower layer)
+from tasks.base import episode_generators, truncated_normal  # the one truncated-normal routine (tasks/ is the lower layer)
 
 from vsml.engine.config import SubLSTMConfig, VSMLConfig
 

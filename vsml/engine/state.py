@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any, Callable
 
 import torch
@@ -78,7 +79,8 @@ class VSMLState:
 
 
 def init_state(cfg: VSMLConfig, num_episodes: int, in_dim: int, num_classes: int,
-               generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32,
+               generator: torch.Generator | Sequence[torch.Generator] | None = None,
+               dtype: torch.dtype = torch.float32,
                device: torch.device | str | None = None) -> VSMLState:
     """A fresh random state per episode (vsml.md §1.6).
 
@@ -86,6 +88,10 @@ def init_state(cfg: VSMLConfig, num_episodes: int, in_dim: int, num_classes: int
     c[..., R:] = 0; every incoming message zero.  Each of the ``num_episodes`` episodes gets its own
     draw; to share one draw between the two members of an antithetic pair, draw P states and call
     ``repeat_interleave(2)``.  Nothing about the state is learned.
+
+    ``generator``: one generator for the whole batch, or ``num_episodes`` generators (per-episode streams,
+    :func:`vsml.engine.params.episode_generators`), each consumed in layer order.  The draw happens on the
+    generator's device (a CUDA generator keeps everything on the GPU).
     """
     if num_episodes < 1 or in_dim < 1 or num_classes < 1:
         raise ValueError(f"init_state needs num_episodes, in_dim, num_classes >= 1, got "

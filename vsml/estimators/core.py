@@ -26,7 +26,28 @@ from vsml.estimators.bptt import BPTTConfig, bptt_gradient
 from vsml.estimators.es import ESConfig, es_ask, es_tell, pair_seed
 from vsml.learners.base import is_meta_trainable, state_index, state_repeat_interleave
 
-__all__ = ["BPTTEstimator", "ESEstimator", "Estimator", "clip_grad", "grad_norm", "make_optimizer"]
+__all__ = ["BPTTEstimator", "ESEstimator", "Estimator", "clip_grad", "grad_norm", "make_optimizer",
+           "per_episode_init_state", "state_seed"]
+
+
+def state_seed(seed: int, step: int, index: int) -> int:
+    """Seed of pair ``index``'s initial inner state at meta-step ``step`` (per-pair streams)."""
+    return pair_seed(pair_seed(seed, step, -1), index, -1)
+
+
+def per_episode_init_state(learner: Any, seeds: list[int], in_dim: int, num_classes: int,
+                           dtype: torch.dtype, device: torch.device) -> Any:
+    """``len(seeds)`` initial states, state i drawn from its own generator on ``device`` seeded ``seeds[i]``.
+
+    The VSML network takes the generators at once (one batched draw); other learners are drawn one
+    episode at a time and concatenated."""
+    from vsml.engine.network import VSMLNetwork
+    from vsml.engine.params import episode_generators
+    from vsml.learners.base import state_cat
+    gens = episode_generators(seeds, device)
+    if isinstance(learner, VSMLNetwork):
+        return learner.init_state(len(seeds), in_dim, num_classes, gens, dtype, device)
+    return state_cat([learner.init_state(1, in_dim, num_classes, g, dtype, device) for g in gens])
 
 
 @runtime_checkable
@@ -76,14 +97,23 @@ class ESEstimator:
         self.max_batch = max_batch
 
     def initial_state(self, num_pairs: int, in_dim: int, num_classes: int, step: int,
-                      dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> Any:
-        """The P per-pair initial states of meta-step ``step`` (before repeat_interleave(2)).
+                      dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
+                      pairs: range | None = None) -> Any:
+        """The per-pair initial states of meta-step ``step`` (before repeat_interleave(2)).
 
-        Drawn on the CPU from ``Generator().manual_seed(pair_seed(cfg.seed, step, -1))``, so they
-        are reproducible from (seed, step) on any device.
+        On the CPU (``pairs`` None): all P drawn from one ``Generator().manual_seed(pair_seed(cfg.seed,
+        step, -1))`` (reproducible on any machine; the numbers of every earlier version).  On any other
+        device, or for a subset ``pairs`` of the P pairs (one rank's share): per-pair streams, pair i from
+        its own generator on ``device`` seeded by :func:`state_seed` (cfg.seed, step, i), so a rank draws
+        only its own pairs, on the GPU, and the draw does not depend on how the pairs are split.
         """
-        gen = torch.Generator().manual_seed(pair_seed(self.cfg.seed, step, -1))
-        return self.learner.init_state(num_pairs, in_dim, num_classes, gen, dtype, device)
+        dev = torch.device(device) if device is not None else torch.device("cpu")
+        if pairs is None and dev.type == "cpu":
+            gen = torch.Generator().manual_seed(pair_seed(self.cfg.seed, step, -1))
+            return self.learner.init_state(num_pairs, in_dim, num_classes, gen, dtype, device)
+        idx = range(num_pairs) if pairs is None else pairs
+        return per_episode_init_state(self.learner, [state_seed(self.cfg.seed, step, i) for i in idx], in_dim,
+                                      num_classes, dtype, dev)
 
     def member_losses(self, population: torch.Tensor, x: torch.Tensor, y: torch.Tensor, num_classes: int,
                       step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -138,7 +168,8 @@ class BPTTEstimator:
     def estimate(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, num_classes: int,
                  step: int) -> tuple[torch.Tensor, dict]:
         x = _check_batch(x, y)
-        gen = torch.Generator().manual_seed(pair_seed(self.seed, step, -1))
+        # on the run's device (a CPU generator on the CPU: the numbers of every earlier version)
+        gen = torch.Generator(device=theta.device).manual_seed(pair_seed(self.seed, step, -1))
         return bptt_gradient(self.learner, theta.detach(), x, y, num_classes, self.cfg, gen)
 
 

@@ -167,7 +167,9 @@ class _TruncatedBase:
                                                       device=theta.device), t=0, episode=0)
 
     def _fresh(self, system: UnrolledSystem, episode: int) -> Any:
-        gen = torch.Generator().manual_seed(pair_seed(self.cfg.seed, episode, -2))
+        # on the system's device (a CPU generator on the CPU: the numbers of every earlier version)
+        dev = getattr(system, "device", None)
+        gen = torch.Generator(device=dev if dev is not None else "cpu").manual_seed(pair_seed(self.cfg.seed, episode, -2))
         return system.init_state(2 * self.cfg.particles, gen)
 
     def step(self, theta: torch.Tensor, state: PESState, system: UnrolledSystem,

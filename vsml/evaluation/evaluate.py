@@ -35,7 +35,8 @@ class FrozenLearner:
             for e0 in range(0, batch.x.shape[0], self.max_batch):
                 x = batch.x[e0:e0 + self.max_batch].to(dev)
                 y = batch.y[e0:e0 + self.max_batch].to(dev)
-                gen = torch.Generator(device="cpu").manual_seed(10_007 * (e0 + 1))
+                # initial states drawn on the learner's device (CPU: the numbers of every earlier version)
+                gen = torch.Generator(device=dev).manual_seed(10_007 * (e0 + 1))
                 out = self.learner.unroll(self.theta, x, y, batch.num_classes, generator=gen)
                 outs_c.append(out.correct.float().cpu())
                 outs_l.append(out.loss.float().cpu())
@@ -48,20 +49,25 @@ def parse_task_list(spec: str) -> list[str]:
 
 
 def evaluate(learners: list[FrozenLearner], task_specs: list[str], episodes: int, length: int, seed: int,
-             data_dir: str | None = None, split: str = "test", smooth: int = 25
-             ) -> dict[str, dict[str, dict[str, Any]]]:
+             data_dir: str | None = None, split: str = "test", smooth: int = 25,
+             device: torch.device | str | None = None) -> dict[str, dict[str, dict[str, Any]]]:
     """{task: {learner: result dict of tasks.protocol.meta_test}}; all learners see the same episodes.
 
     ``smooth``: each episode's 0/1 correctness curve is averaged over a trailing window of this many
     steps before the mean curve and its 95% band over episodes are formed (the scalar accuracies are
-    never smoothed)."""
+    never smoothed).
+
+    ``device``: where the episodes are sampled (default: the first learner's θ device), so a GPU
+    meta-test builds its batches on the GPU."""
+    if device is None and learners:
+        device = learners[0].theta.device
     results: dict[str, dict[str, dict[str, Any]]] = {}
     for spec in task_specs:
         fam = make_family(spec, data_dir=data_dir)
         results[spec] = {}
         for fl in learners:
             r = meta_test(fl.run, fam, num_episodes=episodes, length=length, seed=seed, split=split,
-                          smooth=min(smooth, length))
+                          smooth=min(smooth, length), device=device)
             results[spec][fl.name] = {k: (v.tolist() if torch.is_tensor(v) else v) for k, v in r.items()}
     return results
 

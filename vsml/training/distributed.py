@@ -30,7 +30,10 @@ shape: ``dist.member_batch`` fixes the number of members per unroll call, so wit
 ``member_batch`` dividing 2P/W, the one-process run (same ``member_batch``) evaluates exactly the
 same chunks.  (On this project's CPU the unroll is batch-size invariant anyway; GPU kernels may not
 be.)  The cost of this exactness: every rank samples the whole global data batch and then slices
-it (the task families seed batches, not episodes), i.e. O(P·T·D) host memory per rank.
+it, i.e. O(P·T·D) memory per rank -- on the CPU.  On a GPU the trainer asks the task family for this
+rank's episodes only (``sample(..., episodes=shard)``: per-episode projection streams, drawn on the
+device) and the initial states come from per-pair streams on the device (``ESEstimator.initial_state``),
+so each rank draws only its own members and the result still does not depend on W.
 
 BPTT (vsml.md §2.3).  The meta-batch of E episodes is split the same way; rank r computes the
 unclipped gradient of its episodes' mean loss, scaled by E_r/E, and one all-reduce (sum) gives
@@ -429,19 +432,28 @@ class DistributedESEstimator:
         from vsml.estimators.es import es_ask, es_tell
         from vsml.estimators.core import _check_batch
         from vsml.learners.base import state_index, state_repeat_interleave
-        x = _check_batch(x, y)                                               # [P, T, D]
+        x = _check_batch(x, y)                                               # [P, T, D] or [p, T, D]
         p = self.cfg.pairs
-        if x.shape[0] != p:
-            raise ValueError(f"DistributedESEstimator needs the global batch (one episode per pair): x has "
-                             f"{x.shape[0]} episodes but ESConfig.pairs = {p}")
         world = self.ctx.world_size
         mine = self.ctx.shard(p)                                             # this rank's pair indices
+        if x.shape[0] not in (p, len(mine)):
+            raise ValueError(f"DistributedESEstimator needs the global batch (one episode per pair) or this "
+                             f"rank's share: x has {x.shape[0]} episodes but ESConfig.pairs = {p} and this "
+                             f"rank holds pairs {mine.start}..{mine.stop - 1}")
+        if x.shape[0] == p:                                                  # the global batch: keep our slice
+            x, y = x[mine.start:mine.stop], y[mine.start:mine.stop]
         theta = theta.detach()
         pop = es_ask(theta, self.cfg, step, pair_indices=mine)               # [2p, *θ]
-        state = self.local.initial_state(p, x.shape[2], num_classes, step, pop.dtype, pop.device)  # P pairs
-        state = state_repeat_interleave(state_index(state, slice(mine.start, mine.stop)), 2)       # [2p, ...]
-        x2 = x[mine.start:mine.stop].repeat_interleave(2, 0)                 # [2p, T, D]
-        y2 = y[mine.start:mine.stop].repeat_interleave(2, 0)                 # [2p, T]
+        if pop.device.type == "cpu":
+            # CPU: the global draw from one stream, sliced (bit-identical to the one-process run)
+            state = self.local.initial_state(p, x.shape[2], num_classes, step, pop.dtype, pop.device)  # P pairs
+            state = state_index(state, slice(mine.start, mine.stop))
+        else:
+            # GPU: per-pair streams, this rank's pairs only (what the one-process run draws on a GPU too)
+            state = self.local.initial_state(p, x.shape[2], num_classes, step, pop.dtype, pop.device, pairs=mine)
+        state = state_repeat_interleave(state, 2)                            # [2p, ...]
+        x2 = x.repeat_interleave(2, 0)                                       # [2p, T, D]
+        y2 = y.repeat_interleave(2, 0)                                       # [2p, T]
         n = 2 * len(mine)
         mb = self.member_batch or n
         rows = []
@@ -487,7 +499,7 @@ class DistributedBPTTEstimator:
         x = _check_batch(x, y)                                               # [E, T, D]
         e = x.shape[0]
         mine = self.ctx.shard(e)
-        gen = torch.Generator().manual_seed(pair_seed(self.seed, step, -1))
+        gen = torch.Generator(device=theta.device).manual_seed(pair_seed(self.seed, step, -1))   # as BPTTEstimator
         state = self.learner.init_state(e, x.shape[2], num_classes, gen, theta.dtype, theta.device)
         state = state_index(state, slice(mine.start, mine.stop))             # [E_r, ...]
         g, m = bptt_gradient(self.learner, theta.detach(), x[mine.start:mine.stop], y[mine.start:mine.stop],

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from tasks.base import derive_seed  # one seed-derivation rule for data, noise and states
+from tasks.base import derive_seed, sample_episodes  # one seed-derivation rule for data, noise and states
 from vsml.training.checkpoint import CheckpointError, atomic_write_text, load_checkpoint, save_checkpoint, save_theta
 from vsml.learners.registry import build_learner
 from vsml.training.config import TrainConfig, config_from_dict
@@ -227,6 +227,7 @@ def train(cfg: TrainConfig, resume: str | None = None, run_dir: str | None = Non
                        group=f"{cfg.learner}-{cfg.estimator}-{cfg.task}", resume_id=wandb_id)
     estimator = distribute_estimator(_estimator(cfg, learner), ctx, cfg.dist)   # sharded under torchrun
     n_data = cfg.es.pairs if cfg.estimator == "es" else cfg.meta_batch
+    es_shards = ctx.distributed and cfg.estimator == "es" and torch.device(device).type != "cpu"
     truncated = cfg.estimator in ("pes", "tes")
     system = pes_state = None
     if truncated:
@@ -279,7 +280,11 @@ def train(cfg: TrainConfig, resume: str | None = None, run_dir: str | None = Non
                 elif truncated:
                     batch, optim = None, opt
                 else:
-                    batch = family.sample(n_data, cfg.episode_length, seed=seed_s, split="train", device=device)
+                    # GPU ES under torchrun: each rank builds only its own pairs' episodes (per-episode
+                    # streams, vsml/training/distributed.py); the CPU keeps the global draw, sliced per rank
+                    shard = ctx.shard(n_data) if es_shards else None
+                    batch = sample_episodes(family, n_data, cfg.episode_length, seed_s, "train", device=device,
+                                            episodes=shard)
                     est, optim = estimator, opt
                 if batch is None:
                     grad, m, pes_state = estimator.step(theta.detach(), pes_state, system, step)
