@@ -89,8 +89,10 @@ def _has_compile_option() -> bool:
     return "compile" in inspect.signature(VSMLNetwork.__init__).parameters
 
 
-def make_runner(backend: str, cfg: VSMLConfig):
-    """A function (theta, x, y, state) -> new state for one chunk, or a string saying why not."""
+def make_runner(backend: str, cfg: VSMLConfig, kernel: str = "v1"):
+    """A function (theta, x, y, state) -> new state for one chunk, or a string saying why not.
+
+    ``kernel``: the fused kernel's version for backend "triton" (``kernels.backend.fused_kernel``)."""
     if backend == "eager":
         net = VSMLNetwork(cfg)
         return lambda th, x, y, st: net.unroll(th, x, y, state=st).state
@@ -112,11 +114,12 @@ def make_runner(backend: str, cfg: VSMLConfig):
         net = VSMLNetwork(cfg)
         try:
             kb.resolve_backend("triton", "cuda" if torch.cuda.is_available() else "cpu")
-        except RuntimeError as exc:
+            kb.fused_kernel(kernel)
+        except (RuntimeError, ImportError) as exc:
             return f"skipped: {exc}"
         if not torch.cuda.is_available():
             return "skipped: no GPU (the CPU interpreter is for tests only)"
-        return lambda th, x, y, st: kb.unroll(net, th, x, y, state=st, backend="triton").state
+        return lambda th, x, y, st: kb.unroll(net, th, x, y, state=st, backend="triton", kernel=kernel).state
     raise ValueError(f"unknown backend {backend!r}")
 
 

@@ -198,3 +198,24 @@ def test_compile_chunks_are_device_aware(monkeypatch):
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1 << 30, 80 << 30))
     step = nw.chunk_inputs(2048, 784, 10, 16, torch.device("cuda"))
     assert 1 <= step < 784 and step * 2048 * 10 * 16 * nw.CUDA_FLOATS_PER_PAIR_PER_N * 4 <= (1 << 28)
+
+
+# ------------------------------------------------------------------------------------------------
+# GPU (pytest -m gpu; benchmarks/gpu_check.py runs these)
+
+
+@pytest.mark.gpu
+def test_gpu_auto_is_the_fused_kernel_and_train_step_matches_torch(tmp_path, spies):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    calls, losses = spies
+    assert kb.resolve_backend("auto", "cuda", cfg=VSMLConfig()) == "triton"
+    assert kb.resolve_backend("auto", "cuda", cfg=VSMLConfig(), requires_grad=True) == "torch"
+    one = ["--steps", "1", "--clone.steps", "0", "--es.pairs", "8", "--episode_length", "20"]
+    _, _, res_t = _train(tmp_path, "torch", *one)
+    ref = list(losses)
+    losses.clear()
+    _, _, res_a = _train(tmp_path, "auto", *one)
+    assert calls["fused"] == 2                       # the ES population and the final meta-test
+    _close(losses[0], ref[0], "ES member losses on CUDA (ieee fp32 dots)")
+    _close(res_a["digits"]["vsml"]["loss"], res_t["digits"]["vsml"]["loss"], "meta-test loss on CUDA")
