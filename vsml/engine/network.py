@@ -85,6 +85,9 @@ class VSMLNetwork:
     """
 
     meta_trainable = True
+    #: init_state draws on the generator's device (a CUDA generator keeps the draw on the GPU), and takes a
+    #: list of per-episode generators (vsml.learners.base.state_generator, ESEstimator.initial_state)
+    device_generators = True
 
     def __init__(self, cfg: VSMLConfig, compile: bool = False, backend: str | None = None, kernel: str = "v1"):
         """``backend`` picks the no-grad path (``kernels/backend.py``): "auto" (the fused Triton kernel on

@@ -24,7 +24,7 @@ import torch
 
 from vsml.estimators.bptt import BPTTConfig, bptt_gradient
 from vsml.estimators.es import ESConfig, es_ask, es_tell, pair_seed
-from vsml.learners.base import is_meta_trainable, state_index, state_repeat_interleave
+from vsml.learners.base import is_meta_trainable, state_generator, state_index, state_repeat_interleave
 
 __all__ = ["BPTTEstimator", "ESEstimator", "Estimator", "clip_grad", "grad_norm", "make_optimizer",
            "per_episode_init_state", "state_seed"]
@@ -41,13 +41,13 @@ def per_episode_init_state(learner: Any, seeds: list[int], in_dim: int, num_clas
 
     The VSML network takes the generators at once (one batched draw); other learners are drawn one
     episode at a time and concatenated."""
-    from vsml.engine.network import VSMLNetwork
     from vsml.engine.params import episode_generators
     from vsml.learners.base import state_cat
-    gens = episode_generators(seeds, device)
-    if isinstance(learner, VSMLNetwork):
-        return learner.init_state(len(seeds), in_dim, num_classes, gens, dtype, device)
-    return state_cat([learner.init_state(1, in_dim, num_classes, g, dtype, device) for g in gens])
+    if getattr(learner, "device_generators", False):               # the VSML network: one batched draw
+        return learner.init_state(len(seeds), in_dim, num_classes, episode_generators(seeds, device), dtype,
+                                  device)
+    return state_cat([learner.init_state(1, in_dim, num_classes, state_generator(learner, s, device), dtype, device)
+                      for s in seeds])
 
 
 @runtime_checkable
@@ -168,8 +168,8 @@ class BPTTEstimator:
     def estimate(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, num_classes: int,
                  step: int) -> tuple[torch.Tensor, dict]:
         x = _check_batch(x, y)
-        # on the run's device (a CPU generator on the CPU: the numbers of every earlier version)
-        gen = torch.Generator(device=theta.device).manual_seed(pair_seed(self.seed, step, -1))
+        # on the run's device for the VSML network (a CPU generator on the CPU: the earlier numbers)
+        gen = state_generator(self.learner, pair_seed(self.seed, step, -1), theta.device)
         return bptt_gradient(self.learner, theta.detach(), x, y, num_classes, self.cfg, gen)
 
 

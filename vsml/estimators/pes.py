@@ -168,8 +168,9 @@ class _TruncatedBase:
 
     def _fresh(self, system: UnrolledSystem, episode: int) -> Any:
         # on the system's device (a CPU generator on the CPU: the numbers of every earlier version)
-        dev = getattr(system, "device", None)
-        gen = torch.Generator(device=dev if dev is not None else "cpu").manual_seed(pair_seed(self.cfg.seed, episode, -2))
+        from vsml.learners.base import state_generator
+        gen = state_generator(getattr(system, "learner", None), pair_seed(self.cfg.seed, episode, -2),
+                              getattr(system, "device", None))
         return system.init_state(2 * self.cfg.particles, gen)
 
     def step(self, theta: torch.Tensor, state: PESState, system: UnrolledSystem,

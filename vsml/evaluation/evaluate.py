@@ -16,6 +16,7 @@ import torch
 
 from tasks import make_family
 from tasks.protocol import meta_test
+from vsml.learners.base import state_generator
 
 
 @dataclass
@@ -36,7 +37,7 @@ class FrozenLearner:
                 x = batch.x[e0:e0 + self.max_batch].to(dev)
                 y = batch.y[e0:e0 + self.max_batch].to(dev)
                 # initial states drawn on the learner's device (CPU: the numbers of every earlier version)
-                gen = torch.Generator(device=dev).manual_seed(10_007 * (e0 + 1))
+                gen = state_generator(self.learner, 10_007 * (e0 + 1), dev)
                 out = self.learner.unroll(self.theta, x, y, batch.num_classes, generator=gen)
                 outs_c.append(out.correct.float().cpu())
                 outs_l.append(out.loss.float().cpu())

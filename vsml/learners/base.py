@@ -69,6 +69,17 @@ class Learner(Protocol):
         ...
 
 
+def state_generator(learner: Any, seed: int, device: torch.device | str | None = None) -> torch.Generator:
+    """The generator an estimator draws ``learner``'s initial states from: on ``device`` when the learner
+    draws its states with device generators (``learner.device_generators``, the VSML network: the states
+    are then made on the GPU), else on the CPU (the states are drawn there and moved).  A CPU generator
+    gives the numbers of every earlier version."""
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    if dev.type != "cpu" and not getattr(learner, "device_generators", False):
+        dev = torch.device("cpu")
+    return torch.Generator(device=dev).manual_seed(int(seed))
+
+
 def is_meta_trainable(learner: Any) -> bool:
     """``learner.meta_trainable`` if present, else True (VSMLNetwork has no such attribute)."""
     return bool(getattr(learner, "meta_trainable", True))

@@ -499,7 +499,8 @@ class DistributedBPTTEstimator:
         x = _check_batch(x, y)                                               # [E, T, D]
         e = x.shape[0]
         mine = self.ctx.shard(e)
-        gen = torch.Generator(device=theta.device).manual_seed(pair_seed(self.seed, step, -1))   # as BPTTEstimator
+        from vsml.learners.base import state_generator
+        gen = state_generator(self.learner, pair_seed(self.seed, step, -1), theta.device)   # as BPTTEstimator
         state = self.learner.init_state(e, x.shape[2], num_classes, gen, theta.dtype, theta.device)
         state = state_index(state, slice(mine.start, mine.stop))             # [E_r, ...]
         g, m = bptt_gradient(self.learner, theta.detach(), x[mine.start:mine.stop], y[mine.start:mine.stop],
