@@ -11,7 +11,7 @@ Sections (each guarded: a failure is recorded in the report and the next section
    E in {1, 16, 256, 2048} for 784->10 and 784->32->10 with the fused kernel v1, v2 (when
    ``kernels.backend.fused_kernel("v2")`` exists; else skipped with a note) and torch eager, in the same run.
 3. The measured float32 and TF32 matmul peak of the GPU (torch.mm 8192^2, best of 5).
-4. One end-to-end paper-scale ES step (2048 members = 1024 pairs x 500 examples, 784->10, projections on,
+4. (runs before the bench, which is cut at --deadline) One end-to-end paper-scale ES step (2048 members = 1024 pairs x 500 examples, 784->10, projections on,
    task mnist+proj, or random+proj when the MNIST files are not found) through the trainer's own estimator
    (``vsml.training.trainer._estimator`` + ``distribute_estimator``) with a time breakdown: sampling (batch on
    the device), states (per-pair initial states), unroll (the members, backend auto = fused kernel), update
@@ -112,7 +112,9 @@ def kernel_versions() -> dict:
     return out
 
 
-def bench(dev, smoke: bool, episodes: list[int], nets: list[str], steps: int, budget: float) -> dict:
+def bench(dev, smoke: bool, episodes: list[int], nets: list[str], steps: int, budget: float,
+          deadline: float = math.inf) -> dict:
+    """Kernel bench rows; cells that would start after ``deadline`` (a perf_counter time) are skipped."""
     import torch
 
     from kernels import backend as kb
@@ -143,10 +145,13 @@ def bench(dev, smoke: bool, episodes: list[int], nets: list[str], steps: int, bu
                     run = (lambda n, k: lambda th, x, y, st: kb.unroll(n, th, x, y, state=st, backend="triton",
                                                                          kernel=k).state)(net, ver)
                 row = {"backend": label, "net": spec, "E": e}
+                if time.perf_counter() > deadline:
+                    row["error"] = "skipped: the check's time budget (--deadline) ran out"
+                    rows.append(row)
+                    continue
                 try:
                     calls0 = sum(kb.KERNEL_CALLS.values())
-                    rate, timed = bench_cell(run, cfg, e, d, c, steps, max(2, min(steps, 5 if smoke else steps)),
-                                             budget, dev)
+                    rate, timed = bench_cell(run, cfg, e, d, c, steps, max(2, min(steps, 5)), budget, dev)
                     if ver is not None and sum(kb.KERNEL_CALLS.values()) == calls0:
                         raise RuntimeError("the fused kernel was not called")
                     gf = rate * pairs * cfg.micro_ticks * NOMINAL_FLOPS_PER_MICROSTEP / 1e9
@@ -307,7 +312,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--nets", default=None, help="bench nets (default 784-10,784-32-10)")
     ap.add_argument("--steps", type=int, default=None, help="timed examples per bench cell (default 20)")
     ap.add_argument("--budget", type=float, default=None, help="seconds per bench cell (default 6)")
-    ap.add_argument("--pytest-timeout", type=float, default=150.0)
+    ap.add_argument("--pytest-timeout", type=float, default=180.0)
+    ap.add_argument("--deadline", type=float, default=420.0,
+                    help="seconds after the start past which no further bench cell starts (8-minute budget)")
     ap.add_argument("--skip", default="", help="comma list of sections to skip: pytest,bench,matmul,es")
     a = ap.parse_args(argv)
     _setup_env(a.smoke)
@@ -334,8 +341,8 @@ def main(argv: list[str] | None = None) -> int:
     budget = a.budget if a.budget is not None else (30.0 if a.smoke else 6.0)
     sections = [("pytest", lambda: run_pytest(a.pytest_timeout)),
                 ("matmul", lambda: matmul_peaks(dev, a.smoke)),
-                ("bench", lambda: bench(dev, a.smoke, episodes, nets, steps, budget)),
-                ("es_step", lambda: es_step(dev, a.smoke, a.data_dir, a.task, backend))]
+                ("es_step", lambda: es_step(dev, a.smoke, a.data_dir, a.task, backend)),
+                ("bench", lambda: bench(dev, a.smoke, episodes, nets, steps, budget, t_start + a.deadline))]
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     for name, fn in sections:
