@@ -94,3 +94,34 @@ def test_cuda_sampling_and_states_stay_on_device_and_are_deterministic():
     s1 = est.initial_state(4, 7, 3, step=2, device="cuda")
     s2 = est.initial_state(4, 7, 3, step=2, device="cuda", pairs=range(1, 3))
     assert s1.c[0].is_cuda and torch.equal(s1.c[0][1:3], s2.c[0])
+
+
+def test_distributed_es_accepts_a_ranks_own_episodes():
+    """A GPU rank gets only its pairs' episodes from the trainer (``sample_episodes`` with its shard); the
+    estimate then equals the one-process estimate on the whole per-episode batch (2-rank group emulated on
+    the CPU: rank 0 runs first and leaves its rows for rank 1's all-gather)."""
+    from vsml.training.distributed import DistContext, DistributedESEstimator
+
+    rows: dict = {}
+
+    class TwoRanks(DistContext):
+        def all_gather_rows(self, local, counts):
+            rows[self.rank] = local
+            other = rows.get(1 - self.rank, torch.zeros(counts[1 - self.rank], local.shape[1]))
+            return torch.cat([local, other] if self.rank == 0 else [other, local])
+
+    net = VSMLNetwork(VSMLConfig())
+    fam = make_family("digits+proj")
+    cfg = ESConfig(pairs=3, seed=1)
+    theta = net.init_theta(torch.Generator().manual_seed(0))
+    whole = sample_episodes(fam, 3, 3, 4, "train", episodes=range(3))
+    ref, _ = ESEstimator(net, cfg).estimate(theta, whole.x, whole.y, whole.num_classes, 0)
+    for rank in (0, 1):
+        ctx = TwoRanks(rank=rank, world_size=2)
+        own = sample_episodes(fam, 3, 3, 4, "train", episodes=ctx.shard(3))
+        assert own.x.shape[0] == len(ctx.shard(3))
+        grad, _ = DistributedESEstimator(net, cfg, ctx).estimate(theta, own.x, own.y, own.num_classes, 0)
+    torch.testing.assert_close(grad, ref, rtol=1e-6, atol=1e-7)        # rank 1 saw every member's loss
+    with pytest.raises(ValueError, match="this rank's share"):
+        DistributedESEstimator(net, cfg, TwoRanks(rank=0, world_size=2)).estimate(
+            theta, whole.x[:2], whole.y[:2], 10, 0)

@@ -4,7 +4,7 @@
 kernel (under the Triton interpreter on a CPU-only machine) and matches ``--backend torch`` within the
 kernel's documented tolerance (kernels/README.md: atol 1e-5, rtol 1e-4 on logits and losses); ``eval.py
 --backend`` likewise; forcing a backend that cannot run is a one-line error.  Interpreter cost is ~0.1 s per
-program and example here, so the runs are short: 2 ES members x 2 pairs x 6 examples, 2 x 6 meta-test.
+program and example here, so the runs are short: 2 ES steps of 4 members x 4 examples, a 2 x 4 meta-test.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ pytestmark = pytest.mark.skipif(not (vsml_fused.INTERPRET or torch.cuda.is_avail
                                 reason="needs CUDA or TRITON_INTERPRET=1 at import")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SHORT = ["--preset", "tiny", "--log.progress", "false", "--device", DEVICE, "--steps", "2", "--ckpt_every", "0",
-         "--eval.every", "0", "--eval.length", "6", "--eval.episodes", "2"]
+         "--episode_length", "4", "--eval.every", "0", "--eval.length", "4", "--eval.episodes", "2"]
 
 
 @pytest.fixture
@@ -95,7 +95,7 @@ def test_train_tiny_triton_matches_torch_es(tmp_path, spies):
 
 def test_train_tiny_triton_matches_torch_pes(tmp_path, spies):
     calls, _ = spies
-    pes = ["--estimator", "pes", "--pes.particles", "1", "--pes.truncation", "3", "--pes.horizon", "6",
+    pes = ["--estimator", "pes", "--pes.particles", "1", "--pes.truncation", "2", "--pes.horizon", "4",
            "--clone.steps", "0", "--steps", "1"]
     _, rows_t, res_t = _train(tmp_path, "torch", *pes)
     assert calls["fused"] == 0
@@ -115,7 +115,7 @@ def test_eval_backend_triton_matches_torch(tmp_path, spies):
     for be in ("torch", "triton"):
         before = calls["fused"]
         out = tmp_path / f"eval_{be}"
-        assert eval_cli.main(["--checkpoint", str(rd), "--tasks", "digits", "--episodes", "2", "--length", "6",
+        assert eval_cli.main(["--checkpoint", str(rd), "--tasks", "digits", "--episodes", "2", "--length", "4",
                               "--baselines", "", "--backend", be, "--device", DEVICE, "--no-plot",
                               "--out", str(out)]) == 0
         assert (calls["fused"] > before) == (be == "triton")
