@@ -131,7 +131,10 @@ def bench_cell(run, cfg: VSMLConfig, e: int, d: int, c: int, steps: int, chunk: 
     g = torch.Generator().manual_seed(seed)
     theta = net.init_theta(g)
     theta = (theta[None] + 0.05 * torch.randn((e, *theta.shape), generator=g)).to(device).contiguous()
-    state = net.init_state(e, d, c, g).to(device)
+    if device.type == "cpu":
+        state = net.init_state(e, d, c, g)
+    else:   # drawn on the device: a 2048-episode 784->32->10 state is 6.7 GB, minutes of host float64 work
+        state = net.init_state(e, d, c, torch.Generator(device=device).manual_seed(seed), device=device)
     chunk = max(chunk, 2)
     total = chunk + steps
     x = torch.randn(e, total, d, generator=g).to(device)
