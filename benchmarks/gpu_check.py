@@ -100,15 +100,16 @@ def matmul_peaks(dev, smoke: bool) -> dict:
     return out
 
 
-def kernel_versions() -> dict:
-    """{label: kernel version or None} for the fused kernel versions this checkout has."""
+def kernel_versions(dev) -> dict:
+    """{version: version or None, version_why: reason} for the fused kernel versions that run on ``dev``."""
     from kernels import backend as kb
     out = {}
     for v in ("v1", "v2"):
         try:
             kb.fused_kernel(v)
+            kb.resolve_backend("triton", dev)
             out[v] = v
-        except Exception as exc:   # noqa: BLE001 - v2 lands on another branch
+        except Exception as exc:   # noqa: BLE001 - v2 lands on another branch; no triton / no GPU
             out[v] = None
             out[f"{v}_why"] = f"{type(exc).__name__}: {exc}"
     return out
@@ -123,7 +124,7 @@ def bench(dev, smoke: bool, episodes: list[int], nets: list[str], steps: int, bu
     from kernels.bench import NOMINAL_FLOPS_PER_MICROSTEP, bench_cell, parse_net
     from vsml.engine.config import VSMLConfig
     from vsml.engine.network import VSMLNetwork
-    versions = kernel_versions()
+    versions = kernel_versions(dev)
     rows, notes = [], []
     for v in ("v1", "v2"):
         if versions[v] is None:

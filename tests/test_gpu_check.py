@@ -24,7 +24,8 @@ def test_gpu_check_smoke(tmp_path):
     assert rep["smoke"] and "pytest" not in rep                        # pytest -m gpu runs on a GPU only
     assert rep["matmul"]["fp32_tflops"] > 0
     rows = rep["bench"]["rows"]
-    assert {r["backend"] for r in rows} >= {"torch eager", "fused v1"}
+    assert {r["backend"] for r in rows} >= ({"torch eager", "fused v1"} if rep["interpreter"] == "1"
+                                            else {"torch eager"})
     assert all("error" not in r and r["examples_per_s"] > 0 for r in rows), rows
     es = rep["es_step"]
     assert "error" not in es, es.get("traceback")
