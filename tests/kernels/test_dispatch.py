@@ -219,3 +219,29 @@ def test_gpu_auto_is_the_fused_kernel_and_train_step_matches_torch(tmp_path, spi
     assert calls["fused"] == 2                       # the ES population and the final meta-test
     _close(losses[0], ref[0], "ES member losses on CUDA (ieee fp32 dots)")
     _close(res_a["digits"]["vsml"]["loss"], res_t["digits"]["vsml"]["loss"], "meta-test loss on CUDA")
+
+
+def test_each_backend_takes_its_layer_path(monkeypatch):
+    """torch -> eager layer updates, compile -> compiled chunks (never the C++ kernel), cpu -> the C++ kernel
+    mode; recorded by a stand-in for the chunked layer update (no compilation happens)."""
+    from vsml.engine import network as nw
+    from vsml.engine.cell import layer_update
+    seen = []
+
+    def fake_chunked(self, p, fwd_in, bwd_in, h, c, mode="cpu"):
+        seen.append(mode)
+        return layer_update(p, fwd_in, bwd_in, h, c, self.cfg.micro_ticks, self.cfg.cell.ln_eps)
+
+    monkeypatch.setattr(nw.VSMLNetwork, "_chunked_layer", fake_chunked)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(2, 2, 5, generator=g), torch.randint(0, 3, (2, 2), generator=g)
+    ref = None
+    for be, want in (("torch", []), ("compile", ["compile"] * 2), ("cpu", ["cpu"] * 2), ("auto", ["cpu"] * 2)):
+        net = VSMLNetwork(VSMLConfig(), backend=be)
+        theta = net.init_theta(torch.Generator().manual_seed(1))
+        seen.clear()
+        with torch.no_grad():
+            out = net.unroll(theta, x, y, num_classes=3, generator=torch.Generator().manual_seed(2))
+        assert seen == want, (be, seen)
+        ref = out.logits if ref is None else ref
+        torch.testing.assert_close(out.logits, ref)

@@ -196,6 +196,9 @@ def train(cfg: TrainConfig, resume: str | None = None, run_dir: str | None = Non
     learner = build_learner(cfg)
     gen = torch.Generator().manual_seed(derive_seed(cfg.seed, "theta-init"))
     theta = torch.nn.Parameter(learner.init_theta(gen).to(device))
+    if ctx.is_main and hasattr(learner, "no_grad_backend"):
+        print(f"[vsml] no-grad unrolls: backend {cfg.backend} -> {learner.no_grad_backend(theta.detach())} "
+              f"on {device}", flush=True)
     if cfg.init_from and ck is None:
         init = _load_init_theta(cfg.init_from)
         if tuple(init.shape) != tuple(theta.shape):
