@@ -60,9 +60,15 @@ def main(argv: list[str] | None = None) -> int:
     episodes = 16 if args.episodes is None else args.episodes
     length = 2000 if args.length is None else args.length
 
+    from vsml.evaluation.evaluate import (
+        FrozenLearner,
+        evaluate,
+        parse_task_list,
+        summary_table,
+        write_results,
+    )
     from vsml.learners.baselines import make_learner
     from vsml.training.checkpoint import CheckpointError
-    from vsml.evaluation.evaluate import FrozenLearner, evaluate, parse_task_list, summary_table, write_results
 
     backend = args.backend or ("torch" if args.no_compile else "auto")
     learners, tasks, out = [], args.tasks, args.out

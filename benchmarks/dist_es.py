@@ -42,7 +42,8 @@ def worker(a: DistESArgs) -> None:
     from vsml.training.presets import get, replace
 
     cfg = get("default")
-    cfg = replace(cfg, task=a.task, episode_length=a.length, device=a.device, backend=("auto" if a.compile else "torch"),
+    cfg = replace(cfg, task=a.task, episode_length=a.length, device=a.device,
+                  backend=("auto" if a.compile else "torch"),
                   clone=replace(cfg.clone, steps=0), es=replace(cfg.es, pairs=a.pairs))
     ctx = init_distributed(cfg)
     net = VSMLNetwork(cfg.vsml, backend=cfg.backend)

@@ -27,7 +27,6 @@ Outputs: ``<out>/gpu_check.json`` and ``<out>/gpu_check.md``.  Budgets: --budget
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -36,7 +35,7 @@ import subprocess
 import sys
 import time
 import traceback
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,7 +62,8 @@ def run_pytest(timeout: float) -> dict:
     t0 = time.perf_counter()
     try:
         r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                           env={**os.environ, "PYTHONPATH": str(ROOT)})
+                           env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                               [str(ROOT)] + [v for v in [os.environ.get("PYTHONPATH")] if v])})
         out, rc = r.stdout + r.stderr, r.returncode
     except subprocess.TimeoutExpired as exc:
         out, rc = (exc.stdout or b"").decode() if isinstance(exc.stdout, bytes) else (exc.stdout or ""), "timeout"
@@ -269,7 +269,7 @@ def markdown(rep: dict) -> str:
     if mm:
         lines += ["## matmul peak (torch.mm)", "", "| precision | TFLOP/s |", "|---|---:|"]
         lines += [f"| {k[:-7]} | {v} |" for k, v in mm.items() if k.endswith("_tflops")]
-        lines += ([f"", f"{mm['note']}"] if mm.get("note") else []) + [""]
+        lines += (["", f"{mm['note']}"] if mm.get("note") else []) + [""]
         if mm.get("error"):
             lines += [f"error: {mm['error']}", ""]
     b = rep.get("bench", {})
@@ -307,24 +307,34 @@ def markdown(rep: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+@dataclass(frozen=True)
+class GPUCheckArgs:
+    """Options of benchmarks/gpu_check.py (``--help``)."""
+
+    smoke: bool = False             # tiny CPU run of every section but pytest (CI)
+    out: str | None = None          # output folder (default $OUT, else gpu_check_out)
+    data_dir: str | None = None     # folder with mnist/ (default $VSML_DATA_DIR; else random+proj for the ES step)
+    task: str | None = None         # ES-step task (default: the paper preset's mnist+proj)
+    backend: str | None = None      # ES-step backend (default auto: the fused kernel on CUDA; --smoke: triton, interpreter)
+    episodes: str | None = None     # bench E list (default 1,16,256,2048)
+    nets: str | None = None         # bench nets (default 784-10,784-32-10)
+    steps: int | None = None        # timed examples per bench cell (default 20)
+    budget: float | None = None     # seconds per bench cell (default 6)
+    pytest_timeout: float = 180.0   # seconds for the pytest -m gpu section
+    deadline: float = 420.0         # seconds after the start past which no further bench cell starts (8-minute budget)
+    skip: str = ""                  # comma list of sections to skip: pytest,matmul,es,bench
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--smoke", action="store_true", help="tiny CPU run of every section but pytest (CI)")
-    ap.add_argument("--out", default=os.environ.get("OUT") or "gpu_check_out")
-    ap.add_argument("--data_dir", default=os.environ.get("VSML_DATA_DIR"),
-                    help="folder with mnist/ (else random+proj is used for the ES step)")
-    ap.add_argument("--task", default=None, help="ES-step task (default: the paper preset's mnist+proj)")
-    ap.add_argument("--backend", default=None, help="ES-step backend (default auto: the fused kernel on CUDA; "
-                    "--smoke: triton, under the interpreter)")
-    ap.add_argument("--episodes", default=None, help="bench E list (default 1,16,256,2048)")
-    ap.add_argument("--nets", default=None, help="bench nets (default 784-10,784-32-10)")
-    ap.add_argument("--steps", type=int, default=None, help="timed examples per bench cell (default 20)")
-    ap.add_argument("--budget", type=float, default=None, help="seconds per bench cell (default 6)")
-    ap.add_argument("--pytest-timeout", type=float, default=180.0)
-    ap.add_argument("--deadline", type=float, default=420.0,
-                    help="seconds after the start past which no further bench cell starts (8-minute budget)")
-    ap.add_argument("--skip", default="", help="comma list of sections to skip: pytest,bench,matmul,es")
-    a = ap.parse_args(argv)
+    try:
+        from vsml.training.cli import parse
+    except ImportError as exc:     # the GPU image has no tyro: carry its wheels (BENCHMARKS.md, "The GPU check")
+        print(f"[gpu_check] cannot import the project's CLI ({exc}); carry the wheels of tyro, docstring-parser "
+              f"and typeguard (BENCHMARKS.md, 'The GPU check')", file=sys.stderr)
+        return 2
+    a = parse(GPUCheckArgs, argv, prog="gpu_check.py", description=__doc__)
+    a = replace(a, out=a.out or os.environ.get("OUT") or "gpu_check_out",
+                data_dir=a.data_dir or os.environ.get("VSML_DATA_DIR"))
     _setup_env(a.smoke)
     import torch
     t_start = time.perf_counter()

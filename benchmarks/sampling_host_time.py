@@ -19,23 +19,23 @@ Prints one Markdown table row per measurement; threads: torch's default unless -
 
 from __future__ import annotations
 
-import argparse
 import os
 import platform
 import sys
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))     # this checkout's vsml/, tasks/, kernels/
 
-import torch  # noqa: E402
+import torch
 
-from tasks import make_family  # noqa: E402
-from tasks.base import torch_generator  # noqa: E402
-from vsml.engine.config import VSMLConfig  # noqa: E402
-from vsml.engine.network import VSMLNetwork  # noqa: E402
-from vsml.estimators.core import ESEstimator, state_seed  # noqa: E402
-from vsml.estimators.es import ESConfig  # noqa: E402
+from tasks import make_family
+from tasks.base import torch_generator
+from vsml.engine.config import VSMLConfig
+from vsml.engine.network import VSMLNetwork
+from vsml.estimators.core import ESEstimator, state_seed
+from vsml.estimators.es import ESConfig
 
 
 def _best(fn, repeats: int) -> float:
@@ -47,15 +47,22 @@ def _best(fn, repeats: int) -> float:
     return best
 
 
+@dataclass(frozen=True)
+class HostTimeArgs:
+    """Options of benchmarks/sampling_host_time.py (``--help``)."""
+
+    task: str = "mnist+proj"
+    episodes: int = 1024            # data episodes per step (paper: 1024 pairs)
+    length: int = 500
+    repeats: int = 2
+    threads: int | None = None
+    data_dir: str | None = None     # default $VSML_DATA_DIR
+
+
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--task", default="mnist+proj")
-    ap.add_argument("--episodes", type=int, default=1024, help="data episodes per step (paper: 1024 pairs)")
-    ap.add_argument("--length", type=int, default=500)
-    ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--data_dir", default=os.environ.get("VSML_DATA_DIR"))
-    a = ap.parse_args(argv)
+    from vsml.training.cli import parse
+    a = parse(HostTimeArgs, argv, prog="sampling_host_time.py", description=__doc__)
+    a = replace(a, data_dir=a.data_dir or os.environ.get("VSML_DATA_DIR"))
     if a.threads:
         torch.set_num_threads(a.threads)
     fam = make_family(a.task, data_dir=a.data_dir)

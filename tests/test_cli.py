@@ -51,10 +51,10 @@ def test_preset_overrides_keep_the_other_preset_fields():
 def test_value_syntax_tuples_bools_none_literals():
     cfg = _cfg("--vsml.hidden_sizes", "32,16", "--vsml.conv", "c8k3s2,c4-refbwd", "--log.progress", "off",
                "--lr", "none", "--es.noise_device", "null", "--log.wandb", "offline", "--eval.tasks", "digits;sum",
-               "--compile", "0", "--data_dir", "/x", "--clone.steps", "2000")
+               "--backend", "torch", "--data_dir", "/x", "--clone.steps", "2000")
     assert cfg.vsml.hidden_sizes == (32, 16)
     assert cfg.vsml.conv == (ConvSpec(8, 3, 2), ConvSpec(4, 3, 1, bwd_norm="kernel"))
-    assert cfg.log.progress is False and cfg.compile is False and cfg.lr is None and cfg.es.noise_device is None
+    assert cfg.log.progress is False and cfg.backend == "torch" and cfg.lr is None and cfg.es.noise_device is None
     assert cfg.log.wandb == "offline" and cfg.eval.tasks == "digits;sum" and cfg.data_dir == "/x"
     assert cfg.clone.steps == 2000
     assert _cfg("--vsml.hidden_sizes", "", preset="deep").vsml.hidden_sizes == ()

@@ -48,7 +48,7 @@ def test_es_initial_state_cpu_default_unchanged_and_pairs_split_invariant():
     default = est.initial_state(4, 7, 3, step=2)
     assert all(torch.equal(a, b) for a, b in zip(legacy.c, default.c))        # CPU: the old numbers
     whole = est.initial_state(4, 7, 3, step=2, pairs=range(4))
-    left = est.initial_state(4, 7, 3, step=2, pairs=range(0, 1))
+    left = est.initial_state(4, 7, 3, step=2, pairs=range(1))
     right = est.initial_state(4, 7, 3, step=2, pairs=range(1, 4))
     for w, lft, r in zip(whole.c, left.c, right.c):
         assert torch.equal(w, torch.cat([lft, r]))                            # any split, same draws
@@ -59,7 +59,7 @@ def test_es_initial_state_cpu_default_unchanged_and_pairs_split_invariant():
 def test_sample_episode_subsets_equal_the_whole(spec):
     fam = make_family(spec)
     whole = sample_episodes(fam, 5, 4, 9, "train", episodes=range(5))
-    parts = [sample_episodes(fam, 5, 4, 9, "train", episodes=r) for r in (range(0, 2), range(2, 3), range(3, 5))]
+    parts = [sample_episodes(fam, 5, 4, 9, "train", episodes=r) for r in (range(2), range(2, 3), range(3, 5))]
     assert torch.equal(torch.cat([p.x for p in parts]), whole.x)
     assert torch.equal(torch.cat([p.y for p in parts]), whole.y)
     assert parts[0].num_classes == whole.num_classes

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -13,6 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def _load():
     spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "benchmarks" / "gpu_check.py")
     mod = importlib.util.module_from_spec(spec)
+    sys.modules["gpu_check"] = mod                     # dataclasses and tyro resolve annotations through it
     spec.loader.exec_module(mod)
     return mod
 

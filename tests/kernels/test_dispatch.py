@@ -18,9 +18,9 @@ import eval as eval_cli
 import train as train_cli
 from kernels import backend as kb
 from kernels import vsml_fused
-from vsml.estimators.core import ESEstimator
 from vsml.engine.config import ConfigError, VSMLConfig
 from vsml.engine.network import VSMLNetwork
+from vsml.estimators.core import ESEstimator
 from vsml.training.config import config_from_dict
 
 ATOL, RTOL = 1e-5, 1e-4          # kernels/README.md, "Tolerance and precision"
