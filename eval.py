@@ -67,13 +67,23 @@ def main(argv: list[str] | None = None) -> int:
         summary_table,
         write_results,
     )
+    from tqdm.auto import tqdm
+
     from vsml.learners.baselines import make_learner
     from vsml.training.checkpoint import CheckpointError
+    from vsml.training.preflight import check_device
+    from vsml.training.threads import apply_thread_policy
 
+    def say(msg: str) -> None:
+        tqdm.write(msg, file=sys.stderr)
+
+    apply_thread_policy()
     backend = args.backend or ("torch" if args.no_compile else "auto")
     learners, tasks, out = [], args.tasks, args.out
     try:
+        check_device(args.device)
         if args.checkpoint:
+            say(f"[eval] loading {args.checkpoint} ...")
             name, learner, theta, cfg_dict = load_learner(args.checkpoint, args.device, backend=backend)
             from kernels.backend import check_backend
             check_backend(backend, args.device, getattr(learner, "cfg", None), learner=name)
@@ -95,15 +105,17 @@ def main(argv: list[str] | None = None) -> int:
             bl = make_learner(b)
             learners.append(FrozenLearner(b, bl, bl.init_theta()))
     except (CheckpointError, KeyError, ValueError) as exc:     # ValueError covers ConfigError / BackendError
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {exc.args[0] if isinstance(exc, KeyError) and exc.args else exc}", file=sys.stderr)
         return 2
     if not learners:
         fail("eval.py", "nothing to evaluate: pass --checkpoint and/or --baselines")
     tasks = tasks or "digits"
     from tasks import DatasetError
     try:
+        say(f"[eval] {len(learners)} learner(s) x {len(parse_task_list(tasks))} task(s), {episodes} episodes "
+            f"x {length} examples each (seed {args.seed}) ...")
         res = evaluate(learners, parse_task_list(tasks), episodes, length, args.seed, args.data_dir,
-                       smooth=max(1, args.smooth))
+                       smooth=max(1, args.smooth), progress=say)
     except (DatasetError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -33,7 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     from vsml.training.cli import parse, parse_config
     from vsml.training.config import config_from_dict
     from vsml.training.presets import PRESETS
-    from vsml.training.trainer import train
+    from vsml.training.threads import apply_thread_policy
+    from vsml.training.trainer import DivergenceError, train
 
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
@@ -44,10 +45,14 @@ def main(argv: list[str] | None = None) -> int:
             saved = config_from_dict(load_checkpoint(resume)["config"])
             presets, default = {"resumed": ("the config saved in the checkpoint", saved), **PRESETS}, "resumed"
         cfg, extra = parse_config(argv, presets, default, __doc__, TrainArgs, prog="train.py")
+        apply_thread_policy()
         train(cfg, resume=extra.resume)
     except (ConfigError, CheckpointError, DatasetError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except DivergenceError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
     return 0
 
 

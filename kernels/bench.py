@@ -43,9 +43,12 @@ import torch
 from vsml import SubLSTMConfig, VSMLConfig, VSMLNetwork
 
 NOMINAL_FLOPS_PER_MICROSTEP = 4608   # 2 * (4N(2M+N) + 2NM) with N=16, M=8
-#: issue #2's CPU goal: 2x a jit-compiled JAX implementation measured on the project's 2-core machine
-#: (about 650 and 290 examples/s, flat in E), at E >= 16, forward-only, no LayerNorm
+#: A recorded figure, not a measurement of this run: a jit-compiled JAX implementation of the same math
+#: reached about 650 (784-10) and 290 (784-32-10) examples/s, flat in E, forward-only, no LayerNorm, on
+#: the project's 2-core CPU machine (figure quoted in issue #2; recorded here on 2026-11-21).  The bench
+#: prints its rate relative to this figure; compare only with runs on that machine with nothing else on it.
 JAX_CPU_REFERENCE = {"784-10": 650.0, "784-32-10": 290.0}
+JAX_CPU_REFERENCE_SOURCE = "recorded JAX figure (issue #2, project's 2-core CPU machine, recorded 2026-11-21)"
 
 
 def _sync(device: torch.device) -> None:
@@ -250,9 +253,9 @@ def main(argv: list[str] | None = None) -> None:
                 ref = JAX_CPU_REFERENCE.get(spec)
                 if (ref and not gpu and e >= 16 and not cfg.backward_pass and not args.layer_norm
                         and be in ("compile", "cpu") and args.clock == "wall"):
-                    goal_lines.append(f"{label}, {spec}, E={e}: {rate / ref:.2f}x the JAX reference ({ref:.0f} "
-                                      f"examples/s); goal 2x: {'met' if rate >= 2 * ref else 'not met'} "
-                                      f"(valid on the project's 2-core machine, run with nothing else on it)")
+                    goal_lines.append(f"{label}, {spec}, E={e}: {rate / ref:.2f}x the {JAX_CPU_REFERENCE_SOURCE}: "
+                                      f"{ref:.0f} examples/s (issue #2 asks for 2x; only meaningful on that "
+                                      f"machine with nothing else running)")
                 if spec == "784-10" and not cfg.backward_pass and e >= 64:
                     es = 2048 * 500 / rate
                     es_lines.append(f"{label}, E={e}: reference ES step (2048 episodes x 500 MNIST examples, "

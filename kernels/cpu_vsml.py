@@ -117,6 +117,16 @@ class _Ops:
         return {512: "avx512", 2: "avx2", 0: "scalar"}[self._code]
 
 
+def _say(msg: str) -> None:
+    """A line on stderr that does not tangle a live tqdm bar."""
+    try:
+        from tqdm.auto import tqdm
+        tqdm.write(msg, file=sys.stderr)
+    except ImportError:
+        print(msg, file=sys.stderr)
+    sys.stderr.flush()
+
+
 def load(isa: str | None = None, verbose: bool = False):
     """Build (first time, printed with its duration) or load the extension module; raises on failure.
 
@@ -136,6 +146,9 @@ def load(isa: str | None = None, verbose: bool = False):
             build_dir = Path(cpp_extension._get_build_directory(name, verbose=False))
             before = {f: f.stat().st_mtime for f in build_dir.glob("*.so")}
             flags = _flags(isa) + [f"-DVSML_NS={name}"]
+            if not before:                  # nothing built yet: a one-off compile the user waits for
+                _say(f"[kernels.cpu_vsml] building the CPU kernel ({isa}) once for this machine; this takes "
+                     f"~20-60 s, later runs load it from {build_dir} ...")
             cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=flags,
                                extra_ldflags=["-fopenmp"], is_python_module=False, verbose=verbose)
             mod = _Ops(getattr(torch.ops, name))
@@ -144,8 +157,8 @@ def load(isa: str | None = None, verbose: bool = False):
             _errors[isa] = f"could not build the CPU kernel ({isa}): {msg}"
             raise RuntimeError(_errors[isa]) from exc
         if {f: f.stat().st_mtime for f in build_dir.glob("*.so")} != before:     # it was (re)built
-            print(f"[kernels.cpu_vsml] built the CPU kernel ({mod.isa()}, {' '.join(flags)}) in "
-                  f"{time.perf_counter() - t0:.1f} s -> {build_dir}", file=sys.stderr, flush=True)
+            _say(f"[kernels.cpu_vsml] built the CPU kernel ({mod.isa()}, {' '.join(flags)}) in "
+                 f"{time.perf_counter() - t0:.1f} s -> {build_dir}")
         _modules[isa] = mod
         return mod
 

@@ -103,6 +103,8 @@ def _cmd_list(_: ListCmd) -> int:
     print("aliases:", ", ".join(f"{k}={v}" for k, v in sorted(ALIASES.items())))
     print("modifiers (join with '+'):", ", ".join(MODIFIERS))
     print("combinators: mix:a,b,c   all-but:x[,y]")
+    print("guessing games (learner=badger; regression, not classification): guessing[n=3], guessing[n=3-6], "
+          "sinusoid[n=41,k=1-5,decay=1]")
     print("presets:")
     for k, v in PRESETS.items():
         print(f"  {k:12s} {v if len(v) < 100 else v[:97] + '...'}")

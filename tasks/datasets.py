@@ -6,7 +6,7 @@ Every dataset is returned by :func:`load_dataset` in one format: ``images`` uint
 
 Where the IDX files are looked for, in this order (the first location that has a file wins, per file):
 
-1. the ``data_dir`` argument (the CLI's ``--data-dir``);
+1. the ``data_dir`` argument (train.py / eval.py's ``--data_dir``);
 2. the folder in the environment variable ``VSML_DATA_DIR``;
 3. the user cache, ``$XDG_CACHE_HOME/vsml/datasets`` or ``~/.cache/vsml/datasets`` (override with
    ``VSML_CACHE_DIR``);
@@ -310,7 +310,7 @@ def _search_roots(data_dir: str | os.PathLike[str] | None) -> list[tuple[Path, s
     """The folders searched, in order, each with a label for messages."""
     roots: list[tuple[Path, str]] = []
     if data_dir is not None:
-        roots.append((Path(data_dir).expanduser(), "data_dir argument / --data-dir"))
+        roots.append((Path(data_dir).expanduser(), "data_dir argument / --data_dir"))
     env = os.environ.get("VSML_DATA_DIR")
     if env:
         roots.append((Path(env).expanduser(), "$VSML_DATA_DIR"))
@@ -416,7 +416,7 @@ def download_file(
     raise DownloadError(
         f"could not download {dest.name} from any of {len(urls)} URL(s):\n" + "\n".join(errors)
         + f"\nFetch the file by hand from one of these URLs and put it at {dest} (or in a folder passed as "
-        "--data-dir / $VSML_DATA_DIR)."
+        "--data_dir / $VSML_DATA_DIR)."
     )
 
 
@@ -519,7 +519,7 @@ def _missing_message(info: DatasetInfo, missing: list[str], data_dir, skipped: l
         f"Searched (in order):\n{where}",
         why,
         (
-            f"Fix: put the files into <dir>/{info.folders[0]}/ and pass --data-dir <dir> (or set "
+            f"Fix: put the files into <dir>/{info.folders[0]}/ and pass --data_dir <dir> (or set "
             f"VSML_DATA_DIR=<dir>), or into {default_cache_dir() / info.folders[0]}, or allow downloading "
             "(unset VSML_OFFLINE, download=True)."
         ),

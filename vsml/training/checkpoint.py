@@ -90,17 +90,45 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unpickling / zip error means a corrupt file
-        raise CheckpointError(f"checkpoint {path} is corrupt or not a vsml checkpoint ({type(exc).__name__}: "
-                              f"{exc}); use an older step_*.pt from the same folder or restart the run") from exc
+        ck = torch.load(path, map_location="cpu", weights_only=True)   # never weights_only=False (unsafe)
+    except Exception as exc:  # noqa: BLE001 - any unpickling / zip error means a corrupt or foreign file
+        raise CheckpointError(_unreadable_message(path, exc)) from None
     if not isinstance(ck, dict) or ck.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not a {FORMAT} checkpoint (format={ck.get('format') if isinstance(ck, dict) else type(ck).__name__})")
+        got = ck.get("format") if isinstance(ck, dict) else type(ck).__name__
+        raise CheckpointError(f"{path} is not a vsml checkpoint (expected format {FORMAT!r}, found {got!r}); "
+                              "pass a run directory or a checkpoints/*.pt file written by train.py")
     for key in ("theta", "optimizer", "rng", "step", "config"):
         if key not in ck:
             raise CheckpointError(f"checkpoint {path} lacks the field {key!r}; it is incomplete or corrupt")
     ck["path"] = str(path)
     return ck
+
+
+def _unreadable_message(path: Path, exc: Exception) -> str:
+    """A corrupt / foreign .pt: say so, and point to what in the same run is still usable."""
+    import pickle
+    import zipfile
+    foreign = isinstance(exc, pickle.UnpicklingError) and "weights_only" in str(exc)
+    what = ("is not a vsml checkpoint (it holds pickled Python objects; vsml loads .pt files with "
+            "weights_only=True only)" if foreign else f"is corrupt or not a vsml checkpoint ({type(exc).__name__})")
+    if isinstance(exc, (zipfile.BadZipFile, EOFError)):
+        what = f"is corrupt (truncated or damaged: {type(exc).__name__})"
+    msg = f"checkpoint {path} {what}"
+    run = path.parent.parent if path.parent.name == "checkpoints" else None
+    if run is not None:
+        olders = sorted(p for p in path.parent.glob("step_*.pt") if p != path)
+        hints = []
+        if (run / "theta.safetensors").exists():
+            hints.append(f"the run's θ is intact in {run / 'theta.safetensors'} (evaluate it with eval.py "
+                         f"--checkpoint {run / 'theta.safetensors'}, or start a new run from it with --init_from "
+                         f"{run / 'theta.safetensors'})")
+        if olders:
+            hints.append(f"resume from an older checkpoint: python train.py --resume {olders[-1]}")
+        if hints:
+            msg += "; " + "; or ".join(hints)
+        else:
+            msg += "; restart the run"
+    return msg
 
 
 def save_theta(path: str | Path, theta: torch.Tensor, config: dict[str, Any], step: int,

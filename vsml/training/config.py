@@ -20,6 +20,9 @@ from vsml.training.checkpoint import CheckpointError
 from vsml.training.distributed import DistConfig
 
 
+_MAX_LR = 3.4e37          # float32 max (3.4e38) x (1 - β1); see TrainConfig.__post_init__
+
+
 @dataclass(frozen=True)
 class EvalConfig:
     """Meta-test during training (held-out families, test split)."""
@@ -51,7 +54,10 @@ class LogConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """One meta-training run.  ``lr`` defaults by estimator (ES 0.025, BPTT/BMG 1e-3) when None."""
+    """One meta-training run.  ``lr`` defaults by estimator (ES 0.025, BPTT/BMG 1e-3) when None.
+
+    ``steps`` counts the meta-training steps after the cloning phase: a run makes ``clone.steps``
+    cloning steps, then ``steps`` ES/BPTT/... steps (``total_steps`` = both)."""
 
     name: str = "run"
     learner: Literal["vsml", "metarnn", "hebbian", "badger"] = "vsml"
@@ -70,7 +76,7 @@ class TrainConfig:
     task: str = "digits+proj"         # meta-training family spec (train split)
     episode_length: int = 100
     meta_batch: int = 16              # BPTT: episodes per meta-step (ES: es.pairs data episodes)
-    steps: int = 200                  # meta-training steps (after clone.steps cloning steps)
+    steps: int = 200                  # meta-training steps AFTER the clone.steps cloning steps (the run makes clone.steps + steps steps in all)
     seed: int = 0
     device: str = "cpu"
     # no-grad unroll path of the VSML network (ES members, PES particles, meta-tests; kernels/backend.py):
@@ -82,6 +88,7 @@ class TrainConfig:
     out_dir: str = "runs"
     ckpt_every: int = 50
     keep_checkpoints: bool = False    # also keep step_<n>.pt next to last.pt
+    max_nonfinite_steps: int = 5      # stop (exit 3) after this many consecutive steps with no finite member loss (0: never)
     eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
     dist: DistConfig = field(default_factory=DistConfig)   # torchrun settings (vsml/training/distributed.py)
@@ -106,6 +113,13 @@ class TrainConfig:
         if self.estimator == "bmg" and self.episode_length < self.bmg.episode_length:
             raise ConfigError(f"estimator=bmg needs episode_length >= bmg.k_steps + bmg.l_steps + bmg.probe = "
                               f"{self.bmg.episode_length}, got {self.episode_length}")
+        for name, lr in (("lr", self.resolved_lr), ("clone.lr", self.clone.lr)):
+            # Adam's first step is lr / (1 - β1) = 10·lr, computed in float32: larger overflows inside Adam
+            if math.isfinite(lr) and lr > _MAX_LR:
+                raise ConfigError(f"{name}={lr:g} is too large: Adam's first step (10 x {name}) overflows float32; "
+                                  f"use {name} <= {_MAX_LR:.1e} (useful values are below 1; the ES default is 0.025)")
+        if self.max_nonfinite_steps < 0:
+            raise ConfigError(f"max_nonfinite_steps must be >= 0 (0: never stop), got {self.max_nonfinite_steps}")
         if self.ckpt_every < 0:
             raise ConfigError(f"ckpt_every must be >= 0, got {self.ckpt_every}")
         if self.backend not in ("auto", "torch", "compile", "cpu", "triton"):

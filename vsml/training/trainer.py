@@ -8,8 +8,10 @@ given θ, the Adam state and s from the checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import math
 import signal
 import sys
 import time
@@ -22,6 +24,8 @@ from vsml.training.checkpoint import CheckpointError, atomic_write_text, load_ch
 from vsml.learners.registry import build_learner
 from vsml.training.config import TrainConfig, config_from_dict
 from vsml.training.distributed import NullLogger, distribute_estimator, init_distributed
+from vsml.training.rundir import (DISK_ERRNOS, RunDirError, create_run_dir, disk_error_message,
+                                  lock_existing_run_dir, read_finished, truncate_metrics, write_finished)
 
 
 class _StopFlag:
@@ -49,17 +53,6 @@ class _StopFlag:
     def __exit__(self, *exc):
         for s, h in self._old.items():
             signal.signal(s, h)
-
-
-def _new_run_dir(out_dir: str, name: str) -> Path:
-    """runs/<name>, or runs/<name>-2, -3, ... so an earlier run is never overwritten."""
-    base = Path(out_dir) / name
-    cand, i = base, 1
-    while cand.exists() and any(cand.iterdir()):
-        i += 1
-        cand = Path(f"{base}-{i}")
-    cand.mkdir(parents=True, exist_ok=True)
-    return cand
 
 
 def _check_resume_compatible(saved: TrainConfig, cfg: TrainConfig, step: int | None = None) -> None:
@@ -110,7 +103,8 @@ def run_meta_test(cfg: TrainConfig, learner, theta: torch.Tensor, step: int, log
             bl = make_learner(b)
             learners.append(FrozenLearner(b, bl, bl.init_theta().to(theta.device)))
     tasks = parse_task_list(cfg.eval.tasks)
-    res = evaluate(learners, tasks, cfg.eval.episodes, cfg.eval.length, cfg.eval.seed, cfg.data_dir)
+    res = evaluate(learners, tasks, cfg.eval.episodes, cfg.eval.length, cfg.eval.seed, cfg.data_dir,
+                   progress=_say if final else None)
     metrics = {}
     for task, per in res.items():
         r = per[cfg.learner]
@@ -153,30 +147,170 @@ def _restore_pes_state(estimator, system, fresh, d: dict):
     return PESState(inner=inner, accum=d["accum"].to(fresh.accum.device), t=d["t"], episode=d["episode"])
 
 
-def _load_init_theta(path: str) -> torch.Tensor:
-    from vsml.training.checkpoint import load_theta
-    p = Path(path)
-    if p.is_dir():
-        p = p / "theta.safetensors"
-    if p.suffix == ".safetensors":
-        return load_theta(p)[0]
-    return load_checkpoint(p)["theta"]
+def _say(msg: str) -> None:
+    """Print a log line without tangling a live tqdm bar (the bar is cleared and redrawn around it)."""
+    from tqdm.auto import tqdm
+    tqdm.write(msg, file=sys.stdout)
+    sys.stdout.flush()
+
+
+def _apply_lr(opt: torch.optim.Optimizer, lr: float, weight_decay: float | None = None) -> None:
+    for group in opt.param_groups:
+        group["lr"] = lr
+        if weight_decay is not None and "weight_decay" in group:
+            group["weight_decay"] = weight_decay
+
+
+def _step_loss(m: dict) -> float | None:
+    for k in ("loss_mean", "loss", "clone_loss"):
+        if k in m:
+            return float(m[k])
+    return None
+
+
+def _no_finite_member(m: dict) -> bool:
+    """True when a meta-step had no usable (finite) population member: ES ``all_nonfinite``; BPTT/BMG
+    ``nonfinite`` (one loss); any estimator whose loss or gradient was non-finite."""
+    if m.get("skipped_nonfinite_grad"):
+        return True
+    bad = bool(m["all_nonfinite"]) if "all_nonfinite" in m else bool(m.get("nonfinite", 0))
+    loss = _step_loss(m)
+    return bad or (loss is not None and not math.isfinite(loss))
+
+
+def _nonfinite_state(theta: torch.Tensor, *opts: torch.optim.Optimizer) -> str | None:
+    """What part of the training state holds a NaN/inf (θ or an Adam moment), or None."""
+    if not bool(torch.isfinite(theta.detach()).all()):
+        return "θ"
+    for o in opts:
+        for st in o.state.values():
+            for k, v in st.items():
+                if torch.is_tensor(v) and v.is_floating_point() and not bool(torch.isfinite(v).all()):
+                    return f"the Adam state ({k})"
+    return None
+
+
+def _check_divergence(cfg: TrainConfig, step: int, div: dict, bad_state: str | None, info: dict) -> None:
+    """Stop the run (DivergenceError) on non-finite θ / optimiser state, or after
+    ``cfg.max_nonfinite_steps`` consecutive steps with no finite member."""
+    n = cfg.max_nonfinite_steps
+    if bad_state is not None:
+        what = f"{bad_state} became non-finite at step {step}"
+    elif n and div["streak"] >= n:
+        what = (f"no population member had a finite meta-loss for {div['streak']} consecutive steps "
+                f"(steps {div['first']}-{step}; limit max_nonfinite_steps={n})")
+    else:
+        return
+    rd, last = info["rd"], info["last_ckpt"]
+    lr = cfg.resolved_lr if step > cfg.clone.steps else cfg.clone.lr
+    which = "--lr" if step > cfg.clone.steps else "--clone.lr"
+    keep = (f"the last good checkpoint (step {last}) is kept in {rd / 'checkpoints' / 'last.pt'}; resume from it "
+            f"with a smaller learning rate: python train.py --resume {rd} {which} {lr / 10:g}") if last is not None \
+        else f"no checkpoint was written before it; start again with a smaller {which} (now {lr:g})"
+    raise DivergenceError(f"meta-training diverged: {what}; {keep}")
+
+
+def _close_quietly(logger) -> None:
+    try:
+        logger.close()
+    except Exception:  # noqa: BLE001 - e.g. a full disk while flushing; the error was already reported
+        pass
+
+
+def _write_curves(rd: Path) -> Path | None:
+    """The meta-training curve plot (meta-loss, meta-test accuracy over steps) in the run folder."""
+    from vsml.evaluation.plotting import plot_training_curves
+    try:
+        return plot_training_curves(rd / "metrics.jsonl", rd / "training_curves.png")
+    except Exception as exc:  # noqa: BLE001 - a plot must never turn a finished run into a failure
+        _say(f"[vsml] could not draw the meta-training curves ({type(exc).__name__}: {exc})")
+        return None
+
+
+def _already_finished(cfg: TrainConfig, ck: dict, rd: Path, ctx) -> bool:
+    """A resume of a run whose checkpoint is at (or past) the requested steps: say so and do nothing
+    when its final meta-test was done (``finished.json``); else only the final meta-test runs."""
+    step = int(ck["step"])
+    if step < cfg.total_steps:
+        return False
+    done = read_finished(rd)
+    if done is None or done < step:
+        if ctx.is_main:
+            print(f"[vsml] {rd} reached step {step} but its final meta-test did not finish; running it now",
+                  flush=True)
+        return False
+    if ctx.is_main:
+        print(f"[vsml] {rd} already finished at step {step} (results in {rd / 'meta_test'}); nothing to do. "
+              f"To train further, ask for more steps, e.g. python train.py --resume {rd} --steps "
+              f"{max(step - cfg.clone.steps, 0) + 100}", flush=True)
+    return True
+
+
+class DivergenceError(RuntimeError):
+    """Meta-training stopped because θ, the optimiser state or every population member stopped being
+    finite (``TrainConfig.max_nonfinite_steps``); the last good checkpoint is kept."""
+
+
+def _remove_unused_run_dir(rd: Path) -> None:
+    """Remove a run folder this process created if nothing but its lock / config / empty logs is in it."""
+    import shutil
+    try:
+        for p in rd.iterdir():
+            if p.name not in (".lock", "config.json", "metrics.jsonl", "curves") or \
+                    (p.name == "metrics.jsonl" and p.stat().st_size) or (p.name == "curves" and any(p.iterdir())):
+                return
+        shutil.rmtree(rd)
+    except OSError:
+        pass
+
+
+def _lock_run_dir(ctx, rd: Path):
+    """Rank 0 locks ``rd`` (creating it); the outcome is shared so every rank fails together."""
+    lock, err = None, None
+    if ctx.is_main:
+        try:
+            lock = lock_existing_run_dir(rd)
+        except RunDirError as exc:
+            err = str(exc)
+    err = ctx.broadcast_object(err)
+    if err is not None:
+        raise RunDirError(err)
+    return lock
 
 
 def train(cfg: TrainConfig, resume: str | None = None, run_dir: str | None = None) -> Path:
-    """Meta-train; returns the run directory.  ``resume``: a run directory or checkpoint file."""
-    from vsml.training.loggers import RunLogger
+    """Meta-train; returns the run directory.  ``resume``: a run directory or checkpoint file.
 
-    from tasks import make_family
-    from vsml.evaluation.evaluate import parse_task_list
+    Ordinary mistakes raise ``ConfigError`` / ``CheckpointError`` / ``DatasetError`` before any folder
+    exists (:func:`vsml.training.preflight.preflight`); the run directory is created exclusively and
+    locked for the run's life (:mod:`vsml.training.rundir`); a full or read-only disk mid-run is a
+    one-line ``RunDirError`` that keeps the last good checkpoint; divergence is a ``DivergenceError``."""
+    info: dict = {"rd": None, "created": False, "started": False, "last_ckpt": None}
+    with contextlib.ExitStack() as cleanup:
+        try:
+            return _train(cfg, resume, run_dir, cleanup, info)
+        except BaseException as exc:
+            if info["created"] and not info["started"]:
+                cleanup.callback(_remove_unused_run_dir, info["rd"])   # runs before the lock is released
+            if not isinstance(exc, OSError) or exc.errno not in DISK_ERRNOS or info["rd"] is None:
+                raise
+            rd = info["rd"]
+            kept = (f"the last good checkpoint (step {info['last_ckpt']}) is kept in {rd / 'checkpoints'}; free "
+                    f"space and resume with: python train.py --resume {rd}") if info["last_ckpt"] is not None \
+                else "no checkpoint was written yet"
+            raise RunDirError(f"{disk_error_message(exc, 'to the run directory')}; {kept}") from None
+
+
+def _train(cfg: TrainConfig, resume, run_dir, cleanup: contextlib.ExitStack, info: dict) -> Path:
+    from vsml.training.loggers import RunLogger
+    from vsml.training.preflight import preflight
+
+    # every config / device / dataset / output check before anything is created
+    pre = preflight(cfg, resume=resume)
+    family = pre.family
     ctx = init_distributed(cfg)       # the torchrun process group, or a one-process context
     from kernels.backend import check_backend
     check_backend(cfg.backend, ctx.device, cfg.vsml, cfg.learner)   # a forced backend that cannot run: ConfigError
-    # load (or fail on) every dataset the run needs before creating the run directory
-    family = make_family(cfg.task, data_dir=cfg.data_dir)
-    family.prepare(("train",))
-    for spec in parse_task_list(cfg.eval.tasks):
-        make_family(spec, data_dir=cfg.data_dir).prepare(("train", "test"))
     ck = None
     if ctx.launched and resume is None and run_dir is None:
         run_dir, resume = ctx.resolve_run_dir(cfg.out_dir, cfg.name)   # out_dir/name; resume its last.pt
@@ -185,13 +319,32 @@ def train(cfg: TrainConfig, resume: str | None = None, run_dir: str | None = Non
         saved = config_from_dict(ck["config"])
         _check_resume_compatible(saved, cfg, int(ck["step"]))
         rd = Path(resume) if Path(resume).is_dir() else Path(ck["path"]).parent.parent
+        lock = _lock_run_dir(ctx, rd)         # a second process on this run directory stops here
+    elif run_dir:
+        rd = Path(run_dir)
+        info["created"] = not rd.exists()
+        lock = _lock_run_dir(ctx, rd)
     else:
-        rd = Path(run_dir) if run_dir else _new_run_dir(cfg.out_dir, cfg.name)
-        rd.mkdir(parents=True, exist_ok=True)
+        rd, lock = create_run_dir(cfg.out_dir, cfg.name)   # exclusive mkdir + lock (NAME-2, ... if taken)
+        info["created"] = True
+        if rd.name != cfg.name:
+            print(f"[vsml] {Path(cfg.out_dir) / cfg.name} holds an earlier run; writing to {rd}", flush=True)
+    if lock is not None:
+        cleanup.callback(lock.release)
+    info["rd"] = rd
+    if ck is not None:
+        info["last_ckpt"] = int(ck["step"])
+        if _already_finished(cfg, ck, rd, ctx):
+            return rd
     device = ctx.device                   # cfg.device, or cuda:LOCAL_RANK under torchrun
     cfg_dict = cfg.to_dict()
     if ctx.is_main:                       # only rank 0 writes (config, metrics, checkpoints, meta-tests)
         atomic_write_text(rd / "config.json", json.dumps(cfg_dict, indent=2))
+        if ck is not None:
+            dropped = truncate_metrics(rd, int(ck["step"]))   # steps after the checkpoint run again
+            if dropped:
+                print(f"[vsml] metrics.jsonl: dropped {dropped} row(s) logged after step {ck['step']} "
+                      "(they are recomputed now)", flush=True)
 
     learner = build_learner(cfg)
     gen = torch.Generator().manual_seed(derive_seed(cfg.seed, "theta-init"))
@@ -199,13 +352,9 @@ def train(cfg: TrainConfig, resume: str | None = None, run_dir: str | None = Non
     if ctx.is_main and hasattr(learner, "no_grad_backend"):
         print(f"[vsml] no-grad unrolls: backend {cfg.backend} -> {learner.no_grad_backend(theta.detach())} "
               f"on {device}", flush=True)
-    if cfg.init_from and ck is None:
-        init = _load_init_theta(cfg.init_from)
-        if tuple(init.shape) != tuple(theta.shape):
-            raise CheckpointError(f"init_from={cfg.init_from}: θ has shape {list(init.shape)} but this config "
-                                  f"needs {list(theta.shape)}")
+    if pre.init_theta is not None and ck is None:
         with torch.no_grad():
-            theta.copy_(init.to(device))
+            theta.copy_(pre.init_theta.to(device))
     from vsml.estimators.core import make_optimizer  # BPTT clipping happens inside bptt_gradient
     opt = make_optimizer(theta, cfg.resolved_lr, weight_decay=cfg.weight_decay)
     opt_clone = make_optimizer(theta, cfg.clone.lr)
@@ -222,6 +371,8 @@ def train(cfg: TrainConfig, resume: str | None = None, run_dir: str | None = Non
                                   "['clone', 'meta']; the checkpoint comes from another vsml version")
         opt.load_state_dict(ck["optimizer"]["meta"])
         opt_clone.load_state_dict(ck["optimizer"]["clone"])
+        _apply_lr(opt, cfg.resolved_lr, cfg.weight_decay)    # a --lr given on resume applies (Adam's
+        _apply_lr(opt_clone, cfg.clone.lr)                    # load_state_dict restores the saved one)
         torch.set_rng_state(ck["rng"]["torch"])
         start = int(ck["step"])
         wandb_id = ck.get("extra", {}).get("wandb_id")
@@ -251,8 +402,16 @@ def train(cfg: TrainConfig, resume: str | None = None, run_dir: str | None = Non
         from vsml.estimators.cloning_deep import make_clone_estimator   # shallow (cloning.py) or deep (cloning_deep.py)
         cloner = distribute_estimator(make_clone_estimator(learner, cfg.clone, seed=cfg.seed), ctx, cfg.dist)
 
+    div = {"streak": 0, "first": None}      # consecutive meta-steps with no finite member
+
     def checkpoint(step: int) -> None:
         if not ctx.is_main:
+            return
+        bad = _nonfinite_state(theta, opt, opt_clone)
+        if bad is not None or div["streak"]:
+            why = bad or f"no population member had a finite loss in the last {div['streak']} step(s)"
+            _say(f"[vsml] not writing a checkpoint at step {step}: {why}; the last good one"
+                 + (f" (step {info['last_ckpt']})" if info["last_ckpt"] is not None else "") + " is kept")
             return
         extra = {"wandb_id": logger.wandb_id} if logger.wandb_id else {}
         if pes_state is not None:
@@ -263,6 +422,7 @@ def train(cfg: TrainConfig, resume: str | None = None, run_dir: str | None = Non
         if cfg.keep_checkpoints:
             save_checkpoint(rd / "checkpoints" / f"step_{step:06d}.pt", **kw)
         save_theta(rd / "theta.safetensors", theta, cfg_dict, step)
+        info["last_ckpt"] = step
 
     from tqdm.auto import tqdm
     total = cfg.total_steps
@@ -270,7 +430,8 @@ def train(cfg: TrainConfig, resume: str | None = None, run_dir: str | None = Non
                desc=rd.name, file=sys.stderr)
     step = start
     t_last, nonfinite_total = time.time(), 0
-    interrupted = None
+    interrupted = failure = None
+    info["started"] = True
     try:
         with _StopFlag() as stop:
             while step < total:
@@ -303,24 +464,32 @@ def train(cfg: TrainConfig, resume: str | None = None, run_dir: str | None = Non
                 step += 1
                 ctx.after_step(step, theta, optim)    # cross-rank θ checksum every dist.checksum_every
                 bar.update(1)
-                nonfinite_total += int(m.get("nonfinite", 0))
+                no_finite = _no_finite_member(m)
+                div["streak"] = div["streak"] + 1 if no_finite else 0
+                div["first"] = (div["first"] or step) if no_finite else None
+                nonfinite_total += int(m.get("nonfinite", int(no_finite)))
                 if ctx.is_main and (step % cfg.log.every == 0 or step == total or step == cfg.clone.steps):
                     now = time.time()
                     row = {f"meta_train/{k}": v for k, v in m.items()}
                     row["meta_train/nonfinite_total"] = nonfinite_total
-                    row["meta_train/theta_norm"] = theta.detach().norm().item()
+                    row["meta_train/theta_norm"] = theta.detach().double().norm().item()   # no float32 overflow
                     row["perf/sec_per_step"] = (now - t_last) / cfg.log.every
                     t_last = now
                     logger.log(row, step)
                     loss = m.get("loss_mean", m.get("loss", m.get("clone_loss", float("nan"))))
                     bar.set_postfix(loss=f"{loss:.4f}")
                     what = "clone_loss" if cloning else "meta_loss"
-                    print(f"[vsml] step {step}/{total} {what} {loss:.4f} "
-                          f"({row['perf/sec_per_step']:.2f} s/step) task={batch.name if batch else cfg.task}",
-                          flush=True)
+                    bad = (f" nonfinite {int(m.get('nonfinite', int(no_finite)))} (total {nonfinite_total})"
+                           if nonfinite_total else "")
+                    _say(f"[vsml] step {step}/{total} {what} {loss:.4f}{bad} "
+                         f"({row['perf/sec_per_step']:.2f} s/step) task={batch.name if batch else cfg.task}")
+                _check_divergence(cfg, step, div, _nonfinite_state(theta, opt, opt_clone), info)
                 if cfg.ckpt_every and step % cfg.ckpt_every == 0:
                     checkpoint(step)
                 if ctx.is_main and cfg.eval.every and step < total and (step % cfg.eval.every == 0 or step == cfg.clone.steps):
+                    t_eval = time.time()
+                    _say(f"[vsml] meta-test at step {step}: {cfg.eval.tasks} ({cfg.eval.episodes} episodes x "
+                         f"{cfg.eval.length} steps) ...")
                     res = run_meta_test(cfg, learner, theta, step, logger, rd)
                     if cfg.learner == "badger":    # a regression game: report the guess error, not "accuracy"
                         line = ", ".join(f"{t}: error mean {per[cfg.learner]['error_mean']:.3f} / last "
@@ -328,18 +497,27 @@ def train(cfg: TrainConfig, resume: str | None = None, run_dir: str | None = Non
                     else:
                         line = ", ".join(f"{t}: online acc {per[cfg.learner]['online_accuracy']:.3f}"
                                          for t, per in res.items())
-                    print("[vsml] meta-test " + line, flush=True)
+                    _say(f"[vsml] meta-test {line} ({time.time() - t_eval:.1f} s)")
                 if ctx.any(stop.signal is not None):     # all ranks stop after the same step
                     interrupted = stop.signal or signal.SIGTERM
                     break
     except KeyboardInterrupt:
         interrupted = signal.SIGINT
+    except BaseException as exc:
+        failure = exc
+        raise
     finally:
         bar.close()
-        checkpoint(step)            # never lose a run's results, whatever happened
+        if not isinstance(failure, (OSError, DivergenceError)):   # no second error on top of a full disk
+            checkpoint(step)        # never lose a run's results, whatever happened (unless non-finite)
+        if isinstance(failure, DivergenceError) and ctx.is_main:
+            _close_quietly(logger)
+            _write_curves(rd)
     ctx.close()
     if interrupted is not None:
         logger.close()
+        if ctx.is_main:
+            _write_curves(rd)
         if ctx.is_main:
             print(f"[vsml] interrupted at step {step}; checkpoint written to {rd / 'checkpoints' / 'last.pt'}. "
                   f"Resume with: python train.py --resume {rd}"
@@ -347,11 +525,17 @@ def train(cfg: TrainConfig, resume: str | None = None, run_dir: str | None = Non
         raise SystemExit(128 + int(interrupted))
     if not ctx.is_main:
         return rd                   # rank 0 alone runs the final meta-test
+    t_eval = time.time()
+    _say(f"[vsml] final meta-test: {cfg.eval.tasks} ({cfg.eval.episodes} episodes x {cfg.eval.length} steps"
+         + (f", with {cfg.eval.baselines}" if cfg.eval.baselines else "") + ") ...")
     res = run_meta_test(cfg, learner, theta, step, logger, rd, final=True)
+    _say(f"[vsml] final meta-test done ({time.time() - t_eval:.1f} s)")
     summary = {f"final/{t}/{n}/online_acc": r["online_accuracy"] for t, per in res.items() if t != "_paths"
                for n, r in per.items()}
     logger.summary(summary)
     logger.close()
+    write_finished(rd, step)          # a later --resume of this run has nothing left to do
+    curves = _write_curves(rd)
     from vsml.evaluation.evaluate import summary_table
     print("\n[vsml] final meta-test (test split, θ frozen):")
     if cfg.learner == "badger":       # regression game: guess errors (chance = 1), not accuracies
@@ -368,4 +552,6 @@ def train(cfg: TrainConfig, resume: str | None = None, run_dir: str | None = Non
     print(f"\n[vsml] run directory: {rd}")
     for k, p in res.get("_paths", {}).items():
         print(f"[vsml]   {'results' if k == 'json' else 'plot ' + k}: {p}")
+    if curves is not None:
+        print(f"[vsml]   meta-training curves: {curves}")
     return rd

@@ -1,0 +1,124 @@
+"""Checks run before a meta-training run creates its folder (and by ``eval.py`` before it starts).
+
+Every ordinary mistake — an unknown task, a device this torch cannot use, wandb asked for but not
+installed, an ``init_from`` θ of the wrong shape, an unknown baseline, an unwritable ``--out_dir``,
+a missing dataset file — is a :class:`~vsml.engine.config.ConfigError` (or ``DatasetError`` /
+``CheckpointError``) with one line saying what is wrong and how to fix it, raised before anything
+is written.  ``train.py`` / ``eval.py`` turn them into ``error: ...`` and exit code 2.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from vsml.engine.config import ConfigError
+
+
+def check_device(device: str | torch.device, flag: str = "--device") -> torch.device:
+    """``torch.device(device)`` if this torch build and machine can use it, else a ConfigError."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ConfigError(f"{flag} {str(device)!r} is not a device name; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if torch.version.cuda is None and getattr(torch.version, "hip", None) is None:
+            raise ConfigError(f"{flag} {device}: this PyTorch build ({torch.__version__}) has no CUDA support; "
+                              f"use {flag} cpu, or install a CUDA build of PyTorch")
+        if not torch.cuda.is_available():
+            raise ConfigError(f"{flag} {device}: no CUDA GPU is visible to PyTorch; use {flag} cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"{flag} {device}: only {torch.cuda.device_count()} GPU(s) are visible; "
+                              f"use {flag} cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
+    elif dev.type == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise ConfigError(f"{flag} mps: the Apple-GPU backend is not available here; use {flag} cpu")
+    elif dev.type != "cpu":
+        raise ConfigError(f"{flag} {device}: vsml runs on cpu or cuda; use {flag} cpu")
+    return dev
+
+
+def check_wandb(mode: str) -> None:
+    """wandb must be importable when a run asks for it (unless ``WANDB_MODE=disabled`` switches it off)."""
+    if mode == "disabled" or os.environ.get("WANDB_MODE") == "disabled":
+        return
+    try:
+        import wandb  # noqa: F401
+    except ImportError:
+        raise ConfigError(f"--log.wandb {mode} needs the wandb package, which is not installed; install it "
+                          "(pip install wandb) or pass --log.wandb disabled") from None
+
+
+def check_task_spec(spec: str, flag: str, data_dir: str | None = None):
+    """The task family of ``spec`` (a ConfigError naming ``flag`` for an unknown or malformed spec)."""
+    from tasks import make_family
+    try:
+        return make_family(spec, data_dir=data_dir)
+    except (KeyError, ValueError) as exc:
+        msg = exc.args[0] if exc.args else str(exc)
+        raise ConfigError(f"{flag} {spec!r}: {msg} (see python -m tasks list)") from None
+
+
+@dataclass
+class Preflight:
+    family: Any                       # the meta-training task family (datasets loaded)
+    init_theta: torch.Tensor | None   # θ of cfg.init_from (shape checked), or None
+
+
+def preflight(cfg, *, resume: str | None = None) -> Preflight:
+    """Validate everything a run needs before its folder is created (see module docstring)."""
+    from vsml.evaluation.evaluate import parse_task_list
+    check_device(cfg.device)
+    check_wandb(cfg.log.wandb)
+    family = check_task_spec(cfg.task, "--task", cfg.data_dir)
+    evals = [(s, check_task_spec(s, "--eval.tasks", cfg.data_dir)) for s in parse_task_list(cfg.eval.tasks)]
+    if not evals:
+        raise ConfigError(f"--eval.tasks {cfg.eval.tasks!r} names no task; give one, e.g. --eval.tasks digits")
+    if cfg.eval.baselines:
+        from vsml.learners.baselines import make_learner
+        for b in [s.strip() for s in cfg.eval.baselines.split(",") if s.strip()]:
+            try:
+                make_learner(b)
+            except (KeyError, ValueError) as exc:
+                msg = exc.args[0] if exc.args else str(exc)
+                raise ConfigError(f"--eval.baselines: {msg}") from None
+    # load (or fail on) every dataset the run needs
+    family.prepare(("train",))
+    for _, fam in evals:
+        fam.prepare(("train", "test"))
+    init = None
+    if cfg.init_from and resume is None:
+        init = load_init_theta(cfg)
+    if resume is None:
+        from vsml.training.rundir import check_out_dir
+        check_out_dir(cfg.out_dir)
+    return Preflight(family=family, init_theta=init)
+
+
+def load_init_theta(cfg) -> torch.Tensor:
+    """θ of ``cfg.init_from`` (a θ file, run directory, checkpoint or ``pretrained:NAME``), shape-checked."""
+    from pathlib import Path
+
+    from vsml.learners.registry import build_learner
+    from vsml.training.checkpoint import CheckpointError, load_checkpoint, load_theta
+    src = cfg.init_from
+    if src.startswith("pretrained:"):
+        from vsml.pretrained import path as pretrained_path
+        try:
+            p = pretrained_path(src.split(":", 1)[1])
+        except KeyError as exc:
+            raise CheckpointError(f"--init_from {src}: {exc.args[0]}") from None
+    else:
+        p = Path(src)
+    if p.is_dir():
+        p = p / "theta.safetensors"
+    theta = load_theta(p)[0] if p.suffix == ".safetensors" else load_checkpoint(p)["theta"]
+    want = tuple(build_learner(cfg).init_theta().shape)
+    if tuple(theta.shape) != want:
+        raise CheckpointError(f"--init_from {src}: its θ has shape {list(theta.shape)} but this config "
+                              f"({cfg.learner}) needs {list(want)}; pass a θ trained with the same learner "
+                              "config (--learner, --vsml.*), or drop --init_from")
+    return theta
