@@ -1,14 +1,16 @@
 """Meta-train a learned learning algorithm.
 
-    python train.py                                   # the default job (offline, ~10 min on 2 CPU cores)
+    python train.py                                   # the default job (offline; measured time: README)
     python train.py --preset tiny                     # seconds-long smoke run
     python train.py --preset bptt --steps 500         # backprop meta-training
     python train.py --preset cpu-mnist --data_dir ../shared/datasets
     python train.py --resume runs/default             # continue a run exactly where it stopped
     python train.py --help                            # every preset and field
 
-Writes runs/<name>/: config.json, metrics.jsonl, checkpoints/last.pt, theta.safetensors and the final
-meta-test (meta_test/results.json + PNG curves).
+Writes runs/<name>/: config.json, metrics.jsonl, checkpoints/last.pt, theta.safetensors, the final
+meta-test (meta_test/results.json + PNG curves) and training_curves.png.  --steps counts the steps
+after the clone.steps cloning steps.  Exit codes: 0 done, 2 a mistake in the command (one error
+line, no run folder left), 3 the run diverged (last good checkpoint kept), 128+N a signal.
 """
 
 from __future__ import annotations

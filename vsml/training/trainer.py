@@ -322,7 +322,7 @@ def _train(cfg: TrainConfig, resume, run_dir, cleanup: contextlib.ExitStack, inf
         lock = _lock_run_dir(ctx, rd)         # a second process on this run directory stops here
     elif run_dir:
         rd = Path(run_dir)
-        info["created"] = not rd.exists()
+        info["created"] = ctx.is_main and not rd.exists()
         lock = _lock_run_dir(ctx, rd)
     else:
         rd, lock = create_run_dir(cfg.out_dir, cfg.name)   # exclusive mkdir + lock (NAME-2, ... if taken)
