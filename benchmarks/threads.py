@@ -17,8 +17,8 @@ import subprocess
 import sys
 import time
 
-SHAPES = {"tiny": dict(task="digits+proj", pairs=8, length=50, steps=12),
-          "default": dict(task="mnist5k+resize8+proj", pairs=32, length=100, steps=4)}
+SHAPES = {"tiny": {"task": "digits+proj", "pairs": 8, "length": 50, "steps": 12},
+          "default": {"task": "mnist5k+resize8+proj", "pairs": 32, "length": 100, "steps": 4}}
 
 
 def worker(shape: str) -> float:

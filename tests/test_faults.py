@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import errno
 import json
-import math
 import os
 import signal
 import subprocess
@@ -159,6 +158,25 @@ def test_truncate_metrics_drops_rows_after_the_step_and_torn_lines(tmp_path):
     assert [json.loads(ln)["step"] for ln in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2]
 
 
+def test_interrupt_writes_checkpoint_and_training_curves(tmp_path, monkeypatch):
+    from vsml.estimators import core
+    orig = core.ESEstimator.estimate
+
+    def estimate(self, theta, x, y, num_classes, step):
+        if step == 3:
+            raise KeyboardInterrupt                                  # Ctrl-C twice / during a step
+        return orig(self, theta, x, y, num_classes, step)
+
+    monkeypatch.setattr(core.ESEstimator, "estimate", estimate)
+    with pytest.raises(SystemExit) as ei:
+        _main(tmp_path, "--steps", "10", "--ckpt_every", "0")
+    assert ei.value.code == 128 + signal.SIGINT
+    rd = tmp_path / "runs" / "t"
+    assert load_checkpoint(rd)["step"] == 3
+    assert (rd / "training_curves.png").stat().st_size > 0
+    assert RunLock.holder(rd) is None                                 # the lock went with the run
+
+
 # ------------------------------------------------------------------------------------------------
 # 3. divergence
 
@@ -284,7 +302,7 @@ def test_unwritable_out_dir(tmp_path, monkeypatch, capsys):
     assert train_cli.main([*TINY, "--out_dir", str(tmp_path / "file" / "runs")]) == 2
     assert "--out_dir" in _one_error_line(capsys.readouterr().err)
     # a read-only folder (root ignores permission bits, so the filesystem's answer is faked)
-    import vsml.training.rundir as rundir
+    from vsml.training import rundir
 
     def ro(*a, **k):
         raise OSError(errno.EROFS, "Read-only file system", str(tmp_path / "ro"))
@@ -320,7 +338,7 @@ def test_disk_full_mid_run_one_line_and_last_good_checkpoint_kept(tmp_path, monk
 
 
 def test_disk_full_before_the_first_step_leaves_no_folder(tmp_path, monkeypatch, capsys):
-    import vsml.training.trainer as trainer
+    from vsml.training import trainer
 
     def full(path, text):
         raise OSError(errno.ENOSPC, "No space left on device", str(path))

@@ -105,7 +105,8 @@ def plot_training_curves(metrics_path: str | Path, path: str | Path) -> Path | N
     for label, (xs, ys) in test.items():
         a1.plot(xs, ys, marker="o", label=label)
     a1.set_xlabel("meta-step")
-    a1.set_ylabel("online accuracy (test split)")
+    a1.set_ylabel("guess error (test split)" if any("error_mean" in k for k in test)
+                  else "online accuracy (test split)")
     a1.set_title("meta-test during training")
     a1.grid(alpha=0.3)
     if test:

@@ -90,7 +90,7 @@ class RunLock:
         finally:
             os.close(fd)
 
-    def acquire(self) -> "RunLock":
+    def acquire(self) -> RunLock:
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:

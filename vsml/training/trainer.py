@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from tasks.base import derive_seed, sample_episodes  # one seed-derivation rule for data, noise and states
-from vsml.training.checkpoint import CheckpointError, atomic_write_text, load_checkpoint, save_checkpoint, save_theta
+from vsml.training.checkpoint import CheckpointError, atomic_write_text, save_checkpoint, save_theta
 from vsml.learners.registry import build_learner
 from vsml.training.config import TrainConfig, config_from_dict
 from vsml.training.distributed import NullLogger, distribute_estimator, init_distributed
@@ -211,10 +211,8 @@ def _check_divergence(cfg: TrainConfig, step: int, div: dict, bad_state: str | N
 
 
 def _close_quietly(logger) -> None:
-    try:
+    with contextlib.suppress(Exception):    # e.g. a full disk while flushing; the error was already reported
         logger.close()
-    except Exception:  # noqa: BLE001 - e.g. a full disk while flushing; the error was already reported
-        pass
 
 
 def _write_curves(rd: Path) -> Path | None:
