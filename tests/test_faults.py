@@ -337,6 +337,22 @@ def test_disk_full_mid_run_one_line_and_last_good_checkpoint_kept(tmp_path, monk
     assert not list((rd / "checkpoints").glob(".*.tmp"))               # no half-written file left
 
 
+def test_disk_full_while_logging_metrics(tmp_path, monkeypatch, capsys):
+    from vsml.training.loggers import RunLogger
+    orig = RunLogger.log
+
+    def log(self, metrics, step):
+        if step >= 4:
+            raise OSError(errno.ENOSPC, "No space left on device", str(self.path))
+        return orig(self, metrics, step)
+
+    monkeypatch.setattr(RunLogger, "log", log)
+    assert _main(tmp_path, "--steps", "6", "--eval.every", "0") == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert "no space left" in line and "metrics.jsonl" in line and "(step 3)" in line
+    assert load_checkpoint(tmp_path / "runs" / "t")["step"] == 3
+
+
 def test_disk_full_before_the_first_step_leaves_no_folder(tmp_path, monkeypatch, capsys):
     from vsml.training import trainer
 

@@ -44,7 +44,7 @@ def test_train_help_runs_as_a_script():
 
 @pytest.mark.slow
 def test_readme_commands_from_clean_clone(tmp_path):
-    """Clone, make a venv, run the README's two commands (the main job takes ~10 minutes)."""
+    """Clone, make a venv, run the README's two commands (the main job's measured time is in the README)."""
     clone = tmp_path / "clone"
     subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
     subprocess.run([sys.executable, "-m", "venv", str(tmp_path / "venv")], check=True)

@@ -283,7 +283,7 @@ def train(cfg: TrainConfig, resume: str | None = None, run_dir: str | None = Non
     exists (:func:`vsml.training.preflight.preflight`); the run directory is created exclusively and
     locked for the run's life (:mod:`vsml.training.rundir`); a full or read-only disk mid-run is a
     one-line ``RunDirError`` that keeps the last good checkpoint; divergence is a ``DivergenceError``."""
-    info: dict = {"rd": None, "created": False, "started": False, "last_ckpt": None}
+    info: dict = {"rd": None, "created": False, "started": False, "last_ckpt": None, "logger": None}
     with contextlib.ExitStack() as cleanup:
         try:
             return _train(cfg, resume, run_dir, cleanup, info)
@@ -293,6 +293,8 @@ def train(cfg: TrainConfig, resume: str | None = None, run_dir: str | None = Non
             if not isinstance(exc, OSError) or exc.errno not in DISK_ERRNOS or info["rd"] is None:
                 raise
             rd = info["rd"]
+            if info.get("logger") is not None:
+                _close_quietly(info["logger"])   # its unflushed line would fail again at exit
             kept = (f"the last good checkpoint (step {info['last_ckpt']}) is kept in {rd / 'checkpoints'}; free "
                     f"space and resume with: python train.py --resume {rd}") if info["last_ckpt"] is not None \
                 else "no checkpoint was written yet"
@@ -377,6 +379,7 @@ def _train(cfg: TrainConfig, resume, run_dir, cleanup: contextlib.ExitStack, inf
         print(f"[vsml] resumed {rd} at step {start}", flush=True)
     logger = NullLogger() if not ctx.is_main else RunLogger(rd, cfg_dict, cfg.log.wandb, project=cfg.log.project, name=rd.name,
                        group=f"{cfg.learner}-{cfg.estimator}-{cfg.task}", resume_id=wandb_id)
+    info["logger"] = logger
     estimator = distribute_estimator(_estimator(cfg, learner), ctx, cfg.dist)   # sharded under torchrun
     n_data = cfg.es.pairs if cfg.estimator == "es" else cfg.meta_batch
     es_shards = ctx.distributed and cfg.estimator == "es" and torch.device(device).type != "cpu"
