@@ -214,6 +214,12 @@ def test_all_nan_population_stops_the_run_and_keeps_the_good_checkpoint(tmp_path
     rows = [json.loads(ln) for ln in (rd / "metrics.jsonl").read_text().splitlines()]
     norms = [r["meta_train/theta_norm"] for r in rows if "meta_train/theta_norm" in r]
     assert norms and all(isinstance(v, float) for v in norms)
+    # the suggested way on: resume from the good checkpoint with a smaller --lr (it applies)
+    monkeypatch.undo()
+    assert train_cli.main(["--resume", str(rd), "--lr", "0.0025", "--steps", "4", "--log.progress", "false"]) == 0
+    ck = load_checkpoint(rd)
+    assert ck["step"] == 6 and ck["optimizer"]["meta"]["param_groups"][0]["lr"] == 0.0025
+    assert _metric_steps(rd) == list(range(1, 7))
 
 
 def test_nonfinite_theta_is_never_checkpointed(tmp_path, monkeypatch, capsys):

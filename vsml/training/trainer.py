@@ -202,11 +202,15 @@ def _check_divergence(cfg: TrainConfig, step: int, div: dict, bad_state: str | N
     else:
         return
     rd, last = info["rd"], info["last_ckpt"]
-    lr = cfg.resolved_lr if step > cfg.clone.steps else cfg.clone.lr
-    which = "--lr" if step > cfg.clone.steps else "--clone.lr"
-    keep = (f"the last good checkpoint (step {last}) is kept in {rd / 'checkpoints' / 'last.pt'}; resume from it "
-            f"with a smaller learning rate: python train.py --resume {rd} {which} {lr / 10:g}") if last is not None \
-        else f"no checkpoint was written before it; start again with a smaller {which} (now {lr:g})"
+    if step <= cfg.clone.steps:           # clone.* cannot change on resume: a new run
+        keep = (f"the last good checkpoint (step {last}) is kept in {rd / 'checkpoints' / 'last.pt'}"
+                if last is not None else "no checkpoint was written before it")
+        keep += f"; start a new run with a smaller --clone.lr (now {cfg.clone.lr:g})"
+    elif last is not None:
+        keep = (f"the last good checkpoint (step {last}) is kept in {rd / 'checkpoints' / 'last.pt'}; resume from it "
+                f"with a smaller learning rate: python train.py --resume {rd} --lr {cfg.resolved_lr / 10:g}")
+    else:
+        keep = f"no checkpoint was written before it; start again with a smaller --lr (now {cfg.resolved_lr:g})"
     raise DivergenceError(f"meta-training diverged: {what}; {keep}")
 
 
