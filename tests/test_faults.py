@@ -133,6 +133,38 @@ def test_two_processes_then_kill9_then_resume(tmp_path, capsys):
     assert load_checkpoint(rd)["step"] == total
 
 
+def test_under_torchrun_only_rank0_locks_and_every_rank_sees_its_error(tmp_path):
+    from types import SimpleNamespace
+
+    from vsml.training.trainer import _lock_run_dir
+    other_rank = SimpleNamespace(is_main=False, broadcast_object=lambda obj: None)
+    assert _lock_run_dir(other_rank, tmp_path / "r") is None
+    assert not (tmp_path / "r").exists()                             # rank > 0 creates nothing
+    failed_on_rank0 = SimpleNamespace(is_main=False, broadcast_object=lambda obj: "run directory x is in use")
+    with pytest.raises(RunDirError, match="in use"):
+        _lock_run_dir(failed_on_rank0, tmp_path / "r")
+    rank0 = SimpleNamespace(is_main=True, broadcast_object=lambda obj: obj)
+    lock = _lock_run_dir(rank0, tmp_path / "r")
+    try:
+        with pytest.raises(RunDirError, match="in use by another process"):
+            _lock_run_dir(rank0, tmp_path / "r")                     # a second job on out_dir/name
+    finally:
+        lock.release()
+
+
+def test_thread_policy(monkeypatch):
+    from vsml.training.threads import apply_thread_policy
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        monkeypatch.delenv("VSML_THREADS", raising=False)
+        assert apply_thread_policy() == 1 and torch.get_num_threads() == 1
+        monkeypatch.setenv("VSML_THREADS", "2")
+        assert apply_thread_policy() == min(2, len(os.sched_getaffinity(0)))
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_resuming_a_finished_run_does_nothing(tmp_path, capsys):
     assert _main(tmp_path) == 0
     rd = tmp_path / "runs" / "t"
