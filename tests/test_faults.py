@@ -455,3 +455,12 @@ def test_model_card_matches_the_shipped_config():
 def test_no_error_message_names_a_rejected_flag():
     for f in ("tasks/datasets.py", "vsml/training/trainer.py", "vsml/training/preflight.py", "eval.py", "train.py"):
         assert "--data-dir" not in (ROOT / f).read_text(), f
+
+
+def test_evaluate_reports_progress_per_task_and_learner():
+    from vsml.evaluation.evaluate import FrozenLearner, evaluate
+    from vsml.learners.baselines import make_learner
+    lines: list[str] = []
+    sgd = make_learner("sgd")
+    evaluate([FrozenLearner("sgd", sgd, sgd.init_theta())], ["digits"], 1, 5, seed=1, progress=lines.append)
+    assert len(lines) == 2 and "(1/1) digits: sgd" in lines[0] and "online acc" in lines[1]
