@@ -146,11 +146,17 @@ def load(isa: str | None = None, verbose: bool = False):
             build_dir = Path(cpp_extension._get_build_directory(name, verbose=False))
             before = {f: f.stat().st_mtime for f in build_dir.glob("*.so")}
             flags = _flags(isa) + [f"-DVSML_NS={name}"]
-            if not before:                  # nothing built yet: a one-off compile the user waits for
-                _say(f"[kernels.cpu_vsml] building the CPU kernel ({isa}) once for this machine; this takes "
-                     f"~20-60 s, later runs load it from {build_dir} ...")
-            cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=flags,
-                               extra_ldflags=["-fopenmp"], is_python_module=False, verbose=verbose)
+            # a (re)build is a one-off wait of ~20-60 s: say so if loading takes more than a moment
+            notice = threading.Timer(2.0, _say, args=(
+                f"[kernels.cpu_vsml] building the CPU kernel ({isa}) for this machine; this takes ~20-60 s "
+                f"once, later runs load it from {build_dir} ...",))
+            notice.daemon = True
+            notice.start()
+            try:
+                cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=flags,
+                                   extra_ldflags=["-fopenmp"], is_python_module=False, verbose=verbose)
+            finally:
+                notice.cancel()
             mod = _Ops(getattr(torch.ops, name))
         except Exception as exc:   # no compiler, no Python headers, unsupported flags, ...
             msg = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else exc!r}"
