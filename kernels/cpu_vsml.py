@@ -117,6 +117,9 @@ class _Ops:
         return {512: "avx512", 2: "avx2", 0: "scalar"}[self._code]
 
 
+BUILD_NOTICE_S = 2.0    # a load taking longer than this is a (re)build: say so while the user waits
+
+
 def _say(msg: str) -> None:
     """A line on stderr that does not tangle a live tqdm bar."""
     try:
@@ -147,7 +150,7 @@ def load(isa: str | None = None, verbose: bool = False):
             before = {f: f.stat().st_mtime for f in build_dir.glob("*.so")}
             flags = _flags(isa) + [f"-DVSML_NS={name}"]
             # a (re)build is a one-off wait of ~20-60 s: say so if loading takes more than a moment
-            notice = threading.Timer(2.0, _say, args=(
+            notice = threading.Timer(BUILD_NOTICE_S, _say, args=(
                 f"[kernels.cpu_vsml] building the CPU kernel ({isa}) for this machine; this takes ~20-60 s "
                 f"once, later runs load it from {build_dir} ...",))
             notice.daemon = True

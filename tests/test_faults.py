@@ -261,7 +261,8 @@ def test_all_nan_population_stops_the_run_and_keeps_the_good_checkpoint(tmp_path
     assert _metric_steps(rd) == list(range(1, 7))
 
 
-def test_nonfinite_theta_is_never_checkpointed(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("what", ["θ", "the Adam state (exp_avg_sq)"])
+def test_nonfinite_theta_or_adam_state_is_never_checkpointed(tmp_path, monkeypatch, capsys, what):
     from vsml.estimators import core
     orig = core.make_optimizer
 
@@ -274,7 +275,8 @@ def test_nonfinite_theta_is_never_checkpointed(tmp_path, monkeypatch, capsys):
             n = opt.state[theta]["step"]
             if float(n) >= 3:
                 with torch.no_grad():
-                    theta.view(-1)[0] = float("inf")
+                    t = theta if what == "θ" else opt.state[theta]["exp_avg_sq"]
+                    t.view(-1)[0] = float("inf")
             return out
         opt.step = bad_step
         return opt
@@ -283,7 +285,7 @@ def test_nonfinite_theta_is_never_checkpointed(tmp_path, monkeypatch, capsys):
     rc = _main(tmp_path, "--clone.steps", "0", "--steps", "10", "--ckpt_every", "2", "--eval.every", "0")
     assert rc == 3
     line = _one_error_line(capsys.readouterr().err)
-    assert "θ became non-finite at step 3" in line and "(step 2)" in line
+    assert f"{what} became non-finite at step 3" in line and "(step 2)" in line
     ck = load_checkpoint(tmp_path / "runs" / "t")
     assert ck["step"] == 2 and torch.isfinite(ck["theta"]).all()
 
@@ -471,3 +473,19 @@ def test_evaluate_reports_progress_per_task_and_learner():
     sgd = make_learner("sgd")
     evaluate([FrozenLearner("sgd", sgd, sgd.init_theta())], ["digits"], 1, 5, seed=1, progress=lines.append)
     assert len(lines) == 2 and "(1/1) digits: sgd" in lines[0] and "online acc" in lines[1]
+
+
+def test_kernel_build_says_what_it_is_doing(monkeypatch, capsys):
+    import kernels.cpu_vsml as k
+    from torch.utils import cpp_extension
+
+    def slow_build(**kw):
+        time.sleep(0.3)
+        raise RuntimeError("no compiler here")
+    monkeypatch.setattr(cpp_extension, "load", slow_build)
+    monkeypatch.setattr(k, "BUILD_NOTICE_S", 0.05)
+    monkeypatch.setattr(k, "_errors", {})
+    monkeypatch.setattr(k, "_modules", {})
+    with pytest.raises(RuntimeError, match="could not build"):
+        k.load("scalar")
+    assert "building the CPU kernel (scalar)" in capsys.readouterr().err
