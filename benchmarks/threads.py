@@ -1,7 +1,7 @@
 """ES meta-steps per second under different intra-op thread counts, alone or next to a busy process.
 
-    python -m benchmarks.threads                  # the README's "Threads" table (about 2 minutes)
-    python -m benchmarks.threads --worker 2 tiny  # one measurement (used by the table)
+    python -m benchmarks.threads                          # the README's "Threads" table (about 2 minutes)
+    python -m benchmarks.threads --shapes tiny --threads 1,2
 
 Each measurement is a fresh process with ``OMP_NUM_THREADS`` set before torch starts; "loaded" runs
 it while another process spins on one core (``python -c 'while True: pass'``), as any other job on
@@ -11,11 +11,17 @@ episodes); ``default`` = the default job's ES phase (mnist5k+resize8+proj, 32 pa
 
 from __future__ import annotations
 
-import argparse
 import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
+
+@dataclass(frozen=True)
+class ThreadsArgs:
+    shapes: str = "tiny,default"      # comma-separated: tiny, default
+    threads: str = "1,2"              # comma-separated intra-op thread counts to compare
+
 
 SHAPES = {"tiny": {"task": "digits+proj", "pairs": 8, "length": 50, "steps": 12},
           "default": {"task": "mnist5k+resize8+proj", "pairs": 32, "length": 100, "steps": 4}}
@@ -48,7 +54,7 @@ def measure(threads: int, shape: str, loaded: bool) -> float:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     hog = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if loaded else None
     try:
-        out = subprocess.run([sys.executable, "-m", "benchmarks.threads", "--worker", str(threads), shape],
+        out = subprocess.run([sys.executable, "-c", f"from benchmarks.threads import worker; print(worker({shape!r}))"],
                              env=env, capture_output=True, text=True, check=True)
     finally:
         if hog is not None:
@@ -58,19 +64,13 @@ def measure(threads: int, shape: str, loaded: bool) -> float:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
-    ap.add_argument("shapes", nargs="*", default=list(SHAPES))
-    ap.add_argument("--threads", default="1,2")
-    args = ap.parse_args(argv)
-    if args.worker is not None:
-        print(f"{worker(args.shapes[0]):.4f}")
-        return 0
+    from vsml.training.cli import parse
+    args = parse(ThreadsArgs, argv, prog="benchmarks/threads.py", description=__doc__)
     print(f"# {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {os.cpu_count()} cores, "
           f"load average before: {os.getloadavg()[0]:.1f}")
     print("| shape | threads | alone: ES steps/s | next to 1 busy process: ES steps/s |")
     print("|---|---:|---:|---:|")
-    for shape in args.shapes:
+    for shape in [s.strip() for s in args.shapes.split(",") if s.strip()]:
         for t in (int(v) for v in args.threads.split(",")):
             alone, loaded = measure(t, shape, False), measure(t, shape, True)
             print(f"| {shape} | {t} | {alone:.2f} | {loaded:.2f} |", flush=True)
