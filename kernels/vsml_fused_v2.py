@@ -145,22 +145,25 @@ if HAS_TRITON:
                      MICRO: tl.constexpr, LAYER_NORM: tl.constexpr, IN_IDX: tl.constexpr,
                      PRECISION: tl.constexpr, FAST: tl.constexpr):
         mrow = meta_ptr + k * 12
-        A = tl.load(mrow + 0)
-        B = tl.load(mrow + 1)
+        A64 = tl.load(mrow + 0)
+        B64 = tl.load(mrow + 1)
         h_off = tl.load(mrow + 2)
         bwd_off = tl.load(mrow + 3)
         bwdp_off = tl.load(mrow + 4)
         fin_off = tl.load(mrow + 5)
         th_off = tl.load(mrow + 7)
-        TA = tl.load(mrow + 8)
-        TB = tl.load(mrow + 9)
-        NB = tl.load(mrow + 10)
-        AG = tl.load(mrow + 11)
+        # in-layer index arithmetic in int32 (A·B·N < 2^31 per layer and episode; episode offsets in int64)
+        A = A64.to(tl.int32)
+        B = B64.to(tl.int32)
+        TA = tl.load(mrow + 8).to(tl.int32)
+        TB = tl.load(mrow + 9).to(tl.int32)
+        NB = tl.load(mrow + 10).to(tl.int32)
+        AG = tl.load(mrow + 11).to(tl.int32)
 
-        h_base = h_ptr + h_off + e * (A * B * N)
-        c_base = c_ptr + h_off + e * (A * B * N)
-        bwd_in = bwd_ptr + bwd_off + e * (B * M)          # [B, M] backward message into this layer
-        bwd_out = bwd_ptr + bwdp_off + e * (A * M)        # [A, M] backward message into layer k-1
+        h_base = h_ptr + h_off + e * (A64 * B64 * N)
+        c_base = c_ptr + h_off + e * (A64 * B64 * N)
+        bwd_in = bwd_ptr + bwd_off + e * (B64 * M)        # [B, M] backward message into this layer
+        bwd_out = bwd_ptr + bwdp_off + e * (A64 * M)      # [A, M] backward message into layer k-1
         w = th + th_off
         fbuf = scr + f_off                                # [A, 4NP]  F = fwd_in W_f^T (this episode)
         rbuf = scr + r_off                                # [Bmax, 4NP] R of this program (offset by the caller)
@@ -248,8 +251,6 @@ if HAS_TRITON:
             lnb_b = tl.load(w + OFF_LN + 3 * M + offs_m, mask=mmask, other=0.0)
 
         offs_row = tl.arange(0, ROWS)
-        a_loc = offs_row // TB
-        b_loc = offs_row % TB
         offs_ta = tl.arange(0, TAP)
         offs_tb = tl.arange(0, TBP)
         inv_b = 1.0 / B.to(tl.float32)
@@ -258,17 +259,23 @@ if HAS_TRITON:
         L2E: tl.constexpr = 1.4426950408889634
         for gi in range(g_lo, g_hi):
             a0 = gi * TA
-            a = a0 + a_loc
-            a_ok = (a_loc < TA) & (a < A)
             acc_b = tl.zeros([TAP, RW], dtype=tl.float32)
             for bc in range(NB):
+                # the tile is the contiguous pair range [a0*B + b0, a0*B + b0 + n_rows) (pairs are a-major)
                 b0 = bc * TB
-                b = b0 + b_loc
-                valid = a_ok & (b < B)
-                s_ptrs = (a.to(tl.int64) * B + b)[:, None] * N + offs_n[None, :]
+                n_rows = tl.minimum(TA, A - a0) * tl.minimum(TB, B - b0)
+                rel = b0 + offs_row                              # pair offset from (a0, 0)
+                # row -> (a, b) without an integer division (computed per tile, not hoisted): rel < B + ROWS
+                # is exact in fp32 and (rel + 0.5) / B is never within rounding of an integer
+                a_l = ((rel.to(tl.float32) + 0.5) * inv_b).to(tl.int32)
+                a = a0 + a_l
+                b = rel - a_l * B
+                valid = offs_row < n_rows
+                t_off = (a0 * B + b0).to(tl.int64) * N          # the tile's first pair (scalar, int64)
+                s_ptrs = offs_row[:, None] * N + offs_n[None, :]  # int32, contiguous within the tile
                 s_mask = valid[:, None] & nmask[None, :]
-                h = tl.load(h_base + s_ptrs, mask=s_mask, other=0.0)
-                c = tl.load(c_base + s_ptrs, mask=s_mask, other=0.0)
+                h = tl.load(h_base + t_off + s_ptrs, mask=s_mask, other=0.0)
+                c = tl.load(c_base + t_off + s_ptrs, mask=s_mask, other=0.0)
                 x_t = (tl.load(fbuf + a[:, None] * G4 + offs_g[None, :], mask=valid[:, None], other=0.0)
                        + tl.load(rbuf + b[:, None] * G4 + offs_g[None, :], mask=valid[:, None], other=0.0))
                 for _ in tl.static_range(MICRO):
@@ -289,8 +296,8 @@ if HAS_TRITON:
                     h = tl.where(c < 0, -oc, oc)
                 h = tl.where(s_mask, h, 0.0)
                 c = tl.where(s_mask, c, 0.0)
-                tl.store(h_base + s_ptrs, h, mask=s_mask)
-                tl.store(c_base + s_ptrs, c, mask=s_mask)
+                tl.store(h_base + t_off + s_ptrs, h, mask=s_mask)
+                tl.store(c_base + t_off + s_ptrs, c, mask=s_mask)
                 if do_fwd:
                     if LAYER_NORM:
                         v = _mma(h, wof_hi, wof_lo, tl.zeros([ROWS, MP], dtype=tl.float32) + bo_f[None, :],
@@ -303,7 +310,7 @@ if HAS_TRITON:
                     else:
                         red = h
                     # Σ over the tile's inputs a, per output b: one-hot [TBP, ROWS] @ [ROWS, RW]
-                    q = tl.where((b_loc[None, :] == offs_tb[:, None]) & valid[None, :], 1.0, 0.0)
+                    q = tl.where(((b - b0)[None, :] == offs_tb[:, None]) & valid[None, :], 1.0, 0.0)
                     part = _onehot_mma(q, red, tl.zeros([TBP, RW], dtype=tl.float32), PRECISION)
                     p_ptrs = pbuf + (b0 + offs_tb)[:, None] * RW + offs_q[None, :]
                     p_mask = ((offs_tb < TB) & (b0 + offs_tb < B))[:, None]
@@ -322,7 +329,7 @@ if HAS_TRITON:
                     else:
                         redb = h
                     # Σ over the tile's outputs b, per input a: one-hot [TAP, ROWS] @ [ROWS, RW]
-                    pa = tl.where((a_loc[None, :] == offs_ta[:, None]) & valid[None, :], 1.0, 0.0)
+                    pa = tl.where((a_l[None, :] == offs_ta[:, None]) & valid[None, :], 1.0, 0.0)
                     acc_b = _onehot_mma(pa, redb, acc_b, PRECISION)
             if do_bwd:
                 mean_b = acc_b * inv_b
