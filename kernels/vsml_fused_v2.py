@@ -137,7 +137,7 @@ if HAS_TRITON:
     # ------------------------------------------------------------------------------------------
     # one layer update of one program: (e, s) owns a-groups [s*GP, (s+1)*GP) of layer k
 
-    @triton.jit
+    @triton.jit(noinline=True)
     def _layer_tiles(e, s, S, k, t, T, D, x_ptr, meta_ptr, th, h_ptr, c_ptr, bwd_ptr, scr, f_off, r_off, p_off,
                      write_fwd, write_bwd, ln_eps,
                      N: tl.constexpr, M: tl.constexpr, NP: tl.constexpr, MP: tl.constexpr, RW: tl.constexpr,
@@ -271,11 +271,12 @@ if HAS_TRITON:
                 a = a0 + a_l
                 b = rel - a_l * B
                 valid = offs_row < n_rows
-                t_off = (a0 * B + b0).to(tl.int64) * N          # the tile's first pair (scalar, int64)
-                s_ptrs = offs_row[:, None] * N + offs_n[None, :]  # int32, contiguous within the tile
+                # int32 offsets within this layer and episode (A·B·N < 2^31), built from the tile's first
+                # pair so that nothing [ROWS, N]-sized is loop-invariant (hoisted, it would stay live)
+                s_ptrs = ((a0 * B + b0 + offs_row) * N)[:, None] + offs_n[None, :]
                 s_mask = valid[:, None] & nmask[None, :]
-                h = tl.load(h_base + t_off + s_ptrs, mask=s_mask, other=0.0)
-                c = tl.load(c_base + t_off + s_ptrs, mask=s_mask, other=0.0)
+                h = tl.load(h_base + s_ptrs, mask=s_mask, other=0.0)
+                c = tl.load(c_base + s_ptrs, mask=s_mask, other=0.0)
                 x_t = (tl.load(fbuf + a[:, None] * G4 + offs_g[None, :], mask=valid[:, None], other=0.0)
                        + tl.load(rbuf + b[:, None] * G4 + offs_g[None, :], mask=valid[:, None], other=0.0))
                 for _ in tl.static_range(MICRO):
@@ -296,8 +297,8 @@ if HAS_TRITON:
                     h = tl.where(c < 0, -oc, oc)
                 h = tl.where(s_mask, h, 0.0)
                 c = tl.where(s_mask, c, 0.0)
-                tl.store(h_base + t_off + s_ptrs, h, mask=s_mask)
-                tl.store(c_base + t_off + s_ptrs, c, mask=s_mask)
+                tl.store(h_base + s_ptrs, h, mask=s_mask)
+                tl.store(c_base + s_ptrs, c, mask=s_mask)
                 if do_fwd:
                     if LAYER_NORM:
                         v = _mma(h, wof_hi, wof_lo, tl.zeros([ROWS, MP], dtype=tl.float32) + bo_f[None, :],
@@ -341,7 +342,7 @@ if HAS_TRITON:
                 tl.store(bwd_out + ar[:, None] * M + offs_m[None, :], out_b,
                          mask=((offs_ta < TA) & (ar < A))[:, None] & mmask[None, :])
 
-    @triton.jit
+    @triton.jit(noinline=True)
     def _layer_finish(e, S, k, K, t, T, C, meta_ptr, th, bwd_ptr, scr, p_off, p_stride, logits_ptr, loss_ptr,
                       y_ptr, write_fwd, zero_err, tanh_bound,
                       N: tl.constexpr, M: tl.constexpr, NP: tl.constexpr, MP: tl.constexpr, RW: tl.constexpr,
@@ -495,15 +496,17 @@ if HAS_TRITON:
 # host side
 
 
-#: candidate (rows, num_warps, num_stages) for the GPU autotuner; the first one is the default
-GPU_CONFIGS = ((64, 4, 1), (128, 8, 1), (64, 4, 2), (128, 4, 1), (128, 8, 2), (64, 8, 1))
+#: candidate (rows, num_warps, num_stages, maxnreg) for the GPU autotuner; the first one is the default.
+#: sm_90 compile (``python -m kernels.aot --kernel v2 --maxnreg 168``): 64 rows / 8 warps: 167 registers,
+#: no spills; 64 rows / 4 warps capped at 168: ~40 B of scalar spills, but 3 CTAs (12 warps) per SM.
+GPU_CONFIGS = ((64, 8, 1, 168), (64, 4, 1, 168), (64, 4, 1, None), (64, 8, 1, None), (128, 8, 1, None),
+               (64, 8, 2, 168))
 _TUNED: dict = {}
 
 
 def default_rows(dims: list[tuple[int, int]]) -> int:
-    """Pairs per tile.  GPU: 64 (the sm_90 compile at 4 warps stays under 168 registers without spills,
-    ``python -m kernels.aot --v2``).  Interpreter: one tile as wide as the largest layer (<= 256 rows;
-    the cost there is per executed op)."""
+    """Pairs per tile.  GPU: 64 (see ``GPU_CONFIGS``; ``python -m kernels.aot --kernel v2``).
+    Interpreter: one tile as wide as the largest layer (<= 256 rows; there the cost is per executed op)."""
     if INTERPRET:
         return max(16, min(_next_pow2(max(a * b for a, b in dims)), 256))
     return GPU_CONFIGS[0][0]
@@ -540,7 +543,8 @@ def fused_episode_v2(cfg: VSMLConfig, theta: torch.Tensor, x: torch.Tensor, y: t
                      out: torch.Tensor | None = None, loss_out: torch.Tensor | None = None,
                      block_a: int | None = None, use_dot: bool = True, precision: str | None = None,
                      num_warps: int | None = None, check_labels: bool = True, num_stages: int | None = None,
-                     split_a: int | None = None, autotune: bool | None = None) -> FusedResult:
+                     split_a: int | None = None, autotune: bool | None = None,
+                     maxnreg: int | None = None) -> FusedResult:
     """Kernel v2 with v1's signature (:func:`kernels.vsml_fused.fused_episode`) and result.
 
     Args as in v1, plus:
@@ -548,7 +552,8 @@ def fused_episode_v2(cfg: VSMLConfig, theta: torch.Tensor, x: torch.Tensor, y: t
         use_dot: must be True (v2 has no dot-free fallback).
         precision: "tf32x3" (default on the GPU: tensor cores, ~fp32 accuracy), "ieee" (exact fp32
             FMA dots), "tf32" (one TF32 pass, ~1e-3).  Under the interpreter every dot is fp32.
-        num_warps, num_stages: GPU launch options (default: autotuned, else 4 / 1).
+        num_warps, num_stages, maxnreg: GPU launch options (default: autotuned, else ``GPU_CONFIGS[0]``:
+            8 warps, 1 stage, at most 168 registers per thread).
         split_a: programs per episode (default :func:`default_split_a`); > 1 runs one launch per layer
             update plus one reduction launch (see the module docstring).
         autotune: time the candidate tilings ``GPU_CONFIGS`` once per shape key on the GPU and keep the
@@ -579,12 +584,15 @@ def fused_episode_v2(cfg: VSMLConfig, theta: torch.Tensor, x: torch.Tensor, y: t
         if autotune is None:
             autotune = dev.type == "cuda" and not INTERPRET and block_a is None and num_warps is None
         if autotune:
-            rows, nw, ns = _tuned(cfg, theta, x, y, state, dims, precision, split_a)
+            rows, nw, ns, mr = _tuned(cfg, theta, x, y, state, dims, precision, split_a)
         else:
-            rows, nw, ns = (block_a or default_rows(dims)), (num_warps or 4), (num_stages or 1)
+            d_rows, d_nw, d_ns, d_mr = GPU_CONFIGS[0]
+            rows = block_a or default_rows(dims)
+            nw, ns = (num_warps or d_nw), (num_stages or d_ns)
+            mr = maxnreg if maxnreg is not None else (None if INTERPRET else d_mr)
         s_prog = split_a if split_a is not None else default_split_a(e, dims, rows, dev)
         _launch(cfg, theta, x, y, h_flat, c_flat, bwd_flat, logits, loss, dims, d, num_classes, precision,
-                rows, nw, ns, s_prog)
+                rows, nw, ns, s_prog, mr)
 
     hs, cs, bwds = [], [], []
     off, boff = 0, 0
@@ -618,7 +626,7 @@ def _tuned(cfg, theta, x, y, state, dims, precision, split_a):
     tn = min(x.shape[1], 4)
     xs, ys = x[:, :tn].contiguous(), y[:, :tn].contiguous()
     best, best_t = GPU_CONFIGS[0], float("inf")
-    for rows, nw, ns in GPU_CONFIGS:
+    for rows, nw, ns, mr in GPU_CONFIGS:
         h0 = torch.cat([h.reshape(-1) for h in state.h])
         c0 = torch.cat([c.reshape(-1) for c in state.c])
         b0 = torch.cat([b.reshape(-1) for b in state.bwd])
@@ -627,18 +635,18 @@ def _tuned(cfg, theta, x, y, state, dims, precision, split_a):
         s_prog = split_a if split_a is not None else default_split_a(e, dims, rows, x.device)
         try:
             ms = do_bench(lambda: _launch(cfg, theta, xs, ys, h0.clone(), c0.clone(), b0.clone(), lg, ls, dims,
-                                          x.shape[2], dims[-1][1], precision, rows, nw, ns, s_prog),
+                                          x.shape[2], dims[-1][1], precision, rows, nw, ns, s_prog, mr),
                           warmup=5, rep=20, return_mode="median")
         except Exception:   # a config that does not compile/fit (e.g. shared memory): skip it
             continue
         if ms < best_t:
-            best, best_t = (rows, nw, ns), ms
+            best, best_t = (rows, nw, ns, mr), ms
     _TUNED[key] = best
     return best
 
 
 def _launch(cfg, theta, x, y, h_flat, c_flat, bwd_flat, logits, loss, dims, d, num_classes, precision,
-            rows, num_warps, num_stages, s_prog):
+            rows, num_warps, num_stages, s_prog, maxnreg=None):
     e, t_len = x.shape[0], x.shape[1]
     dev = x.device
     n, m = cfg.cell.hidden, cfg.cell.msg
@@ -685,6 +693,8 @@ def _launch(cfg, theta, x, y, h_flat, c_flat, bwd_flat, logits, loss, dims, d, n
     out_flags = dict(FEED_LABEL=bool(cfg.feed_label), OUT_IDX=cfg.output_idx, ERR_IDX=cfg.error_idx,
                      LBL_IDX=cfg.label_idx)
     launch = dict(num_warps=num_warps, num_stages=num_stages)
+    if maxnreg:
+        launch["maxnreg"] = maxnreg
     tb_, ln_eps = float(cfg.tanh_bound), float(cfg.cell.ln_eps)
     if s_prog == 1:
         vsml_v2_episode_kernel[(e,)](
