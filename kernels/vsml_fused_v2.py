@@ -52,8 +52,11 @@ import torch
 from vsml.engine.config import VSMLConfig
 from vsml.engine.params import theta_size
 
-from .vsml_fused import (HAS_TRITON, INTERPRET, FusedResult, _check_tensor, _fail, _next_pow2, _validate,
-                         VSMLState, triton, tl)
+from .vsml_fused import (HAS_TRITON, INTERPRET, FusedResult, VSMLState, _check_tensor, _fail, _next_pow2,
+                         _validate, fused_available, fused_episode, tl, triton)
+
+__all__ = ["fused_episode_v2", "fused_unroll_v2", "get_fused_episode", "KERNELS", "fused_available",
+           "FusedResult", "GPU_CONFIGS", "PRECISIONS_V2"]
 
 PRECISIONS_V2 = ("ieee", "tf32", "tf32x3")
 #: META columns per layer (int64)
@@ -611,6 +614,21 @@ def fused_unroll_v2(cfg: VSMLConfig, theta: torch.Tensor, x: torch.Tensor, y: to
     """``fused_unroll`` with kernel v2: returns (logits [E, T, C], new state)."""
     res = fused_episode_v2(cfg, theta, x, y, state, **kwargs)
     return res.logits, res.state
+
+
+#: kernel versions selectable by name; both functions take v1's arguments and return ``FusedResult``
+KERNELS = ("v1", "v2")
+
+
+def get_fused_episode(kernel: str = "v1"):
+    """The fused-episode function of a kernel version, for a dispatcher:
+    ``get_fused_episode("v2")(cfg, θ, x, y, state, out=..., loss_out=..., check_labels=False)``.
+    v1 = :func:`kernels.vsml_fused.fused_episode`; v2 = :func:`fused_episode_v2`."""
+    if kernel == "v1":
+        return fused_episode
+    if kernel == "v2":
+        return fused_episode_v2
+    raise ValueError(f"unknown fused kernel {kernel!r}; choose one of {KERNELS}")
 
 
 def _tuned(cfg, theta, x, y, state, dims, precision, split_a):

@@ -134,6 +134,13 @@ def test_v2_validates_like_v1():
         fused_episode_v2(net.cfg, theta, x, y + 5, state)
 
 
+def test_get_fused_episode_selects_a_version():
+    assert v2.get_fused_episode("v1") is vsml_fused.fused_episode
+    assert v2.get_fused_episode("v2") is fused_episode_v2
+    with pytest.raises(ValueError, match="unknown fused kernel"):
+        v2.get_fused_episode("v3")
+
+
 def test_layer_tiling_table():
     # B <= rows: TA = rows // B inputs x all B; B > rows: one input x chunks of `rows` outputs
     tiles, tap, tbp = v2.layer_tiling([(784, 10), (10, 200)], 64)
