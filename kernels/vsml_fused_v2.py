@@ -577,6 +577,8 @@ def fused_episode_v2(cfg: VSMLConfig, theta: torch.Tensor, x: torch.Tensor, y: t
     h_flat = torch.cat([h.reshape(-1) for h in state.h])
     c_flat = torch.cat([c.reshape(-1) for c in state.c])
     bwd_flat = torch.cat([b.reshape(-1) for b in state.bwd])
+    _fail(all(a * b * cfg.cell.hidden < 2 ** 31 for a, b in dims), ValueError,
+          f"kernel v2 indexes one layer of one episode in int32: A·B·N must be < 2^31, got layers {dims}")
     if block_a is not None:
         _fail(isinstance(block_a, int) and block_a >= 16 and (block_a & (block_a - 1)) == 0, ValueError,
               f"block_a (pairs per tile) must be a power of two >= 16, got {block_a}")
