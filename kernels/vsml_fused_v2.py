@@ -52,11 +52,31 @@ import torch
 from vsml.engine.config import VSMLConfig
 from vsml.engine.params import theta_size
 
-from .vsml_fused import (HAS_TRITON, INTERPRET, FusedResult, VSMLState, _check_tensor, _fail, _next_pow2,
-                         _validate, fused_available, fused_episode, tl, triton)
+from .vsml_fused import (
+    HAS_TRITON,
+    INTERPRET,
+    FusedResult,
+    VSMLState,
+    _check_tensor,
+    _fail,
+    _next_pow2,
+    _validate,
+    fused_available,
+    fused_episode,
+    tl,
+    triton,
+)
 
-__all__ = ["fused_episode_v2", "fused_unroll_v2", "get_fused_episode", "KERNELS", "fused_available",
-           "FusedResult", "GPU_CONFIGS", "PRECISIONS_V2"]
+__all__ = [
+    "GPU_CONFIGS",
+    "KERNELS",
+    "PRECISIONS_V2",
+    "FusedResult",
+    "fused_available",
+    "fused_episode_v2",
+    "fused_unroll_v2",
+    "get_fused_episode",
+]
 
 PRECISIONS_V2 = ("ieee", "tf32", "tf32x3")
 #: META columns per layer (int64)

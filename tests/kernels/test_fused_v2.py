@@ -20,21 +20,27 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")   # before kernels.* is imported
 
-import subprocess  # noqa: E402
-import sys  # noqa: E402
+import subprocess
+import sys
 
-import pytest  # noqa: E402
+import pytest
 
 pytest.importorskip("triton")
 
-import vsml.engine.cell as cell  # noqa: E402
-from kernels import vsml_fused  # noqa: E402
-from kernels import vsml_fused_v2 as v2  # noqa: E402
-from kernels.vsml_fused_v2 import fused_episode_v2, fused_unroll_v2  # noqa: E402
-from tests.kernels import tf32_emulation as emu  # noqa: E402
-from tests.kernels.test_fused import (ATOL, DEVICE, RTOL, assert_state_close, make_case,  # noqa: E402,F401
-                                      nan_poisoned_allocations)
-from vsml import SubLSTMConfig  # noqa: E402
+from kernels import vsml_fused
+from kernels import vsml_fused_v2 as v2
+from kernels.vsml_fused_v2 import fused_episode_v2, fused_unroll_v2
+from tests.kernels import tf32_emulation as emu
+from tests.kernels.test_fused import (  # noqa: F401
+    ATOL,
+    DEVICE,
+    RTOL,
+    assert_state_close,
+    make_case,
+    nan_poisoned_allocations,
+)
+from vsml import SubLSTMConfig
+from vsml.engine import cell
 
 pytestmark = [
     pytest.mark.interpreter,
