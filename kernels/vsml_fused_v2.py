@@ -36,8 +36,12 @@ tolerance.  v1 stays untouched and selectable; design, limits and roofline in ``
   and writes the next layer's forward input (or the logits, loss and error).  Backward messages are
   complete inside a program (it owns whole inputs a).  2K launches per example (4K with
   ``backward_pass``); capture them in a CUDA graph on the GPU for small E.
-* **Autotuning** (GPU only): ``ROWS`` ∈ {64, 128} × ``num_warps`` ∈ {4, 8} × ``num_stages`` ∈ {1, 2}
-  via ``triton.autotune`` keyed on the layer shapes; under the interpreter exactly one config runs.
+* **Autotuning** (GPU only): a host-side autotuner times the (rows, warps, stages, maxnreg) candidates of
+  ``GPU_CONFIGS`` once per shape key and caches the fastest (the tile size enters the host tiling table,
+  which ``triton.autotune``'s fixed constexpr configs cannot express); default 64 pairs, 8 warps, at most
+  168 registers (sm_90: 167 registers, no spills).  Under the interpreter exactly one config runs.
+* ``_layer_tiles`` / ``_layer_finish`` are ``noinline`` device functions: inlined, the compiler hoisted
+  their loop-invariant index tensors out of the tick loop, where they stayed live and spilled.
 
 Run on CPU only under the Triton interpreter (``TRITON_INTERPRET=1`` in the environment before this module
 is imported); tests: ``tests/kernels/test_fused_v2.py``.
