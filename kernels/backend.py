@@ -27,7 +27,7 @@ Forcing a backend that cannot run here raises :class:`BackendError` (a ``ConfigE
 ``RuntimeError``) with a one-line reason: :func:`check_backend` is what ``train.py`` / ``eval.py`` call
 before any work starts.
 
-Fused-kernel versions: :func:`fused_kernel` is the one function that maps a version name ("v1" today) to
+Fused-kernel versions: :func:`fused_kernel` is the one function that maps a version name ("v1", "v2") to
 the kernel entry point; a new version is registered there (and in :data:`KERNELS`).
 """
 
@@ -45,8 +45,8 @@ from vsml.engine.state import EpisodeOutput, VSMLState
 # need them, and importing triton costs ~1 s per process
 
 BACKENDS = ("auto", "torch", "compile", "cpu", "triton")
-#: fused Triton kernel versions :func:`fused_kernel` knows ("v2": kernels/vsml_fused_v2.py, when it lands)
-KERNELS = ("v1",)
+#: fused Triton kernel versions :func:`fused_kernel` knows (v1: kernels/vsml_fused.py, v2: kernels/vsml_fused_v2.py)
+KERNELS = ("v1", "v2")
 DEFAULT_KERNEL = "v1"
 
 #: fused-kernel launches per version since import (tests and benchmarks check that the kernel really ran)
@@ -69,6 +69,9 @@ def fused_kernel(version: str = DEFAULT_KERNEL):
     if version == "v1":
         from . import vsml_fused
         return vsml_fused.fused_episode
+    if version == "v2":
+        from . import vsml_fused_v2
+        return vsml_fused_v2.fused_episode_v2
     raise BackendError(f"unknown fused kernel version {version!r}; choose one of {KERNELS}")
 
 

@@ -177,6 +177,7 @@ class BenchArgs:
     threads: int | None = None        # torch intra-op threads (default: torch's)
     backward_pass: bool = False       # backward-pass schedule (2 sweeps)
     layer_norm: bool = False
+    kernel: str = "v1"                # fused kernel version for backend triton: v1 or v2
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -222,7 +223,7 @@ def main(argv: list[str] | None = None) -> None:
         for e in episodes:
             eager_rate = None
             for be in backends:
-                run = make_runner(be, cfg)
+                run = make_runner(be, cfg, args.kernel)
                 label = {"eager": "torch eager", "compile": "torch.compile", "cpu": "CPU C++ kernel",
                          "triton": "fused Triton"}[be]
                 if isinstance(run, str):

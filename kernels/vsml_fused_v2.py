@@ -2,7 +2,8 @@
 
 Same semantics and host API as v1 (:mod:`kernels.vsml_fused`): ``fused_episode_v2(cfg, θ, x, y, state, ...)``
 returns ``FusedResult(logits, loss, state)`` equal to ``VSMLNetwork.unroll`` within the documented
-tolerance.  v1 stays untouched and selectable; design, limits and roofline in ``kernels/README.md``
+tolerance.  The dispatch reaches it as ``kernels.backend.fused_kernel("v2")`` (``VSMLNetwork(cfg,
+kernel="v2")``, ``kernels.backend.unroll(..., kernel="v2")``).  v1 stays untouched and selectable; design, limits and roofline in ``kernels/README.md``
 ("Kernel v2").  In short:
 
 * **Pair tiles.**  A tile is ``ROWS`` sub-LSTMs of one layer (rows = pairs, flattened a·B + b), aligned
@@ -66,20 +67,17 @@ from .vsml_fused import (
     _next_pow2,
     _validate,
     fused_available,
-    fused_episode,
     tl,
     triton,
 )
 
 __all__ = [
     "GPU_CONFIGS",
-    "KERNELS",
     "PRECISIONS_V2",
     "FusedResult",
     "fused_available",
     "fused_episode_v2",
     "fused_unroll_v2",
-    "get_fused_episode",
 ]
 
 PRECISIONS_V2 = ("ieee", "tf32", "tf32x3")
@@ -640,21 +638,6 @@ def fused_unroll_v2(cfg: VSMLConfig, theta: torch.Tensor, x: torch.Tensor, y: to
     """``fused_unroll`` with kernel v2: returns (logits [E, T, C], new state)."""
     res = fused_episode_v2(cfg, theta, x, y, state, **kwargs)
     return res.logits, res.state
-
-
-#: kernel versions selectable by name; both functions take v1's arguments and return ``FusedResult``
-KERNELS = ("v1", "v2")
-
-
-def get_fused_episode(kernel: str = "v1"):
-    """The fused-episode function of a kernel version, for a dispatcher:
-    ``get_fused_episode("v2")(cfg, θ, x, y, state, out=..., loss_out=..., check_labels=False)``.
-    v1 = :func:`kernels.vsml_fused.fused_episode`; v2 = :func:`fused_episode_v2`."""
-    if kernel == "v1":
-        return fused_episode
-    if kernel == "v2":
-        return fused_episode_v2
-    raise ValueError(f"unknown fused kernel {kernel!r}; choose one of {KERNELS}")
 
 
 def _tuned(cfg, theta, x, y, state, dims, precision, split_a):

@@ -27,6 +27,7 @@ import pytest
 
 pytest.importorskip("triton")
 
+from kernels import backend as kb
 from kernels import vsml_fused
 from kernels import vsml_fused_v2 as v2
 from kernels.vsml_fused_v2 import fused_episode_v2, fused_unroll_v2
@@ -140,11 +141,27 @@ def test_v2_validates_like_v1():
         fused_episode_v2(net.cfg, theta, x, y + 5, state)
 
 
-def test_get_fused_episode_selects_a_version():
-    assert v2.get_fused_episode("v1") is vsml_fused.fused_episode
-    assert v2.get_fused_episode("v2") is fused_episode_v2
-    with pytest.raises(ValueError, match="unknown fused kernel"):
-        v2.get_fused_episode("v3")
+def test_dispatch_reaches_v2():
+    """kernels.backend.fused_kernel("v2") is the seam: kb.unroll(..., kernel="v2") and
+    VSMLNetwork(cfg, backend="triton", kernel="v2") run kernel v2 and match the torch backend."""
+    from vsml import VSMLNetwork
+    assert "v2" in kb.KERNELS and kb.fused_kernel("v2") is fused_episode_v2
+    net, theta, x, y, _ = make_case(hidden=(3,), label=True, per_ep=True, seed=8, t=3)
+
+    def gen():
+        return torch.Generator().manual_seed(1)
+
+    ref = kb.unroll(net, theta, x, y, num_classes=3, generator=gen(), backend="torch")
+    atol, rtol = (ATOL, RTOL) if vsml_fused.INTERPRET else (1e-4, 1e-3)   # GPU: default tf32x3
+    before = kb.KERNEL_CALLS["v2"]
+    out = kb.unroll(net, theta, x, y, num_classes=3, generator=gen(), backend="triton", kernel="v2")
+    out2 = VSMLNetwork(net.cfg, backend="triton", kernel="v2").unroll(theta, x, y, num_classes=3, generator=gen())
+    assert kb.KERNEL_CALLS["v2"] == before + 2, "kernel v2 did not run"
+    for o in (out, out2):
+        torch.testing.assert_close(o.logits, ref.logits, atol=atol, rtol=rtol)
+        torch.testing.assert_close(o.loss, ref.loss, atol=atol, rtol=rtol)
+        for a, b in zip(o.state.c + o.state.h + o.state.bwd, ref.state.c + ref.state.h + ref.state.bwd):
+            torch.testing.assert_close(a, b, atol=atol, rtol=rtol)
 
 
 def test_layer_tiling_table():
