@@ -55,11 +55,17 @@ EXACT = {} if vsml_fused.INTERPRET else {"precision": "ieee"}
 
 def check_v2(net, theta, x, y, state, **kw):
     ref = net.unroll(theta, x, y, state=state.clone())
-    res = fused_episode_v2(net.cfg, theta, x, y, state, **{**EXACT, **kw})
+    kw = {**EXACT, **kw}
+    res = fused_episode_v2(net.cfg, theta, x, y, state, **kw)
     assert torch.isfinite(res.logits).all() and torch.isfinite(res.loss).all()
-    torch.testing.assert_close(res.logits, ref.logits, atol=ATOL, rtol=RTOL)
-    torch.testing.assert_close(res.loss, ref.loss, atol=ATOL, rtol=RTOL)
-    assert_state_close(res.state, ref.state)
+    if vsml_fused.INTERPRET or kw.get("precision") == "ieee":
+        atol, rtol = ATOL, RTOL
+    else:                      # tensor cores on a GPU (tf32x3: README; tf32: ~1e-3 per dot)
+        atol, rtol = (1e-4, 1e-3) if kw.get("precision") == "tf32x3" else (5e-2, 5e-1)
+    torch.testing.assert_close(res.logits, ref.logits, atol=atol, rtol=rtol)
+    torch.testing.assert_close(res.loss, ref.loss, atol=atol, rtol=rtol)
+    for a, b in zip(res.state.h + res.state.c + res.state.bwd, ref.state.h + ref.state.c + ref.state.bwd):
+        torch.testing.assert_close(a, b, atol=atol, rtol=rtol)
     return res, ref
 
 
@@ -89,6 +95,13 @@ CASES = {
     # still contribute zero partial sums; the B > rows path under the split as well
     "split3-empty-programs-bwdpass-C20": (dict(d=5, c=20, t=2, bp=True, label=True, seed=6),
                                           dict(split_a=3, block_a=16)),
+    # the tensor-core code paths (under the interpreter every tl.dot is fp32, so these check their wiring:
+    # which operands are split, the three / two passes, the weight splits; lo·lo is the only term missing)
+    "tf32x3-K2-bwdpass-episodeθ-LN-label": (dict(hidden=(3,), bp=True, ln=True, label=True, per_ep=True, t=2,
+                                                  seed=9), {"precision": "tf32x3"}),
+    "tf32x3-split2-D37-C20-rows16": (dict(hidden=(3,), d=37, c=20, t=2, seed=10),
+                                     {"precision": "tf32x3", "split_a": 2, "block_a": 16}),
+    "tf32-K1-fwd": (dict(seed=11), {"precision": "tf32"}),
 }
 
 
