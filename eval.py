@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     from tqdm.auto import tqdm
 
-    from vsml.learners.baselines import make_learner
+    from vsml.learners import registry
     from vsml.training.checkpoint import CheckpointError
     from vsml.training.preflight import check_device
     from vsml.training.threads import apply_thread_policy
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
             check_backend(backend, args.device, getattr(learner, "cfg", None), learner=name)
             if hasattr(learner, "no_grad_backend"):
                 print(f"[eval] {name}: backend {backend} -> {learner.no_grad_backend(theta)} on {args.device}")
-            if name == "badger":      # Guessing-Game meta-test, state analyses and the run's plots
+            if registry.spec(name).metric == "guessing":   # Guessing Game: its meta-test, analyses, run plots
                 from vsml.evaluation.badger_eval import eval_run
                 return eval_run(args.checkpoint, learner, theta, cfg_dict, tasks, user_episodes, user_length,
                                 args.seed, args.out, plot=not args.no_plot)
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
                     p = Path(args.checkpoint)
                     out = str((p if p.is_dir() else p.parent) / "eval")
         for b in [s.strip() for s in args.baselines.split(",") if s.strip()]:
-            bl = make_learner(b)
+            bl = registry.build(b)
             learners.append(FrozenLearner(b, bl, bl.init_theta()))
     except (CheckpointError, KeyError, ValueError) as exc:     # ValueError covers ConfigError / BackendError
         print(f"error: {exc.args[0] if isinstance(exc, KeyError) and exc.args else exc}", file=sys.stderr)

@@ -7,7 +7,7 @@
 Each row launches ``torchrun --standalone --nproc_per_node W`` on this script in worker mode.  A
 worker builds the default job's ES step (VSML 1 layer, ``--task`` episodes, ``--pairs`` antithetic
 pairs, ``--length`` examples per episode), samples the step's global data batch, and times
-:class:`vsml.training.distributed.DistributedESEstimator` ``.estimate`` + the Adam step (the part that is
+:class:`vsml.estimators.core.ESEstimator` sharded by :class:`vsml.training.distributed.ShardedEstimator`, ``.estimate`` + the Adam step (the part that is
 distributed; the data sampling, replicated on every rank, is timed separately and reported) over
 ``--steps`` meta-steps per trial, ``--trials`` trials after one warm-up step.  Rank 0 prints one
 JSON line; the launcher prints a table: episodes/s = 2·pairs·steps / time (one episode = one
@@ -36,7 +36,8 @@ def worker(a: DistESArgs) -> None:
 
     torch.set_num_threads(a.threads)
     from tasks import derive_seed, make_family
-    from vsml.training.distributed import DistributedESEstimator, init_distributed
+    from vsml.estimators.core import ESEstimator
+    from vsml.training.distributed import ShardedEstimator, init_distributed
     from vsml.estimators.core import make_optimizer
     from vsml.engine.network import VSMLNetwork
     from vsml.training.presets import get, replace
@@ -49,7 +50,7 @@ def worker(a: DistESArgs) -> None:
     net = VSMLNetwork(cfg.vsml, backend=cfg.backend)
     theta = torch.nn.Parameter(net.init_theta(torch.Generator().manual_seed(0)).to(ctx.device))
     opt = make_optimizer(theta, 0.025)
-    est = DistributedESEstimator(net, cfg.es, ctx, member_batch=a.member_batch)
+    est = ShardedEstimator(ESEstimator(net, cfg.es, max_batch=a.member_batch or None), ctx)
     family = make_family(cfg.task)
     family.prepare(("train",))
 

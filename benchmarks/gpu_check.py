@@ -183,9 +183,9 @@ def es_step(dev, smoke: bool, data_dir: str | None, task: str | None, backend: s
     from vsml.estimators.core import make_optimizer
     from vsml.estimators.es import es_ask, es_tell
     from vsml.learners.registry import build_learner
-    from vsml.training.distributed import DistContext, distribute_estimator
+    from vsml.estimators.base import Problem
+    from vsml.estimators.registry import build as build_estimator
     from vsml.training.presets import get
-    from vsml.training.trainer import _estimator
 
     cfg = get("paper-mnist")
     pairs, length = (1, 2) if smoke else (cfg.es.pairs, cfg.episode_length)
@@ -204,7 +204,7 @@ def es_step(dev, smoke: bool, data_dir: str | None, task: str | None, backend: s
     learner = build_learner(cfg)
     theta = torch.nn.Parameter(learner.init_theta(torch.Generator().manual_seed(0)).to(dev))
     opt = make_optimizer(theta, cfg.resolved_lr)
-    est = distribute_estimator(_estimator(cfg, learner), DistContext(device=dev), cfg.dist)
+    est = build_estimator("es", cfg, Problem(learner, fam, seed=cfg.seed, device=dev)).inner   # the ESEstimator
     which = learner.no_grad_backend(theta.detach())
 
     def one(step: int) -> dict:
@@ -216,7 +216,7 @@ def es_step(dev, smoke: bool, data_dir: str | None, task: str | None, backend: s
         t["sampling_s"] = time.perf_counter() - t0
         x, y = batch.x.reshape(pairs, length, -1), batch.y
         t0 = time.perf_counter()
-        st = getattr(est, "local", est).initial_state(pairs, x.shape[2], batch.num_classes, step, theta.dtype, dev)
+        st = est.initial_state(pairs, x.shape[2], batch.num_classes, step, theta.dtype, dev)
         _sync(dev)
         t["states_s"] = time.perf_counter() - t0
         del st                                                        # member_losses draws them again
@@ -227,7 +227,7 @@ def es_step(dev, smoke: bool, data_dir: str | None, task: str | None, backend: s
         t["population_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         calls0 = sum(kb.KERNEL_CALLS.values())
-        losses, accs = getattr(est, "local", est).member_losses(pop, x, y, batch.num_classes, step)
+        losses, accs = est.member_losses(pop, x, y, batch.num_classes, step)
         _sync(dev)
         t["unroll_s"] = time.perf_counter() - t0
         t["fused_kernel_calls"] = sum(kb.KERNEL_CALLS.values()) - calls0

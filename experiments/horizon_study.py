@@ -52,13 +52,10 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-
-import itertools
 
 from tasks import make_family
 from vsml.estimators.bmg import BMGConfig
@@ -77,7 +74,7 @@ STEPS_REPORTED = (50, 500, 2000, 5000, 10000)
 @dataclass(frozen=True)
 class StudyConfig:
     out: str = "/tmp/horizon/study"
-    data_dir: str = "/work/shared/datasets"
+    data_dir: str | None = None         # folder with the dataset files (None: $VSML_DATA_DIR)
     train_task: str = "mnist5k+resize8+proj"
     test_tasks: str = "fashion_mnist+resize8;teacher_linear[d=64,c=10]"
     learners: str = "vsml,metarnn"
@@ -233,28 +230,17 @@ def warm_start(sc: StudyConfig, learner: str) -> tuple[Path, dict]:
         return path, json.loads(info_path.read_text())
     t0 = time.time()
     if learner == "vsml":
-        from tasks.base import derive_seed
-        from vsml.estimators.cloning import CloneConfig, CloneEstimator
-        from vsml.estimators.core import make_optimizer
-        cfg = _base_cfg(sc, "vsml", "theta0-vsml")
-        net = build_learner(cfg)
-        theta = torch.nn.Parameter(net.init_theta(torch.Generator().manual_seed(derive_seed(sc.seed, "theta-init"))))
-        ccfg = CloneConfig(steps=sc.clone_steps)
-        est = CloneEstimator(net, ccfg, seed=sc.seed)
-        opt = make_optimizer(theta, ccfg.lr)
-        fam = make_family(sc.train_task, data_dir=sc.data_dir)
-        last = {}
-        for step in range(sc.clone_steps):
-            b = fam.sample(ccfg.episodes, ccfg.length, seed=derive_seed(sc.seed, "meta-train-data", step), split="train")
-            g, last = est.estimate(theta.detach(), b.x, b.y, b.num_classes, step)
-            theta.grad = g
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            if (step + 1) % 100 == 0:
-                print(f"[horizon] clone step {step + 1}/{sc.clone_steps} {last}", flush=True)
+        # the trainer's cloning phase (clone.steps cloning steps, no meta-training steps)
+        from vsml.estimators.cloning import CloneConfig
+        cfg = _base_cfg(sc, "vsml", "theta0-vsml", clone=CloneConfig(steps=sc.clone_steps), steps=0)
+        rd = train(cfg)
+        rows = [json.loads(r) for r in (rd / "metrics.jsonl").read_text().splitlines()]
+        last = next(({k.removeprefix("meta_train/"): v for k, v in r.items() if k.startswith("meta_train/")}
+                     for r in reversed(rows) if "meta_train/clone_loss" in r), {})
         info = {"how": f"{sc.clone_steps} SGD-cloning steps (CloneConfig defaults) on {sc.train_task}",
-                "wall_s": time.time() - t0, "last_metrics": last}
-        save_theta(path, theta.detach(), cfg.to_dict(), sc.clone_steps)
+                "wall_s": time.time() - t0, "run_dir": str(rd), "last_metrics": last}
+        theta, _, _ = load_theta(rd / "theta.safetensors")
+        save_theta(path, theta, cfg.to_dict(), sc.clone_steps)
     else:
         # full BPTT (vsml.md §2.3) through metarnn_pretrain_length-example episodes, stage by stage: the
         # curriculum families (metarnn_stages), then train_task; each stage starts from the previous θ
@@ -287,26 +273,35 @@ def warm_start(sc: StudyConfig, learner: str) -> tuple[Path, dict]:
 # meta-test
 
 
-def _window_acc(correct: np.ndarray, s: int) -> tuple[float, float]:
-    """mean accuracy over steps (0.8 s, s] (0-based indices [floor(0.8 s), s)) and the 95% half-width."""
-    lo = math.floor(0.8 * s)
-    per_ep = correct[:, lo:s].mean(1)                                       # [E]
-    half = 1.96 * per_ep.std(ddof=1) / math.sqrt(len(per_ep)) if len(per_ep) > 1 else 0.0
-    return float(per_ep.mean()), float(half)
-
-
-def _log_binned_curve(correct: np.ndarray, n_bins: int = 40) -> tuple[list[float], list[float]]:
-    """Mean accuracy in log-spaced step bins (for plots on a log axis): (bin centres, means)."""
-    t = correct.shape[1]
-    edges = np.unique(np.round(np.logspace(0, math.log10(t), n_bins + 1)).astype(int))
-    xs, ys = [], []
-    for a, b in itertools.pairwise(edges):
-        xs.append(float(math.sqrt(a * b)))
-        ys.append(float(correct[:, a - 1:b - 1].mean()) if b > a else float("nan"))
-    return xs, ys
-
-
 _EVAL_CACHE: dict = {}
+
+
+def _study_batch(sc: StudyConfig, spec: str, episodes: int, length: int, seed: int):
+    """The study's meta-test episodes of a task (cached): one test-split batch drawn with ``seed`` itself,
+    as in the rounds recorded in docs/horizon (not evaluate()'s own draw), so that arms measured before
+    and after a ``--remeasure`` see the same episodes."""
+    key = (spec, episodes, length, seed)
+    if key not in _EVAL_CACHE:
+        fam = make_family(spec, data_dir=sc.data_dir)
+        fam.prepare(("test",))
+        _EVAL_CACHE[key] = fam.sample(episodes, length, seed=seed, split="test")
+    return _EVAL_CACHE[key]
+
+
+def _online_test(sc: StudyConfig, fl, episodes: int, length: int, seed: int, curve: bool) -> dict:
+    """{task: {online_acc, eval_wall_s, acc@s, ci@s[, curve_x, curve_y]}} of one frozen learner through
+    vsml.evaluation.evaluate.evaluate (acc@s: mean accuracy over steps (0.8 s, s] ± its 95% interval)."""
+    from vsml.evaluation.evaluate import acc_at_steps, evaluate, log_binned_curve
+    metrics = [acc_at_steps(STEPS_REPORTED), *([log_binned_curve()] if curve else [])]
+    out = {}
+    for spec in [s.strip() for s in sc.test_tasks.split(";") if s.strip()]:
+        batch = _study_batch(sc, spec, episodes, length, seed)
+        t0 = time.time()
+        # seed None: the initial states of the recorded rounds (evaluate.state_seed's historic rule)
+        r = evaluate([fl], [spec], episodes, length, None, metrics=metrics, batches={spec: batch})[spec][fl.name]
+        out[spec] = {"online_acc": r["online_accuracy"], "eval_wall_s": time.time() - t0,
+                     **{k: v for k, v in r.items() if k.startswith(("acc@", "ci@")) or k in ("curve_x", "curve_y")}}
+    return out
 
 
 def meta_test(sc: StudyConfig, learner_name: str, learner, theta: torch.Tensor) -> dict:
@@ -316,27 +311,11 @@ def meta_test(sc: StudyConfig, learner_name: str, learner, theta: torch.Tensor) 
     for s <= eval_short_length (more episodes, so a tighter interval at small s)."""
     from vsml.evaluation.evaluate import FrozenLearner
     fl = FrozenLearner(learner_name, learner, theta.detach(), max_batch=sc.eval_episodes)
-    out = {}
     short = short_test(sc, learner_name, learner, theta)
-    for spec in [s.strip() for s in sc.test_tasks.split(";") if s.strip()]:
-        key = spec
-        if key not in _EVAL_CACHE:
-            fam = make_family(spec, data_dir=sc.data_dir)
-            fam.prepare(("test",))
-            _EVAL_CACHE[key] = fam.sample(sc.eval_episodes, sc.eval_length, seed=sc.eval_seed, split="test")
-        batch = _EVAL_CACHE[key]
-        t0 = time.time()
-        correct = fl.run(batch)["correct"].numpy().astype(np.float64)       # [E, T]
-        res = {"online_acc": float(correct.mean()), "eval_wall_s": time.time() - t0}
-        for s in STEPS_REPORTED:
-            if s <= correct.shape[1]:
-                m, h = _window_acc(correct, s)
-                res[f"acc@{s}"] = m
-                res[f"ci@{s}"] = h
-        res["curve_x"], res["curve_y"] = _log_binned_curve(correct)
+    out = _online_test(sc, fl, sc.eval_episodes, sc.eval_length, sc.eval_seed, curve=True)
+    for spec, res in out.items():
         if spec in short:
             res["short"] = short[spec]
-        out[spec] = res
     return out
 
 
@@ -346,30 +325,16 @@ def short_test(sc: StudyConfig, learner_name: str, learner, theta: torch.Tensor)
     if not sc.eval_short_episodes:
         return {}
     fl = FrozenLearner(learner_name, learner, theta.detach(), max_batch=min(sc.eval_short_episodes, 128))
-    short = {}
-    for spec in [s.strip() for s in sc.test_tasks.split(";") if s.strip()]:
-        key = ("short", spec, sc.eval_short_episodes, sc.eval_short_length)
-        if key not in _EVAL_CACHE:
-            fam = make_family(spec, data_dir=sc.data_dir)
-            fam.prepare(("test",))
-            _EVAL_CACHE[key] = fam.sample(sc.eval_short_episodes, sc.eval_short_length, seed=sc.eval_seed + 1,
-                                          split="test")
-        t0 = time.time()
-        correct = fl.run(_EVAL_CACHE[key])["correct"].numpy().astype(np.float64)        # [E_short, T_short]
-        res = {"episodes": sc.eval_short_episodes, "length": sc.eval_short_length, "seed": sc.eval_seed + 1,
-               "online_acc": float(correct.mean()), "eval_wall_s": time.time() - t0}
-        for s in STEPS_REPORTED:
-            if s <= correct.shape[1]:
-                res[f"acc@{s}"], res[f"ci@{s}"] = _window_acc(correct, s)
-        short[spec] = res
-    return short
+    out = _online_test(sc, fl, sc.eval_short_episodes, sc.eval_short_length, sc.eval_seed + 1, curve=False)
+    return {spec: {"episodes": sc.eval_short_episodes, "length": sc.eval_short_length, "seed": sc.eval_seed + 1,
+                   **res} for spec, res in out.items()}
 
 
 def _frozen_theta(sc: StudyConfig, r: dict):
     """(learner, θ) of a finished arm result: the arm's final θ, θ0 for the start arm, the baseline's own."""
     if r["learner"] in ("sgd", "adam"):
-        from vsml.learners.baselines import make_learner
-        bl = make_learner(r["learner"])
+        from vsml.learners import registry
+        bl = registry.build(r["learner"])
         return bl, bl.init_theta()
     path = (Path(r["run_dir"]) / "theta.safetensors") if "run_dir" in r else \
         Path(sc.out) / f"theta0_{r['learner']}.safetensors"
@@ -420,10 +385,10 @@ def run_start_and_baselines(sc: StudyConfig, learner: str, theta0_path: Path, in
 
 
 def run_sgd_adam(sc: StudyConfig) -> dict:
-    from vsml.learners.baselines import make_learner
+    from vsml.learners import registry
     out = {}
     for b in ("sgd", "adam"):
-        bl = make_learner(b)
+        bl = registry.build(b)
         out[b] = {"learner": b, "arm": "baseline", "label": f"online {b.upper() if b == 'sgd' else 'Adam'}",
                   "meta_test": meta_test(sc, b, bl, bl.init_theta())}
     return out

@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from vsml import SubLSTMConfig, VSMLConfig, VSMLNetwork
-from vsml.learners.baselines import BASELINES, HebbianLearner, MetaRNN, OnlineSGD, OnlineSGDState, make_learner
+from vsml.learners.baselines import HebbianLearner, MetaRNN, OnlineSGD, OnlineSGDState
+from vsml.learners.registry import build, names
 from vsml.estimators.bptt import BPTTConfig, bptt_gradient
 from vsml.estimators.es import ESConfig
 from vsml.estimators.core import ESEstimator
@@ -291,14 +292,14 @@ def test_padding_limits_and_registry():
     for bad in [dict(hidden=0), dict(micro_ticks=0), dict(max_classes=1)]:
         with pytest.raises(ValueError):
             MetaRNN(**bad)
-    assert set(BASELINES) == {"sgd", "adam", "sgd2", "adam2", "hebbian", "metarnn"}
-    assert make_learner("sgd").lr == 0.01 and make_learner("adam").lr == 1e-3
-    assert make_learner("adam2").hidden == 160 and make_learner("adam2").optimizer == "adam"
-    assert make_learner("sgd2", lr=0.5).lr == 0.5
-    assert make_learner("metarnn").theta_size == 4 * 128 * (784 + 124 + 128) + 4 * 128 + 62 * 128 + 62
+    assert set(names()) == {"vsml", "badger", "sgd", "adam", "sgd2", "adam2", "hebbian", "metarnn"}
+    assert build("sgd").lr == 0.01 and build("adam").lr == 1e-3
+    assert build("adam2").hidden == 160 and build("adam2").optimizer == "adam"
+    assert build("sgd2", lr=0.5).lr == 0.5
+    assert build("metarnn").theta_size == 4 * 128 * (784 + 124 + 128) + 4 * 128 + 62 * 128 + 62
     cfg = VSMLConfig(cell=SubLSTMConfig(layer_norm=True))
-    v = make_learner("vsml", cfg=cfg)
+    v = build("vsml", cfg=cfg)
     assert isinstance(v, VSMLNetwork) and v.cfg is cfg
-    assert make_learner("vsml", micro_ticks=3).cfg.micro_ticks == 3
+    assert build("vsml", micro_ticks=3).cfg.micro_ticks == 3
     with pytest.raises(ValueError, match="valid names"):
-        make_learner("lstm")
+        build("lstm")

@@ -177,8 +177,8 @@ def test_l2_matching_of_identical_states_is_zero_and_positive_otherwise():
 
 @pytest.mark.parametrize("matching,grounding", [("kl", "data"), ("kl", "gradient"), ("l2", "data")])
 def test_shapes_metrics_and_metarnn(matching, grounding):
-    from vsml.learners.baselines import make_learner
-    learner = make_learner("metarnn", hidden=8, max_in_dim=6, max_classes=4)
+    from vsml.learners.registry import build
+    learner = build("metarnn", hidden=8, max_in_dim=6, max_classes=4)
     theta = learner.init_theta(torch.Generator().manual_seed(0))
     x, y = _data(3, 4 + 2 + 3 + 2, 6, 4, seed=1, dtype=torch.float32)       # 2 unused examples at the end
     est = BMGEstimator(learner, BMGConfig(k_steps=4, l_steps=2, probe=3, matching=matching, grounding=grounding))
@@ -217,9 +217,9 @@ def test_clipping_and_errors():
         bmg_gradient(net, theta, x, y[:, :5], 3, BMGConfig(k_steps=2, l_steps=2, probe=2))
     with pytest.raises(TypeError, match="BMGConfig"):
         BMGEstimator(net, {"k_steps": 2})
-    from vsml.learners.baselines import make_learner
+    from vsml.learners.registry import build
     with pytest.raises(ValueError, match="not meta-trainable"):
-        BMGEstimator(make_learner("sgd"), BMGConfig())
+        BMGEstimator(build("sgd"), BMGConfig())
 
 
 @pytest.mark.parametrize("kw,msg", [

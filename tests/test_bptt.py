@@ -16,7 +16,8 @@ from vsml import SubLSTMConfig, VSMLConfig, VSMLNetwork, VSMLState
 from vsml.learners.baselines import OnlineSGD
 from vsml.estimators.bptt import BPTTConfig, bptt_gradient
 from vsml.estimators.es import ESConfig
-from vsml.estimators.core import BPTTEstimator, ESEstimator, Estimator
+from vsml.estimators.base import BatchEstimator as Estimator
+from vsml.estimators.core import BPTTEstimator, ESEstimator
 from vsml.learners.base import (
     Learner,
     is_meta_trainable,

@@ -100,7 +100,7 @@ def test_distributed_es_accepts_a_ranks_own_episodes():
     """A GPU rank gets only its pairs' episodes from the trainer (``sample_episodes`` with its shard); the
     estimate then equals the one-process estimate on the whole per-episode batch (2-rank group emulated on
     the CPU: rank 0 runs first and leaves its rows for rank 1's all-gather)."""
-    from vsml.training.distributed import DistContext, DistributedESEstimator
+    from vsml.training.distributed import DistContext, ShardedEstimator
 
     rows: dict = {}
 
@@ -120,8 +120,8 @@ def test_distributed_es_accepts_a_ranks_own_episodes():
         ctx = TwoRanks(rank=rank, world_size=2)
         own = sample_episodes(fam, 3, 3, 4, "train", episodes=ctx.shard(3))
         assert own.x.shape[0] == len(ctx.shard(3))
-        grad, _ = DistributedESEstimator(net, cfg, ctx).estimate(theta, own.x, own.y, own.num_classes, 0)
+        grad, _ = ShardedEstimator(ESEstimator(net, cfg), ctx).estimate(theta, own.x, own.y, own.num_classes, 0)
     torch.testing.assert_close(grad, ref, rtol=1e-6, atol=1e-7)        # rank 1 saw every member's loss
     with pytest.raises(ValueError, match="this rank's share"):
-        DistributedESEstimator(net, cfg, TwoRanks(rank=0, world_size=2)).estimate(
+        ShardedEstimator(ESEstimator(net, cfg), TwoRanks(rank=0, world_size=2)).estimate(
             theta, whole.x[:2], whole.y[:2], 10, 0)

@@ -114,7 +114,7 @@ def _estimator_worker(rank: int, world: int, store: str, out: str) -> None:
         from vsml.estimators.bptt import BPTTConfig
         from vsml.estimators.cloning import CloneConfig, CloneEstimator
         from vsml.engine.config import VSMLConfig
-        from vsml.training.distributed import DistributedBPTTEstimator, DistributedCloneEstimator, DistributedESEstimator
+        from vsml.training.distributed import ShardedEstimator
         from vsml.estimators.es import ESConfig
         from vsml.estimators.core import BPTTEstimator, ESEstimator
         from vsml.engine.network import VSMLNetwork
@@ -126,14 +126,14 @@ def _estimator_worker(rank: int, world: int, store: str, out: str) -> None:
         for pairs in (4, 3):                                  # even and uneven shares (2 + 1 pairs)
             x, y = torch.randn(pairs, 7, 6, generator=g), torch.randint(0, 3, (pairs, 7), generator=g)
             cfg = ESConfig(pairs=pairs, sigma=0.1, seed=5)
-            res[f"es{pairs}"] = DistributedESEstimator(net, cfg, ctx, member_batch=2).estimate(theta, x, y, 3, 11)
+            res[f"es{pairs}"] = ShardedEstimator(ESEstimator(net, cfg, max_batch=2), ctx).estimate(theta, x, y, 3, 11)
             if rank == 0:
                 res[f"es{pairs}_ref"] = ESEstimator(net, cfg, max_batch=2).estimate(theta, x, y, 3, 11)
         x, y = torch.randn(5, 9, 6, generator=g), torch.randint(0, 3, (5, 9), generator=g)
         bcfg = BPTTConfig(truncation=4, clip_grad_norm=1e-3)   # tiny clip: clipping must see the global norm
-        res["bptt"] = DistributedBPTTEstimator(net, bcfg, ctx, seed=3).estimate(theta, x, y, 3, 2)
+        res["bptt"] = ShardedEstimator(BPTTEstimator(net, bcfg, seed=3), ctx).estimate(theta, x, y, 3, 2)
         ccfg = CloneConfig(steps=1, episodes=5, length=6)
-        res["clone"] = DistributedCloneEstimator(CloneEstimator(net, ccfg, seed=3), ctx).estimate(theta, x, y, 3, 2)
+        res["clone"] = ShardedEstimator(CloneEstimator(net, ccfg, seed=3), ctx).estimate(theta, x, y, 3, 2)
         if rank == 0:
             res["bptt_ref"] = BPTTEstimator(net, bcfg, seed=3).estimate(theta, x, y, 3, 2)
             res["clone_ref"] = CloneEstimator(net, ccfg, seed=3).estimate(theta, x, y, 3, 2)

@@ -14,7 +14,8 @@ import torch
 from vsml import SubLSTMConfig, VSMLConfig, VSMLNetwork
 from vsml.learners.baselines import OnlineSGD
 from vsml.estimators.es import ESConfig, centered_ranks, es_ask, es_gradient, es_tell, pair_seed, sample_noise
-from vsml.estimators.core import ESEstimator, clip_grad, make_optimizer
+from vsml.estimators.base import clip_grad
+from vsml.estimators.core import ESEstimator, make_optimizer
 
 DT = torch.float64
 

@@ -41,15 +41,15 @@ def test_every_arm_builds_a_valid_train_config_and_counts_units():
 def test_window_accuracy_and_goal_verdict():
     correct = np.zeros((4, 1000))
     correct[:, 400:] = 1.0                                        # learns at step 400
-    m, h = hs._window_acc(correct, 500)                            # steps (400, 500]
-    assert m == 1.0 and h == 0.0
-    m, _ = hs._window_acc(correct, 50)
-    assert m == 0.0
+    from vsml.evaluation.evaluate import acc_at_steps, log_binned_curve
+    res = {**acc_at_steps(hs.STEPS_REPORTED)(correct), **log_binned_curve()(correct)}
+    assert res["acc@500"] == 1.0 and res["ci@500"] == 0.0          # steps (400, 500]
+    assert res["acc@50"] == 0.0 and "acc@2000" not in res
     r = {"horizon": 50, "meta_test": {"t": {"acc@50": 0.2, "ci@50": 0.05, "acc@500": 0.6, "ci@500": 0.05}}}
     assert hs._goal(r, "t").endswith("(10H: yes)")
     r["meta_test"]["t"]["acc@500"] = 0.21
     assert "n.s." in hs._goal(r, "t")
-    xs, ys = hs._log_binned_curve(correct)
+    xs, ys = res["curve_x"], res["curve_y"]
     assert len(xs) == len(ys) and xs == sorted(xs) and ys[-1] == 1.0 and ys[0] == 0.0
 
 

@@ -15,11 +15,11 @@ import torch
 
 import eval as eval_cli
 import train as train_cli
-from vsml.learners.baselines import MetaRNN, MetaRNNConfig, make_learner
+from vsml.learners.baselines import MetaRNN, MetaRNNConfig
 from vsml.training.checkpoint import load_checkpoint, load_theta
 from vsml.engine.config import ConfigError
 from vsml.training.config import TrainConfig, config_from_dict
-from vsml.learners.registry import build_learner
+from vsml.learners.registry import build, build_learner
 
 TINY = ["--preset", "tiny", "--log.progress", "false", "--learner", "metarnn", "--clone.steps", "0",
         "--eval.every", "0", "--steps", "2"]
@@ -37,7 +37,7 @@ def test_bad_metarnn_config_is_a_config_error(kw):
 
 def test_default_config_builds_the_reference_learner():
     """MetaRNNConfig() == the MetaRNN constructor defaults, so old runs rebuild bit-identically."""
-    a, b = MetaRNNConfig().build(), make_learner("metarnn")
+    a, b = MetaRNNConfig().build(), build("metarnn")
     assert vars(a) == vars(b)
     ta = a.init_theta(torch.Generator().manual_seed(3))
     tb = b.init_theta(torch.Generator().manual_seed(3))

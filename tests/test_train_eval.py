@@ -73,7 +73,7 @@ def test_resume_equals_uninterrupted(tmp_path, estimator):
     assert torch.equal(a["theta"], b["theta"])
     assert torch.equal(a["optimizer"]["meta"]["state"][0]["exp_avg"], b["optimizer"]["meta"]["state"][0]["exp_avg"])
     if estimator in ("pes", "tes"):     # the persistent inner states and the accumulator resumed too
-        pa, pb = a["extra"]["pes"], b["extra"]["pes"]
+        pa, pb = a["extra"]["estimator"]["meta"], b["extra"]["estimator"]["meta"]
         assert (pa["t"], pa["episode"]) == (pb["t"], pb["episode"])
         assert torch.equal(pa["accum"], pb["accum"])
         assert all(torch.equal(u, v) for u, v in zip(pa["inner_leaves"], pb["inner_leaves"]))

@@ -69,6 +69,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
+from vsml.estimators.base import EpisodeBatchEstimator, Problem, clip_grad, register
 from vsml.estimators.bptt import unroll_chunked
 from vsml.engine.config import ConfigError
 from vsml.estimators.es import pair_seed
@@ -286,10 +287,9 @@ def bmg_gradient(learner: Any, theta: torch.Tensor, x: torch.Tensor, y: torch.Te
     norm = float(grad.norm())
     if not math.isfinite(norm):
         nonfinite, grad = True, torch.zeros_like(th).detach()
-    clipped = False
-    if not nonfinite and cfg.clip_grad_norm > 0 and norm > cfg.clip_grad_norm:
-        grad = grad * (cfg.clip_grad_norm / (norm + 1e-12))
-        clipped = True
+    clipped = not nonfinite and cfg.clip_grad_norm > 0 and norm > cfg.clip_grad_norm
+    if clipped:
+        grad = clip_grad(grad, cfg.clip_grad_norm)
     metrics = {
         "loss": float(loss_sum.detach()) / (e * k),
         "accuracy": float(n_correct) / (e * k),
@@ -307,7 +307,7 @@ def bmg_gradient(learner: Any, theta: torch.Tensor, x: torch.Tensor, y: torch.Te
 
 
 class BMGEstimator:
-    """BMG behind the :class:`vsml.estimators.core.Estimator` interface (see :func:`bmg_gradient`).
+    """BMG behind the :class:`vsml.estimators.base.BatchEstimator` interface (see :func:`bmg_gradient`).
 
     ``estimate(theta, x, y, C, step)`` with x [E, T, ...] (T >= K + L + Q), a meta-batch evaluated
     with shared θ; initial states drawn from ``Generator().manual_seed(pair_seed(seed, step, −1))``
@@ -328,3 +328,10 @@ class BMGEstimator:
                  step: int) -> tuple[torch.Tensor, dict]:
         gen = torch.Generator().manual_seed(pair_seed(self.seed, step, -1))
         return bmg_gradient(self.learner, theta.detach(), x, y, num_classes, self.cfg, gen)
+
+
+@register("bmg")
+def _build_bmg(cfg: Any, problem: Problem) -> EpisodeBatchEstimator:
+    """BMG: meta_batch episodes of episode_length (>= K + L + Q) per meta-step."""
+    est = BMGEstimator(problem.learner, cfg.bmg, seed=cfg.seed)
+    return EpisodeBatchEstimator(est, problem, cfg.meta_batch, cfg.episode_length, loss_metric="loss")

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from vsml.estimators.base import clip_grad
 from vsml.learners.base import state_detach, tree_flatten
 
 __all__ = ["BPTTConfig", "bptt_gradient", "unroll_chunked"]
@@ -147,10 +148,9 @@ def bptt_gradient(learner: Any, theta: torch.Tensor, x: torch.Tensor, y: torch.T
     if not math.isfinite(norm):
         nonfinite = True
         grad = torch.zeros_like(th)
-    clipped = False
-    if not nonfinite and cfg.clip_grad_norm > 0 and norm > cfg.clip_grad_norm:
-        grad = grad * (cfg.clip_grad_norm / (norm + 1e-12))
-        clipped = True
+    clipped = not nonfinite and cfg.clip_grad_norm > 0 and norm > cfg.clip_grad_norm
+    if clipped:
+        grad = clip_grad(grad, cfg.clip_grad_norm)
     metrics = {"loss": loss_total / denom, "accuracy": correct_total / denom, "grad_norm": norm,
                "clipped": float(clipped), "nonfinite": float(nonfinite), "truncations": float(n_trunc)}
     return grad.detach(), metrics

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from vsml.engine.config import ConfigError, VSMLConfig
+from vsml.estimators.base import ShardableEstimator, clip_grad, grad_norm
 from vsml.engine.cell import _linear, lstm_micro_steps
 from vsml.engine.network import VSMLNetwork
 
@@ -107,8 +108,9 @@ def sgd_teacher(x: torch.Tensor, y: torch.Tensor, num_classes: int, w0: torch.Te
     return torch.stack(ws, 1), torch.stack(es, 1), torch.stack(zs, 1)
 
 
-class CloneEstimator:
-    """Gradient of the cloning loss, behind the same ``estimate`` interface as ES and BPTT.
+class CloneEstimator(ShardableEstimator):
+    """Gradient of the cloning loss, behind the same ``estimate`` interface as ES and BPTT
+    (sharded over episodes: :class:`vsml.estimators.base.ShardableEstimator`).
 
     loss = mean_t mean_{e,a,b} (φ_t[a,b][output_idx] − w_t[a,b] x_t[a])² / Var(target), with BPTT
     through the episode and the teacher's errors fed to the student (teacher forcing).
@@ -163,13 +165,22 @@ class CloneEstimator:
             x[:n_rand] = torch.randn(x[:n_rand].shape, generator=gen, dtype=x.dtype).to(x.device)
         return x, y, gen
 
-    def estimate(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, num_classes: int, step: int):
-        x, y, gen = self.prepare(x, y, step)
+    def num_parts(self, x: torch.Tensor) -> int:
+        return x.shape[0]
+
+    def partial(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, num_classes: int, step: int,
+                part: range) -> torch.Tensor:
+        """The unclipped gradient and the loss share of the episodes in ``part``, packed [|θ| + 1] in
+        float64 (the teacher, states and target variance are those of all episodes, see :meth:`loss`)."""
+        x, y, gen = self.prepare(x, y, step)                                 # [E, T, D], [E, T]
+        episodes = None if len(part) == x.shape[0] else slice(part.start, part.stop)
         th = theta.detach().clone().requires_grad_(True)
         with torch.enable_grad():
-            loss = self.loss(th, x, y, num_classes, gen)
+            loss = self.loss(th, x, y, num_classes, gen, episodes=episodes)
             (grad,) = torch.autograd.grad(loss, th)
-        norm = grad.norm().item()
-        if self.cfg.clip_grad_norm > 0 and norm > self.cfg.clip_grad_norm:
-            grad = grad * (self.cfg.clip_grad_norm / norm)
-        return grad, {"clone_loss": loss.item(), "grad_norm": norm}
+        return torch.cat([grad.reshape(-1).double(), loss.detach().double().reshape(1)])   # [|θ| + 1]
+
+    def reduce(self, theta: torch.Tensor, total: torch.Tensor, step: int) -> tuple[torch.Tensor, dict]:
+        grad = total[:-1].to(theta.dtype).reshape(theta.shape)
+        norm = grad_norm(grad)
+        return clip_grad(grad, self.cfg.clip_grad_norm), {"clone_loss": float(total[-1]), "grad_norm": norm}

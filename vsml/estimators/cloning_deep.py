@@ -56,10 +56,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from vsml.estimators.base import EpisodeBatchEstimator, Problem, clip_grad, grad_norm, register
 from vsml.estimators.cloning import CloneConfig, CloneEstimator
 from vsml.engine.config import ConfigError, VSMLConfig
 from vsml.engine.cell import _linear, lstm_micro_steps
@@ -134,12 +136,18 @@ def _rel_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 class DeepCloneEstimator(CloneEstimator):
     """Gradient of the deep cloning loss (module docstring), behind the ``estimate`` interface of ES and
-    BPTT (it reuses the shallow estimator's episode preparation: length cut and random-input episodes)."""
+    BPTT (it reuses the shallow estimator's episode preparation: length cut and random-input episodes).
+    Not sharded: under several processes every rank computes the same full gradient (deterministic)."""
+
+    sharding = "replicated"
 
     def __init__(self, net: VSMLNetwork, cfg: CloneConfig, seed: int = 0):
         check_deep_cloneable(net.cfg)
         self.net, self.cfg, self.seed = net, cfg, seed
         self.alphas = teacher_alphas(net.cfg, cfg)
+
+    def partial(self, *args, **kwargs):
+        raise NotImplementedError("deep cloning is not sharded over episodes (sharding = 'replicated'): use estimate")
 
     def loss(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, num_classes: int,
              generator: torch.Generator | None, episodes: slice | None = None, teacher_forcing: bool = True,
@@ -220,10 +228,9 @@ class DeepCloneEstimator(CloneEstimator):
         with torch.enable_grad():
             loss = self.loss(th, x, y, num_classes, gen, burn_in=burn)
             (grad,) = torch.autograd.grad(loss, th)
-        norm = grad.norm().item()
-        if self.cfg.clip_grad_norm > 0 and norm > self.cfg.clip_grad_norm:
-            grad = grad * (self.cfg.clip_grad_norm / norm)
-        return grad, {"clone_loss": loss.item(), "grad_norm": norm, "burn_in": burn}
+        norm = grad_norm(grad)
+        return clip_grad(grad, self.cfg.clip_grad_norm), {"clone_loss": loss.item(), "grad_norm": norm,
+                                                          "burn_in": burn}
 
 
 def make_clone_estimator(net: VSMLNetwork, cfg: CloneConfig, seed: int = 0):
@@ -232,6 +239,13 @@ def make_clone_estimator(net: VSMLNetwork, cfg: CloneConfig, seed: int = 0):
     if net.cfg.backward_pass and net.cfg.bwd_reset:
         return DeepCloneEstimator(net, cfg, seed)
     return CloneEstimator(net, cfg, seed)
+
+
+@register("clone")
+def _build_clone(cfg: Any, problem: Problem) -> EpisodeBatchEstimator:
+    """Learning-algorithm cloning (shallow or deep): clone.episodes episodes of clone.length per step."""
+    est = make_clone_estimator(problem.learner, cfg.clone, seed=cfg.seed)
+    return EpisodeBatchEstimator(est, problem, cfg.clone.episodes, cfg.clone.length, loss_metric="clone_loss")
 
 
 class TeacherLearner:
@@ -310,9 +324,9 @@ def compare_with_teacher(checkpoint: str, tasks: str, episodes: int, length: int
                 FrozenLearner(f"teacher (online {'SGD' if cfg.vsml.num_layers == 1 else 'backprop'}, α={a})",
                               TeacherLearner(cfg.vsml, alphas), torch.zeros(0))]
     if baselines:
-        from vsml.learners.baselines import make_learner
+        from vsml.learners import registry
         for b in [s.strip() for s in baselines.split(",") if s.strip()]:
-            bl = make_learner(b)
+            bl = registry.build(b)
             learners.append(FrozenLearner(b, bl, bl.init_theta()))
     res = evaluate(learners, parse_task_list(tasks), episodes, length, seed, data_dir)
     print(summary_table(res))

@@ -1,33 +1,32 @@
-"""Meta-gradient estimators behind one interface, the meta-optimiser and gradient clipping.
+"""The batch-level estimators ES and BPTT, and the meta-optimiser.
 
-An :class:`Estimator` maps (θ, a batch of data episodes, step) to (ĝ ≈ ∇_θ L(θ), metrics), with
-L the mean online cross-entropy (vsml.md §2.1).  The train loop then does::
-
-    theta = torch.nn.Parameter(learner.init_theta(gen))
-    opt = make_optimizer(theta, lr=0.025)                  # ES reference; BPTT reference lr 1e-3
-    for step in range(n):
-        grad, metrics = estimator.estimate(theta.detach(), x, y, num_classes, step)
-        theta.grad = grad
-        opt.step()
+Each maps (θ, a batch of data episodes, step) to (ĝ ≈ ∇_θ L(θ), metrics) with L the mean online
+cross-entropy (vsml.md §2.1) (:class:`vsml.estimators.base.BatchEstimator`); registered as
+``es`` and ``bptt`` (:mod:`vsml.estimators.registry`), the training loop runs them through the
+:class:`vsml.estimators.base.MetaGradientEstimator` protocol.
 
 * :class:`ESEstimator` — antithetic ES (vsml.md §2.2) over a population evaluated in one batched
   ``learner.unroll`` with per-episode θ.
-* :class:`BPTTEstimator` — (truncated, checkpointed) backprop (vsml.md §2.3), clipped inside.
+* :class:`BPTTEstimator` — (truncated, checkpointed) backprop (vsml.md §2.3), clipped.
+* :func:`make_optimizer` — Adam(W) on θ.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Protocol, runtime_checkable
+from dataclasses import replace
+from typing import Any
 
 import torch
 
+from tasks.base import derive_seed
+from vsml.estimators.base import (EpisodeBatchEstimator, Problem, ShardableEstimator, clip_grad, grad_norm,
+                                  register)
 from vsml.estimators.bptt import BPTTConfig, bptt_gradient
 from vsml.estimators.es import ESConfig, es_ask, es_tell, pair_seed
 from vsml.learners.base import is_meta_trainable, state_generator, state_index, state_repeat_interleave
 
-__all__ = ["BPTTEstimator", "ESEstimator", "Estimator", "clip_grad", "grad_norm", "make_optimizer",
-           "per_episode_init_state", "state_seed"]
+__all__ = ["BPTTEstimator", "ESEstimator", "make_optimizer", "per_episode_init_state", "state_seed"]
 
 
 def state_seed(seed: int, step: int, index: int) -> int:
@@ -50,14 +49,6 @@ def per_episode_init_state(learner: Any, seeds: list[int], in_dim: int, num_clas
                       for s in seeds])
 
 
-@runtime_checkable
-class Estimator(Protocol):
-    def estimate(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, num_classes: int,
-                 step: int) -> tuple[torch.Tensor, dict]:
-        """Returns (grad with θ's shape, metrics: dict of Python floats)."""
-        ...
-
-
 def _check_meta_trainable(learner: Any, who: str) -> None:
     if not is_meta_trainable(learner):
         raise ValueError(f"{who}: learner {type(learner).__name__} is not meta-trainable "
@@ -73,7 +64,7 @@ def _check_batch(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return x
 
 
-class ESEstimator:
+class ESEstimator(ShardableEstimator):
     """Antithetic ES on the online meta-loss (vsml.md §2.2).
 
     ``estimate(theta, x, y, C, step)`` with x [P, T, ...], y [P, T]: one data episode per pair.
@@ -85,7 +76,15 @@ class ESEstimator:
     ``max_batch`` members, an even number, to bound memory).  Member loss = mean over t of the
     online CE.  Metrics: those of :func:`vsml.estimators.es.es_tell` plus ``accuracy`` (mean online accuracy
     over the population).
+
+    Sharding (:class:`vsml.estimators.base.ShardableEstimator`): the parts are the P pairs;
+    ``partial`` returns the (loss, accuracy) rows of a slice of pairs' members, ``reduce`` is
+    :func:`vsml.estimators.es.es_tell` on all 2P rows.
     """
+
+    combine = "gather"
+    rows_per_part = 2                 # the + and − member of each pair
+    takes_own_share = True            # one episode per pair: a rank may hold only its pairs' episodes
 
     def __init__(self, learner: Any, cfg: ESConfig, max_batch: int | None = None):
         _check_meta_trainable(learner, "ESEstimator")
@@ -116,13 +115,27 @@ class ESEstimator:
                                       num_classes, dtype, dev)
 
     def member_losses(self, population: torch.Tensor, x: torch.Tensor, y: torch.Tensor, num_classes: int,
-                      step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean online CE and accuracy of every member: population [2P, *θ], x [P, T, D] -> ([2P], [2P])."""
+                      step: int, pairs: range | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean online CE and accuracy of every member of the pairs ``pairs`` (default: all P).
+
+        population [2p, *θ] (the members of those pairs, interleaved ±), x [p, T, D] their episodes
+        -> ([2p], [2p]).  Initial states: all pairs: :meth:`initial_state`; a slice of the P pairs (one
+        rank's share): on the CPU the global draw, sliced (the numbers of the one-process run), on
+        another device those pairs' own streams (what the one-process run draws there too).
+        """
         p = x.shape[0]
-        state = state_repeat_interleave(
-            self.initial_state(p, x.shape[2], num_classes, step, population.dtype, population.device), 2)
-        x2 = x.repeat_interleave(2, 0)                                      # [2P, T, D]
-        y2 = y.repeat_interleave(2, 0)                                      # [2P, T]
+        if pairs is None or len(pairs) == self.cfg.pairs:
+            state = self.initial_state(p, x.shape[2], num_classes, step, population.dtype, population.device)
+        elif population.device.type == "cpu":
+            state = self.initial_state(self.cfg.pairs, x.shape[2], num_classes, step, population.dtype,
+                                       population.device)
+            state = state_index(state, slice(pairs.start, pairs.stop))       # [p, ...]
+        else:
+            state = self.initial_state(self.cfg.pairs, x.shape[2], num_classes, step, population.dtype,
+                                       population.device, pairs=pairs)     # [p, ...]
+        state = state_repeat_interleave(state, 2)                          # [2p, ...]
+        x2 = x.repeat_interleave(2, 0)                                      # [2p, T, D]
+        y2 = y.repeat_interleave(2, 0)                                      # [2p, T]
         n = 2 * p
         mb = n if self.max_batch is None else self.max_batch
         losses, accs = [], []
@@ -135,28 +148,41 @@ class ESEstimator:
                 accs.append(out.correct.to(population.dtype).mean(1))
         return torch.cat(losses), torch.cat(accs)
 
-    def estimate(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, num_classes: int,
-                 step: int) -> tuple[torch.Tensor, dict]:
+    def num_parts(self, x: torch.Tensor) -> int:
+        return self.cfg.pairs
+
+    def partial(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, num_classes: int, step: int,
+                part: range) -> torch.Tensor:
+        """(loss, accuracy) rows [2p, 2] of the members of the pairs in ``part``; x [P, T, ...] holds one
+        episode per pair (the global batch) or only those of ``part`` (a GPU rank's own share)."""
         x = _check_batch(x, y)
-        if x.shape[0] != self.cfg.pairs:
-            raise ValueError(f"ESEstimator needs one data episode per antithetic pair: x has "
-                             f"{x.shape[0]} episodes but ESConfig.pairs = {self.cfg.pairs}")
-        theta = theta.detach()
-        pop = es_ask(theta, self.cfg, step)                                 # [2P, *θ]
-        losses, accs = self.member_losses(pop, x, y, num_classes, step)
-        del pop
-        grad, metrics = es_tell(theta, losses, self.cfg, step)
-        metrics["accuracy"] = float(accs.mean())
+        if x.shape[0] not in (self.cfg.pairs, len(part)):
+            raise ValueError(f"ESEstimator needs one data episode per antithetic pair (or this rank's share): x "
+                             f"has {x.shape[0]} episodes but ESConfig.pairs = {self.cfg.pairs} and the pairs "
+                             f"evaluated here are {part.start}..{part.stop - 1}")
+        if x.shape[0] != len(part):                                          # the global batch: keep the slice
+            x, y = x[part.start:part.stop], y[part.start:part.stop]          # [p, T, D], [p, T]
+        pop = es_ask(theta.detach(), self.cfg, step, pair_indices=part)     # [2p, *θ]
+        losses, accs = self.member_losses(pop, x, y, num_classes, step, pairs=part)
+        return torch.stack([losses, accs], 1)                               # [2p, (loss, acc)]
+
+    def reduce(self, theta: torch.Tensor, total: torch.Tensor, step: int) -> tuple[torch.Tensor, dict]:
+        grad, metrics = es_tell(theta.detach(), total[:, 0], self.cfg, step)
+        metrics["accuracy"] = float(total[:, 1].mean())
         return grad, metrics
 
 
-class BPTTEstimator:
+class BPTTEstimator(ShardableEstimator):
     """Backprop through the online episode (vsml.md §2.3), see :func:`vsml.estimators.bptt.bptt_gradient`.
 
     ``estimate(theta, x, y, C, step)`` with x [E, T, ...] a meta-batch evaluated with shared θ;
     initial states drawn from ``Generator().manual_seed(pair_seed(seed, step, -1))``.  The
-    returned gradient is already clipped to ``cfg.clip_grad_norm``; ``metrics["grad_norm"]`` is
-    the unclipped norm.
+    returned gradient is clipped to ``cfg.clip_grad_norm``; ``metrics["grad_norm"]`` is the
+    unclipped norm.
+
+    Sharding: the parts are the E episodes; ``partial`` is the unclipped gradient of a slice's
+    loss scaled by E_r/E (with its metrics, packed [|θ| + 4] in float64), so the sum over a
+    partition is the mean meta-gradient and ``reduce`` clips the *global* norm.
     """
 
     def __init__(self, learner: Any, cfg: BPTTConfig, seed: int = 0):
@@ -165,12 +191,50 @@ class BPTTEstimator:
         self.cfg = cfg
         self.seed = int(seed)
 
-    def estimate(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, num_classes: int,
-                 step: int) -> tuple[torch.Tensor, dict]:
-        x = _check_batch(x, y)
+    def num_parts(self, x: torch.Tensor) -> int:
+        return x.shape[0]
+
+    def partial(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, num_classes: int, step: int,
+                part: range) -> torch.Tensor:
+        x = _check_batch(x, y)                                              # [E, T, D]
+        e = x.shape[0]
         # on the run's device for the VSML network (a CPU generator on the CPU: the earlier numbers)
         gen = state_generator(self.learner, pair_seed(self.seed, step, -1), theta.device)
-        return bptt_gradient(self.learner, theta.detach(), x, y, num_classes, self.cfg, gen)
+        state = self.learner.init_state(e, x.shape[2], num_classes, gen, theta.dtype, theta.device)
+        if len(part) != e:
+            state = state_index(state, slice(part.start, part.stop))        # [E_r, ...]
+        g, m = bptt_gradient(self.learner, theta.detach(), x[part.start:part.stop], y[part.start:part.stop],
+                             num_classes, replace(self.cfg, clip_grad_norm=0.0), state=state)
+        w = len(part) / e                                                   # E_r / E
+        stats = [m["loss"] * w, m["accuracy"] * w, m["nonfinite"], m["truncations"] * w]
+        return torch.cat([g.reshape(-1).double() * w,
+                          torch.tensor(stats, dtype=torch.float64, device=g.device)])   # [|θ| + 4]
+
+    def reduce(self, theta: torch.Tensor, total: torch.Tensor, step: int) -> tuple[torch.Tensor, dict]:
+        grad = total[:-4].to(theta.dtype).reshape(theta.shape)
+        loss, acc, nonfinite, truncations = (float(v) for v in total[-4:])
+        norm = grad_norm(grad)
+        if nonfinite > 0 or not math.isfinite(norm):
+            grad, norm, nonfinite = torch.zeros_like(grad), float("nan"), 1.0
+        clipped = self.cfg.clip_grad_norm > 0 and norm > self.cfg.clip_grad_norm
+        return clip_grad(grad, self.cfg.clip_grad_norm), {
+            "loss": loss, "accuracy": acc, "grad_norm": norm, "clipped": float(clipped),
+            "nonfinite": float(nonfinite > 0), "truncations": float(round(truncations))}
+
+
+@register("es")
+def _build_es(cfg: Any, problem: Problem) -> EpisodeBatchEstimator:
+    """Antithetic ES: es.pairs episodes of episode_length per meta-step; noise seed derived from the run seed."""
+    es_cfg = replace(cfg.es, seed=derive_seed(cfg.seed, "es-noise", cfg.es.seed))
+    est = ESEstimator(problem.learner, es_cfg, max_batch=cfg.dist.member_batch or None)
+    return EpisodeBatchEstimator(est, problem, cfg.es.pairs, cfg.episode_length, loss_metric="loss_mean")
+
+
+@register("bptt")
+def _build_bptt(cfg: Any, problem: Problem) -> EpisodeBatchEstimator:
+    """(Truncated) BPTT: meta_batch episodes of episode_length per meta-step."""
+    est = BPTTEstimator(problem.learner, cfg.bptt, seed=cfg.seed)
+    return EpisodeBatchEstimator(est, problem, cfg.meta_batch, cfg.episode_length, loss_metric="loss")
 
 
 # --------------------------------------------------------------------------------------------
@@ -198,22 +262,3 @@ def make_optimizer(theta_param: torch.nn.Parameter, lr: float, weight_decay: flo
     if weight_decay > 0:
         return torch.optim.AdamW([theta_param], lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
     return torch.optim.Adam([theta_param], lr=lr, betas=betas, eps=eps, weight_decay=0.0)
-
-
-def grad_norm(grad: torch.Tensor) -> float:
-    """Global L2 norm of a gradient tensor."""
-    return float(grad.detach().norm())
-
-
-def clip_grad(grad: torch.Tensor, max_norm: float) -> torch.Tensor:
-    """Rescale ``grad`` so that its global L2 norm is at most ``max_norm`` (0 or less: unchanged).
-
-    A gradient with a non-finite norm is returned unchanged (clipping cannot repair it; the caller
-    should skip the step).  Returns a new tensor; use :func:`grad_norm` for the norm before.
-    """
-    if max_norm <= 0:
-        return grad
-    norm = grad_norm(grad)
-    if not math.isfinite(norm) or norm <= max_norm:
-        return grad
-    return grad * (max_norm / (norm + 1e-12))

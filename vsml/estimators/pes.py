@@ -56,6 +56,10 @@ VSML learner (``VSMLNetwork`` or any :class:`vsml.learners.base.Learner`) plus a
         grad, metrics, st = pes.step(theta.detach(), st, system, k)
         theta.grad = grad; opt.step()
 
+In the training loop PES / truncated ES run as :class:`TruncatedMetaEstimator` (the
+:class:`vsml.estimators.base.MetaGradientEstimator` protocol, registered as ``pes`` / ``tes``): the
+:class:`PESState` is the estimator state, checkpointed with ``state_dict`` / ``load_state_dict``.
+
 Initial states of episode e are drawn from ``Generator().manual_seed(pair_seed(seed, e, -2))``, so
 a run is reproducible from ``cfg.seed`` alone.  Not implemented (gaps): staggered inner-time
 offsets per particle (learned_optimization's ``random_initial_iteration_offset``; all particles
@@ -66,17 +70,20 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 from einops import rearrange
 
+from tasks.base import derive_seed
 from vsml.engine.config import ConfigError
+from vsml.estimators.base import Problem, register
 from vsml.estimators.es import pair_seed, sample_noise
-from vsml.learners.base import state_index, state_repeat_interleave
+from vsml.learners.base import state_index, state_repeat_interleave, tree_flatten
 
-__all__ = ["PES", "LearnerSystem", "PESConfig", "PESState", "TruncatedES", "UnrolledSystem"]
+__all__ = ["PES", "LearnerSystem", "PESConfig", "PESState", "TruncatedES", "TruncatedMetaEstimator",
+           "UnrolledSystem"]
 
 
 @runtime_checkable
@@ -314,3 +321,66 @@ class LearnerSystem:
         with torch.no_grad():
             out = self.learner.unroll(thetas, x, y, state["num_classes"], state=state["inner"])
         return out.loss, {**state, "inner": out.state}
+
+
+# --------------------------------------------------------------------------------------------
+# the training loop's protocol (vsml.estimators.base.MetaGradientEstimator)
+
+
+@dataclass
+class TruncatedMetaEstimator:
+    """PES / truncated ES on a fixed :class:`UnrolledSystem` as a
+    :class:`vsml.estimators.base.MetaGradientEstimator`: the state is the :class:`PESState`
+    (persistent inner states, ξ, t, episode), carried across meta-steps and checkpoints."""
+
+    est: _TruncatedBase
+    system: UnrolledSystem
+    loss_metric: str = "loss_mean"
+
+    def init(self, theta: torch.Tensor) -> PESState:
+        return self.est.init(theta)
+
+    def step(self, theta: torch.Tensor, state: PESState, step: int) -> tuple[torch.Tensor, dict, PESState]:
+        return self.est.step(theta, state, self.system, step)
+
+    def state_dict(self, state: PESState) -> dict:
+        """PESState -> plain dict of tensors / ints (loads with ``weights_only=True``)."""
+        leaves = [] if state.inner is None else tree_flatten(state.inner)[0]
+        return {"t": int(state.t), "episode": int(state.episode), "accum": state.accum.detach().cpu(),
+                "has_inner": state.inner is not None, "inner_leaves": [t.detach().cpu() for t in leaves]}
+
+    def load_state_dict(self, theta: torch.Tensor, d: dict) -> PESState:
+        """Inverse of :meth:`state_dict`: the inner state's structure comes from a fresh draw of the
+        same episode, its tensors from ``d``."""
+        fresh = self.est.init(theta)
+        inner = None
+        if d["has_inner"]:
+            leaves, rebuild = tree_flatten(self.est._fresh(self.system, d["episode"]))
+            if len(leaves) != len(d["inner_leaves"]):
+                raise ValueError("the saved PES inner state does not fit this learner/task; "
+                                 "resume with the config it was written with")
+            inner = rebuild([t.to(leaf.device) for t, leaf in zip(d["inner_leaves"], leaves)])
+        return PESState(inner=inner, accum=d["accum"].to(fresh.accum.device), t=d["t"], episode=d["episode"])
+
+
+def _build_truncated(cls: type[_TruncatedBase], cfg: Any, problem: Problem) -> TruncatedMetaEstimator:
+    """PES / truncated ES over the learner and the training family: episodes of pes.horizon examples,
+    advanced by pes.truncation examples per meta-step; noise seed derived from the run seed."""
+    pcfg = replace(cfg.pes, seed=derive_seed(cfg.seed, "pes-noise", cfg.pes.seed))
+
+    def sample(num: int, length: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        b = problem.sample(num, length, seed)
+        return b.x, b.y, b.num_classes
+
+    system = LearnerSystem(problem.learner, sample, horizon=cfg.pes.horizon, device=problem.device)
+    return TruncatedMetaEstimator(cls(pcfg), system)
+
+
+@register("pes")
+def _build_pes(cfg: Any, problem: Problem) -> TruncatedMetaEstimator:
+    return _build_truncated(PES, cfg, problem)
+
+
+@register("tes")
+def _build_tes(cfg: Any, problem: Problem) -> TruncatedMetaEstimator:
+    return _build_truncated(TruncatedES, cfg, problem)

@@ -1,8 +1,9 @@
 """Micro-Badger meta-test, analysis records and plots (badger-bmg-es.md §A.5, §B).
 
 ``train()`` calls :func:`badger_meta_test` instead of the classification meta-test when
-``learner=badger``: the frozen learner plays held-out (test-split) Guessing-Game episodes, and we
-report the error curve over the inner steps (mean and 95% band over episodes), the last-step error,
+``learner=badger`` (its registry entry names the ``guessing`` metric, vsml/evaluation/metrics.py).  The
+measurement is :func:`vsml.evaluation.evaluate.evaluate` with the :class:`GuessingGame` protocol: the
+frozen learner plays held-out (test-split) Guessing-Game episodes, and we report the error curve over the inner steps (mean and 95% band over episodes), the last-step error,
 the fraction of steps solved, and the §B analyses of the recorded expert states at a few inner steps
 t* (Gaussian MI between experts, binding information), the graph diagnostics of the episodes'
 topologies and, for the sinusoid variant, Δ_F(k) at every inner step.  Each meta-test appends one row
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +25,7 @@ import numpy as np
 import torch
 
 
-__all__ = ["analyse_episodes", "badger_meta_test", "eval_run", "eval_tasks", "plot_run",
+__all__ = ["GuessingGame", "analyse_episodes", "badger_meta_test", "eval_run", "eval_tasks", "plot_run",
            "run_episodes"]
 
 
@@ -97,19 +99,45 @@ def _mean_square(batch: Any) -> float:
     return float((y ** 2).sum(1).div(n).mean())
 
 
+@dataclass(frozen=True)
+class GuessingGame:
+    """The Guessing-Game meta-test for :func:`vsml.evaluation.evaluate.evaluate`: one test-split batch
+    drawn with the evaluation seed itself, the frozen learner unrolled once with recorded states (its
+    initial states from ``derive_seed(seed, "badger-eval-state")``), and :func:`analyse_episodes`
+    (error curve, solved fraction, MI / binding, graph diagnostics, Δ_F(k) for sinusoids)."""
+
+    def episodes(self, spec: str, num: int, length: int, seed: int, split: str, data_dir: str | None,
+                 device: Any = None) -> tuple[Any, Any]:
+        """The test batch, on the CPU (Micro-Badger runs there)."""
+        from tasks.guessing import make_guessing_family
+        fam = make_guessing_family(spec)
+        return fam.sample(num, length, seed=seed, split=split), fam
+
+    def measure(self, fl: Any, batch: Any, family: Any, seed: int) -> dict[str, Any]:
+        from tasks.base import derive_seed
+        from tasks.guessing import SinusoidFamily
+        out = run_episodes(fl.learner, fl.theta, batch, derive_seed(seed, "badger-eval-state"))
+        freqs = family.freqs if isinstance(family, SinusoidFamily) else None
+        return analyse_episodes(out, batch, freqs=freqs, feedback_scale=fl.learner.cfg.feedback_scale)
+
+
+def _guessing_test(learner: Any, theta: torch.Tensor, name: str, specs: list[str], episodes: int, length: int,
+                   seed: int) -> dict[str, dict[str, Any]]:
+    """{task: result} of one frozen learner through the one evaluation entry."""
+    from vsml.evaluation.evaluate import FrozenLearner, evaluate
+    res = evaluate([FrozenLearner(name, learner, theta)], specs, episodes, length, seed, protocol=GuessingGame())
+    return {spec: per[name] for spec, per in res.items()}
+
+
 def badger_meta_test(cfg: Any, learner: Any, theta: torch.Tensor, step: int, logger: Any, run_dir: Path,
                      final: bool = False) -> dict:
-    """The Badger branch of :func:`vsml.training.trainer.run_meta_test` (same return shape: {task: {name: result}})."""
-    from tasks.base import derive_seed
-    from tasks.guessing import SinusoidFamily, make_guessing_family
+    """The Guessing-Game meta-test of a training run (vsml/evaluation/metrics.py, ``GuessingMetric``):
+    {task: {learner name: result}}, logged, appended to badger_analysis.jsonl, plotted when ``final``."""
     results: dict[str, Any] = {}
     rows = []
-    for spec in eval_tasks(cfg):
-        fam = make_guessing_family(spec)
-        batch = fam.sample(cfg.eval.episodes, cfg.eval.length, seed=cfg.eval.seed, split="test")
-        out = run_episodes(learner, theta, batch, derive_seed(cfg.eval.seed, "badger-eval-state"))
-        freqs = fam.freqs if isinstance(fam, SinusoidFamily) else None
-        res = analyse_episodes(out, batch, freqs=freqs, feedback_scale=learner.cfg.feedback_scale)
+    measured = _guessing_test(learner, theta, cfg.learner, eval_tasks(cfg), cfg.eval.episodes, cfg.eval.length,
+                              cfg.eval.seed)
+    for spec, res in measured.items():
         # the keys train() prints / summarises (online / final "accuracy" = fraction of solved steps)
         res.update(online_accuracy=res["solved_frac"], final_accuracy=res["solved_last"], loss=res["error_mean"],
                    final_loss=res["error_last"])
@@ -284,8 +312,6 @@ def eval_run(checkpoint: str, learner: Any, theta: torch.Tensor, cfg_dict: dict,
     """``eval.py --checkpoint RUN`` for a badger run: a fresh held-out meta-test (the run's eval tasks,
     episodes and inner-loop length unless given), its plots, and the run's training plots
     (:func:`plot_run`) when the checkpoint lies in a run directory.  Prints a table; returns 0."""
-    from tasks.base import derive_seed
-    from tasks.guessing import SinusoidFamily, make_guessing_family
     from vsml.training.config import config_from_dict
     cfg = config_from_dict(cfg_dict)
     specs = [s.strip() for s in tasks.split(";") if s.strip()] if tasks else eval_tasks(cfg)
@@ -295,14 +321,9 @@ def eval_run(checkpoint: str, learner: Any, theta: torch.Tensor, cfg_dict: dict,
     run_dir = p if p.is_dir() else (p.parent.parent if p.parent.name == "checkpoints" else p.parent)
     out_dir = Path(out) if out else run_dir / "eval"
     out_dir.mkdir(parents=True, exist_ok=True)
-    results, lines = {}, [f"{'task':<28} {'err t=1':>8} {'err last':>9} {'err mean':>9} {'solved':>7} {'chance':>7}"]
-    for spec in specs:
-        fam = make_guessing_family(spec)
-        batch = fam.sample(episodes, length, seed=seed, split="test")
-        o = run_episodes(learner, theta, batch, derive_seed(seed, "badger-eval-state"))
-        res = analyse_episodes(o, batch, freqs=fam.freqs if isinstance(fam, SinusoidFamily) else None,
-                               feedback_scale=learner.cfg.feedback_scale)
-        results[spec] = res
+    lines = [f"{'task':<28} {'err t=1':>8} {'err last':>9} {'err mean':>9} {'solved':>7} {'chance':>7}"]
+    results = _guessing_test(learner, theta, cfg.learner, specs, episodes, length, seed)
+    for spec, res in results.items():
         lines.append(f"{spec:<28} {res['error_curve'][0]:>8.4f} {res['error_last']:>9.4f} {res['error_mean']:>9.4f} "
                      f"{res['solved_frac']:>7.3f} {res['chance']:>7.3f}")
         if plot:

@@ -1,24 +1,32 @@
-"""Meta-test: frozen learners run online on test-split task families (vsml.md §3.6).
+"""Meta-test: frozen learners run online on held-out task families (vsml.md §3.6); :func:`evaluate`
+is the one entry, used by the trainer (through vsml/evaluation/metrics.py), ``eval.py`` and the studies.
 
-Each learner predicts every example before its label is seen; ``tasks.protocol.meta_test`` turns
-the per-step correctness into online accuracy (mean over the curve), final accuracy (last 100
-steps) and the per-step curve with a 95% band.
+A :class:`MetaTestProtocol` says how a task's episodes are drawn and what is measured:
+:class:`OnlineClassification` (the default: each learner predicts every example before its label is
+seen; ``tasks.protocol.summarize`` turns the per-step correctness into online accuracy, final
+accuracy (last 100 steps) and the per-step curve with a 95% band; further metrics of the
+correctness matrix plug in through ``metrics=[...]``: :func:`acc_at_steps`, the long-horizon
+study's acc@s, and :func:`log_binned_curve`), or the Guessing Game of Micro-Badger
+(:class:`vsml.evaluation.badger_eval.GuessingGame`: error curve, solved fraction, state analyses).
 """
 
 from __future__ import annotations
 
-import functools
+import itertools
 import json
+import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
+import numpy as np
 import torch
 
 from tasks import make_family
-from tasks.protocol import meta_test
+from tasks.base import derive_seed
+from tasks.protocol import summarize
 from vsml.learners.base import state_generator
 
 
@@ -67,37 +75,120 @@ def parse_task_list(spec: str) -> list[str]:
     return [s.strip() for s in spec.split(";") if s.strip()]
 
 
-def evaluate(learners: list[FrozenLearner], task_specs: list[str], episodes: int, length: int, seed: int,
+CorrectnessMetric = Callable[[np.ndarray], dict[str, Any]]
+"""A metric of the per-step correctness matrix [E, T] (1 = the prediction made before y_t was right)."""
+
+
+def acc_at_steps(steps: Sequence[int], window: float = 0.2) -> CorrectnessMetric:
+    """acc@s for each s in ``steps`` (those <= T): the mean accuracy over steps (s − window·s, s]
+    (0-based [⌊(1 − window) s⌋, s)) and ``ci@s``, the 95% half-width over episodes (1.96 σ / √E)."""
+    def metric(correct: np.ndarray) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for s in steps:
+            if s <= correct.shape[1]:
+                per_ep = correct[:, math.floor((1 - window) * s):s].mean(1)              # [E]
+                n = len(per_ep)
+                out[f"acc@{s}"] = float(per_ep.mean())
+                out[f"ci@{s}"] = float(1.96 * per_ep.std(ddof=1) / math.sqrt(n)) if n > 1 else 0.0
+        return out
+    return metric
+
+
+def log_binned_curve(n_bins: int = 40) -> CorrectnessMetric:
+    """The accuracy curve in ``n_bins`` log-spaced step bins (for a log axis): ``curve_x`` (bin centres,
+    geometric means of the edges) and ``curve_y`` (mean accuracy in the bin)."""
+    def metric(correct: np.ndarray) -> dict[str, Any]:
+        t = correct.shape[1]
+        edges = np.unique(np.round(np.logspace(0, math.log10(t), n_bins + 1)).astype(int))
+        xs, ys = [], []
+        for a, b in itertools.pairwise(edges):
+            xs.append(float(math.sqrt(a * b)))
+            ys.append(float(correct[:, a - 1:b - 1].mean()) if b > a else float("nan"))
+        return {"curve_x": xs, "curve_y": ys}
+    return metric
+
+
+class MetaTestProtocol(Protocol):
+    """How a task's meta-test episodes are drawn and what is measured on them (one per kind of task)."""
+
+    def episodes(self, spec: str, num: int, length: int, seed: int, split: str, data_dir: str | None,
+                 device: torch.device | str | None) -> tuple[Any, Any]:
+        """(EpisodeBatch, its family) of a task, built on ``device`` where the protocol can."""
+        ...
+
+    def measure(self, fl: FrozenLearner, batch: Any, family: Any, seed: int | None) -> dict[str, Any]:
+        """The result of one frozen learner on the batch (Python scalars / lists / tensors); ``seed``
+        draws the learner's initial states."""
+        ...
+
+
+@dataclass(frozen=True)
+class OnlineClassification:
+    """The classification meta-test (vsml.md §3.6): one batch of episodes drawn with seed
+    ``derive_seed(seed, "eval-batch", 0)`` (the draw of :func:`tasks.protocol.meta_test`); the result is
+    :func:`tasks.protocol.summarize` (online / final accuracy, loss, the per-step curve with its 95% band;
+    ``smooth``: each episode's 0/1 curve is averaged over a trailing window of this many steps before
+    the band, the scalar accuracies never are), the family's ``name``, ``split``, ``num_classes`` and
+    ``chance``, and the ``metrics`` of the correctness matrix [E, T] (e.g. :func:`acc_at_steps`)."""
+
+    smooth: int = 25
+    metrics: Sequence[CorrectnessMetric] = ()
+    split: str = "test"
+
+    def episodes(self, spec: str, num: int, length: int, seed: int, split: str, data_dir: str | None,
+                 device: torch.device | str | None) -> tuple[Any, Any]:
+        fam = make_family(spec, data_dir=data_dir)
+        return fam.sample(num, length, derive_seed(seed, "eval-batch", 0), split, device=device), fam
+
+    def measure(self, fl: FrozenLearner, batch: Any, family: Any, seed: int | None) -> dict[str, Any]:
+        out = fl.run(batch, seed=seed)
+        correct = out["correct"].to(torch.float64).numpy()                              # [E, T]
+        loss = out["loss"].to(torch.float64).numpy()                                    # [E, T]
+        r = summarize(correct, loss, smooth=min(self.smooth, correct.shape[1]))
+        r.update(name=batch.name if family is None else family.name, split=self.split,
+                 num_classes=batch.num_classes, chance=1.0 / batch.num_classes)
+        for m in self.metrics:
+            r.update(m(correct))
+        return r
+
+
+def evaluate(learners: list[FrozenLearner], task_specs: list[str], episodes: int, length: int, seed: int | None,
              data_dir: str | None = None, split: str = "test", smooth: int = 25,
-             device: torch.device | str | None = None,
+             metrics: Sequence[CorrectnessMetric] = (), batches: Mapping[str, Any] | None = None,
+             protocol: MetaTestProtocol | None = None, device: torch.device | str | None = None,
              progress: Callable[[str], None] | None = None) -> dict[str, dict[str, dict[str, Any]]]:
-    """{task: {learner: result dict of tasks.protocol.meta_test}}; all learners see the same episodes.
+    """The one meta-test entry: {task: {learner: result}}, every learner on the same episodes of every task.
 
-    ``smooth``: each episode's 0/1 correctness curve is averaged over a trailing window of this many
-    steps before the mean curve and its 95% band over episodes are formed (the scalar accuracies are
-    never smoothed).  ``seed`` draws the episodes and the learners' initial states.
-
-    ``device``: where the episodes are sampled (default: the first learner's θ device), so a GPU
-    meta-test builds its batches on the GPU.  ``progress``: called with a line before and after each
-    (task, learner) pair (e.g. ``tqdm.write``)."""
+    ``protocol`` draws the episodes and measures (default :class:`OnlineClassification` with ``smooth``
+    and ``metrics``; the Guessing Game: :class:`vsml.evaluation.badger_eval.GuessingGame`);
+    ``batches[task]``, when given, replaces the protocol's draw (a study's own cached episodes).
+    ``seed`` draws the episodes and the learners' initial states (None, with ``batches``: the historic
+    initial-state rule of :func:`state_seed`).  ``device``: where the episodes are
+    built (default: the first learner's θ device), so a GPU meta-test builds its batches on the GPU.
+    ``progress``: called with a line before and after each (task, learner) pair (e.g. ``tqdm.write``)."""
+    protocol = protocol or OnlineClassification(smooth=smooth, metrics=tuple(metrics), split=split)
     if device is None and learners:
         device = learners[0].theta.device
     results: dict[str, dict[str, dict[str, Any]]] = {}
     n, i = len(task_specs) * len(learners), 0
     for spec in task_specs:
-        fam = make_family(spec, data_dir=data_dir)
+        if batches is not None and spec in batches:
+            batch, family = batches[spec], None
+        else:
+            batch, family = protocol.episodes(spec, episodes, length, seed, split, data_dir, device)
         results[spec] = {}
         for fl in learners:
             i += 1
             t0 = time.time()
             if progress is not None:
                 progress(f"[eval] ({i}/{n}) {spec}: {fl.name} on {episodes} episodes x {length} examples ...")
-            r = meta_test(functools.partial(fl.run, seed=seed), fam, num_episodes=episodes, length=length,
-                          seed=seed, split=split, smooth=min(smooth, length), device=device)
-            results[spec][fl.name] = {k: (v.tolist() if torch.is_tensor(v) else v) for k, v in r.items()}
+            r = protocol.measure(fl, batch, family, seed)
+            r = {k: (v.tolist() if torch.is_tensor(v) else v) for k, v in r.items()}
+            results[spec][fl.name] = r
             if progress is not None:
-                progress(f"[eval] ({i}/{n}) {spec}: {fl.name} online acc "
-                         f"{results[spec][fl.name]['online_accuracy']:.3f} ({time.time() - t0:.1f} s)")
+                score = (f"online acc {r['online_accuracy']:.3f}" if "online_accuracy" in r else
+                         f"error mean {r['error_mean']:.3f}")
+                progress(f"[eval] ({i}/{n}) {spec}: {fl.name} {score} ({time.time() - t0:.1f} s)")
     return results
 
 

@@ -24,7 +24,6 @@ classes are read), which is equivalent to padding but cheaper.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -38,8 +37,6 @@ from vsml.engine.state import EpisodeOutput
 from vsml.engine.params import truncated_normal
 
 __all__ = [
-    "BASELINES",
-    "LEARNERS",
     "HebbianLearner",
     "HebbianState",
     "MetaRNN",
@@ -47,7 +44,6 @@ __all__ = [
     "MetaRNNState",
     "OnlineSGD",
     "OnlineSGDState",
-    "make_learner",
 ]
 
 
@@ -580,43 +576,3 @@ class MetaRNN:
             lab = F.one_hot(y[:, t], c).to(lg.dtype)
             err = torch.softmax(lg, -1) - lab                                # e_t, fed at t+1
         return _finish(logits, x, y, c, MetaRNNState(h, cc, err, lab))
-
-
-# --------------------------------------------------------------------------------------------
-# registry
-
-
-def _vsml(cfg=None, **kw):
-    from vsml.engine.config import VSMLConfig
-    from vsml.engine.network import VSMLNetwork
-    if cfg is None:
-        cfg = VSMLConfig(**kw)
-    elif kw:
-        raise ValueError(f"make_learner('vsml'): pass either cfg=VSMLConfig(...) or VSMLConfig fields, "
-                         f"not both (got extra {sorted(kw)})")
-    elif isinstance(cfg, dict):
-        cfg = VSMLConfig.from_dict(cfg)
-    return VSMLNetwork(cfg)
-
-
-BASELINES: dict[str, Callable[..., Any]] = {
-    "sgd": partial(OnlineSGD, hidden=None, lr=0.01, optimizer="sgd"),
-    "adam": partial(OnlineSGD, hidden=None, lr=1e-3, optimizer="adam"),
-    "sgd2": partial(OnlineSGD, hidden=160, lr=0.01, optimizer="sgd"),
-    "adam2": partial(OnlineSGD, hidden=160, lr=1e-3, optimizer="adam"),
-    "hebbian": HebbianLearner,
-    "metarnn": MetaRNN,
-}
-"""Baseline name -> factory with the reference defaults (vsml.md §3.6); kwargs override them."""
-
-LEARNERS: dict[str, Callable[..., Any]] = {"vsml": _vsml, **BASELINES}
-
-
-def make_learner(name: str, **kw: Any) -> Any:
-    """Build a learner by name: "vsml" (kw ``cfg: VSMLConfig`` or VSMLConfig fields), "sgd", "adam",
-    "sgd2", "adam2" (OnlineSGD with reference lr / width; kwargs override), "hebbian", "metarnn"."""
-    try:
-        factory = LEARNERS[name]
-    except KeyError:
-        raise ValueError(f"unknown learner {name!r}; valid names: {sorted(LEARNERS)}") from None
-    return factory(**kw)

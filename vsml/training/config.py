@@ -53,6 +53,19 @@ class LogConfig:
 
 
 @dataclass(frozen=True)
+class Phase:
+    """One stretch of meta-training: ``steps`` meta-steps of the registered estimator ``estimator``
+    (vsml/estimators/registry.py) with its own Adam(W) at ``lr``; ``name`` keys the optimiser and
+    the estimator state in checkpoints."""
+
+    name: str
+    estimator: str
+    steps: int
+    lr: float
+    weight_decay: float = 0.0
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """One meta-training run.  ``lr`` defaults by estimator (ES 0.025, BPTT/BMG 1e-3) when None.
 
@@ -64,7 +77,7 @@ class TrainConfig:
     vsml: VSMLConfig = field(default_factory=VSMLConfig)
     badger: BadgerConfig = field(default_factory=BadgerConfig)   # Micro-Badger (vsml/learners/badger.py)
     metarnn: MetaRNNConfig = field(default_factory=MetaRNNConfig)   # learner=metarnn (vsml/learners/baselines.py)
-    estimator: Literal["es", "bptt", "pes", "tes", "bmg"] = "es"   # tes: truncated ES; bmg: bootstrapped
+    estimator: Literal["es", "bptt", "pes", "tes", "bmg", "clone"] = "es"   # tes: truncated ES; bmg: bootstrapped
     es: ESConfig = field(default_factory=ESConfig)
     pes: PESConfig = field(default_factory=lambda: PESConfig(particles=32, truncation=20, horizon=100))
     bptt: BPTTConfig = field(default_factory=BPTTConfig)
@@ -94,15 +107,19 @@ class TrainConfig:
     dist: DistConfig = field(default_factory=DistConfig)   # torchrun settings (vsml/training/distributed.py)
 
     def __post_init__(self):
-        if self.clone.steps and (self.learner != "vsml"):
-            raise ConfigError("clone.steps > 0 needs learner=vsml (cloning makes sub-LSTMs imitate SGD weights)")
-        from tasks.guessing import is_guessing_spec     # learner=badger <-> Guessing-Game tasks
-        if self.learner == "badger" and not is_guessing_spec(self.task):
-            raise ConfigError(f"learner=badger needs a Guessing-Game task (guessing[n=3], guessing[n=3-6], "
+        if (self.clone.steps or self.estimator == "clone") and (self.learner != "vsml"):
+            raise ConfigError("clone.steps > 0 needs learner=vsml, as does estimator=clone (cloning makes "
+                              "sub-LSTMs imitate SGD weights)")
+        from tasks.guessing import is_guessing_spec     # Guessing-Game learners <-> Guessing-Game tasks
+        from vsml.learners.registry import names, spec
+        plays_guessing = spec(self.learner).metric == "guessing"
+        if plays_guessing and not is_guessing_spec(self.task):
+            raise ConfigError(f"learner={self.learner} needs a Guessing-Game task (guessing[n=3], guessing[n=3-6], "
                               f"sinusoid[n=41,k=1-5]); got task={self.task!r}. Try --preset badger")
-        if self.learner != "badger" and is_guessing_spec(self.task):
-            raise ConfigError(f"task={self.task!r} is a Guessing-Game task: it needs --learner badger "
-                              f"(the other learners are classifiers)")
+        if not plays_guessing and is_guessing_spec(self.task):
+            players = [n for n in names() if spec(n).metric == "guessing"]
+            raise ConfigError(f"task={self.task!r} is a Guessing-Game task: it needs --learner "
+                              f"{' / '.join(players)} (the other learners are classifiers)")
         for name in ("episode_length", "meta_batch", "steps"):
             if getattr(self, name) < (0 if name == "steps" and self.clone.steps else 1):  # steps 0: cloning only
                 raise ConfigError(f"{name} must be >= 1 (steps >= 0 with clone.steps > 0), got {getattr(self, name)}")
@@ -127,7 +144,15 @@ class TrainConfig:
 
     @property
     def resolved_lr(self) -> float:
-        return self.lr if self.lr is not None else (1e-3 if self.estimator in ("bptt", "bmg") else 0.025)
+        if self.lr is not None:
+            return self.lr
+        return {"bptt": 1e-3, "bmg": 1e-3, "clone": self.clone.lr}.get(self.estimator, 0.025)
+
+    @property
+    def phases(self) -> tuple[Phase, ...]:
+        """Cloning (``clone.steps``, Adam at ``clone.lr``), then ``steps`` steps of ``estimator``."""
+        return (Phase("clone", "clone", self.clone.steps, self.clone.lr),
+                Phase("meta", self.estimator, self.steps, self.resolved_lr, self.weight_decay))
 
     @property
     def total_steps(self) -> int:

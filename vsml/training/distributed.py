@@ -44,8 +44,15 @@ the same on every rank, so θ still stays bit-identical across ranks.  (Adam div
 entry whose gradient is numerically zero, |g| ~ 1e-9, takes an lr-sized step whose sign is rounding
 noise: in a 4-step tiny BPTT run 1 of 2,384 θ entries differed from the one-process run by 1e-3 =
 lr, all others by < 1e-5.)  The cloning phase
-(vsml/estimators/cloning.py) is sharded like BPTT (:class:`DistributedCloneEstimator`).  PES / truncated ES
+(vsml/estimators/cloning.py) is sharded like BPTT; deep cloning is replicated.  PES / truncated ES
 keep per-particle inner states across meta-steps and are refused under more than one process.
+
+One implementation of each estimator: ES, BPTT and cloning split their ``estimate`` into
+``partial`` (the contribution of a slice of pairs / episodes) and ``reduce``
+(:class:`vsml.estimators.base.ShardableEstimator`); :class:`ShardedEstimator` runs ``partial`` on
+this rank's slice, combines across ranks (all-gather of rows / all-reduce sum) and ``reduce``s, so
+the one-process ``estimate`` (``reduce(partial(everything))``) and the sharded one share every line
+of estimator code.
 
 Consistency check.  Every ``dist.checksum_every`` meta-steps the ranks all-gather a 64-bit hash of
 θ and of the optimiser state; any difference raises :class:`ThetaDriftError` naming the step and
@@ -86,9 +93,8 @@ import torch.distributed as dist
 
 from vsml.engine.config import ConfigError
 
-__all__ = ["DistConfig", "DistContext", "DistributedBPTTEstimator", "DistributedCloneEstimator",
-           "DistributedESEstimator", "FAULT_ENV", "FAULT_EXIT_CODE", "NullLogger", "ThetaDriftError",
-           "distribute_estimator", "init_distributed", "shard_range", "state_checksum"]
+__all__ = ["DistConfig", "DistContext", "FAULT_ENV", "FAULT_EXIT_CODE", "NullLogger", "ShardedEstimator",
+           "ThetaDriftError", "distribute_estimator", "init_distributed", "shard_range", "state_checksum"]
 
 FAULT_ENV = "VSML_FAULT_INJECT"
 FAULT_EXIT_CODE = 17
@@ -363,15 +369,15 @@ def init_distributed(cfg: Any) -> DistContext:
             raise ConfigError(f"estimator={cfg.estimator} cannot run on {world} processes: its particles keep "
                               "inner states across meta-steps that would have to be sharded and checkpointed per "
                               "rank (not implemented); run it as one process, or use --estimator es / bptt")
-        if cfg.estimator not in ("es", "bptt"):
-            raise ConfigError(f"estimator={cfg.estimator} has no multi-process version (only es and bptt, plus "
-                              f"the cloning phase, run on several processes); run it as one process")
+        if cfg.estimator not in ("es", "bptt", "clone"):
+            raise ConfigError(f"estimator={cfg.estimator} has no multi-process version (only es, bptt and clone, "
+                              f"plus the cloning phase, run on several processes); run it as one process")
         n = {"es": cfg.es.pairs, "bptt": cfg.meta_batch}.get(cfg.estimator)
         if n is not None and n < world:
             what = "es.pairs" if cfg.estimator == "es" else "meta_batch"
             raise ConfigError(f"{what}={n} is smaller than the number of processes ({world}); every process "
                               f"needs at least one {'antithetic pair' if cfg.estimator == 'es' else 'episode'}")
-        if cfg.clone.steps and cfg.clone.episodes < world:
+        if (cfg.clone.steps or cfg.estimator == "clone") and cfg.clone.episodes < world:
             raise ConfigError(f"clone.episodes={cfg.clone.episodes} is smaller than the number of processes "
                               f"({world}); raise clone.episodes or set clone.steps 0")
     backend = dcfg.backend
@@ -413,163 +419,53 @@ def init_distributed(cfg: Any) -> DistContext:
 # estimators
 
 
-class DistributedESEstimator:
-    """Antithetic ES with the population sharded over processes (module docstring, "ES").
+class ShardedEstimator:
+    """A :class:`vsml.estimators.base.ShardableEstimator` with its parts sharded over the processes.
 
-    Same interface and, given the same ``member_batch``, the same numbers as
-    :class:`vsml.estimators.core.ESEstimator` on one process: ``estimate(theta, x, y, C, step)`` with x
-    [P, T, ...] the *global* batch (one data episode per pair, identical on every rank).
+    Every rank holds the same global batch (ES on a GPU: only its own pairs' episodes); rank r computes
+    ``partial`` for its contiguous share of the parts (:func:`shard_range`), the contributions are
+    combined across ranks (all-gather of the ES member rows, or all-reduce sum of the BPTT / cloning
+    gradient shares) and every rank runs the same ``reduce``, so θ stays identical without a broadcast
+    (module docstring).
     """
 
-    def __init__(self, learner: Any, cfg, ctx: DistContext, member_batch: int = 0):
-        from vsml.estimators.core import ESEstimator
-        self.local = ESEstimator(learner, cfg, max_batch=member_batch or None)   # validates, draws states
-        self.learner, self.cfg, self.ctx = learner, cfg, ctx
-        self.member_batch = member_batch
+    def __init__(self, inner: Any, ctx: DistContext):
+        self.inner, self.ctx = inner, ctx
 
     def estimate(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, num_classes: int,
                  step: int) -> tuple[torch.Tensor, dict]:
-        from vsml.estimators.es import es_ask, es_tell
-        from vsml.estimators.core import _check_batch
-        from vsml.learners.base import state_index, state_repeat_interleave
-        x = _check_batch(x, y)                                               # [P, T, D] or [p, T, D]
-        p = self.cfg.pairs
-        world = self.ctx.world_size
-        mine = self.ctx.shard(p)                                             # this rank's pair indices
-        if x.shape[0] not in (p, len(mine)):
-            raise ValueError(f"DistributedESEstimator needs the global batch (one episode per pair) or this "
-                             f"rank's share: x has {x.shape[0]} episodes but ESConfig.pairs = {p} and this "
-                             f"rank holds pairs {mine.start}..{mine.stop - 1}")
-        if x.shape[0] == p:                                                  # the global batch: keep our slice
-            x, y = x[mine.start:mine.stop], y[mine.start:mine.stop]
-        theta = theta.detach()
-        pop = es_ask(theta, self.cfg, step, pair_indices=mine)               # [2p, *θ]
-        if pop.device.type == "cpu":
-            # CPU: the global draw from one stream, sliced (bit-identical to the one-process run)
-            state = self.local.initial_state(p, x.shape[2], num_classes, step, pop.dtype, pop.device)  # P pairs
-            state = state_index(state, slice(mine.start, mine.stop))
+        n, world = self.inner.num_parts(x), self.ctx.world_size
+        local = self.inner.partial(theta, x, y, num_classes, step, self.ctx.shard(n))
+        if self.inner.combine == "gather":
+            counts = [self.inner.rows_per_part * len(shard_range(n, r, world)) for r in range(world)]
+            total = self.ctx.all_gather_rows(local, counts)                  # [rows of all parts, ...]
         else:
-            # GPU: per-pair streams, this rank's pairs only (what the one-process run draws on a GPU too)
-            state = self.local.initial_state(p, x.shape[2], num_classes, step, pop.dtype, pop.device, pairs=mine)
-        state = state_repeat_interleave(state, 2)                            # [2p, ...]
-        x2 = x.repeat_interleave(2, 0)                                       # [2p, T, D]
-        y2 = y.repeat_interleave(2, 0)                                       # [2p, T]
-        n = 2 * len(mine)
-        mb = self.member_batch or n
-        rows = []
-        with torch.no_grad():
-            for m0 in range(0, n, mb):
-                m1 = min(n, m0 + mb)
-                st = state if (m0 == 0 and m1 == n) else state_index(state, slice(m0, m1))
-                out = self.learner.unroll(pop[m0:m1], x2[m0:m1], y2[m0:m1], num_classes, state=st)
-                rows.append(torch.stack([out.loss.mean(1), out.correct.to(pop.dtype).mean(1)], 1))  # [m, 2]
-        del pop
-        local = torch.cat(rows)                                              # [2p, (loss, acc)]
-        counts = [2 * len(shard_range(p, r, world)) for r in range(world)]
-        both = self.ctx.all_gather_rows(local, counts)                       # [2P, 2], member order
-        grad, metrics = es_tell(theta, both[:, 0], self.cfg, step)
-        metrics["accuracy"] = float(both[:, 1].mean())
-        return grad, metrics
+            total = self.ctx.all_reduce_sum(local)
+        return self.inner.reduce(theta, total, step)
 
 
-def _clip(grad: torch.Tensor, norm: float, max_norm: float) -> tuple[torch.Tensor, bool]:
-    if max_norm > 0 and norm > max_norm:
-        return grad * (max_norm / (norm + 1e-12)), True
-    return grad, False
-
-
-class DistributedBPTTEstimator:
-    """Data-parallel BPTT: meta-batch sharded, meta-gradient all-reduced *before* clipping.
-
-    Matches :class:`vsml.estimators.core.BPTTEstimator` (same initial states: the global draw from
-    (seed, step, −1), sliced) up to the floating-point order of the cross-rank sum.
-    """
-
-    def __init__(self, learner: Any, cfg, ctx: DistContext, seed: int = 0):
-        from vsml.estimators.core import BPTTEstimator
-        BPTTEstimator(learner, cfg, seed)                                    # same validation
-        self.learner, self.cfg, self.ctx, self.seed = learner, cfg, ctx, int(seed)
-
-    def estimate(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, num_classes: int,
-                 step: int) -> tuple[torch.Tensor, dict]:
-        from vsml.estimators.bptt import bptt_gradient
-        from vsml.estimators.es import pair_seed
-        from vsml.estimators.core import _check_batch
-        from vsml.learners.base import state_index
-        x = _check_batch(x, y)                                               # [E, T, D]
-        e = x.shape[0]
-        mine = self.ctx.shard(e)
-        from vsml.learners.base import state_generator
-        gen = state_generator(self.learner, pair_seed(self.seed, step, -1), theta.device)   # as BPTTEstimator
-        state = self.learner.init_state(e, x.shape[2], num_classes, gen, theta.dtype, theta.device)
-        state = state_index(state, slice(mine.start, mine.stop))             # [E_r, ...]
-        g, m = bptt_gradient(self.learner, theta.detach(), x[mine.start:mine.stop], y[mine.start:mine.stop],
-                             num_classes, replace(self.cfg, clip_grad_norm=0.0), state=state)
-        w = len(mine) / e                                                    # E_r / E
-        packed = torch.cat([g.reshape(-1) * w,
-                            g.new_tensor([m["loss"] * w, m["accuracy"] * w, m["nonfinite"]])])   # [|θ| + 3]
-        packed = self.ctx.all_reduce_sum(packed)
-        grad = packed[:-3].reshape(g.shape)
-        loss, acc, nonfinite = (float(v) for v in packed[-3:])
-        norm = float(grad.norm())
-        if nonfinite > 0 or not math.isfinite(norm):
-            grad, norm, nonfinite = torch.zeros_like(grad), float("nan"), 1.0
-        grad, clipped = _clip(grad, norm, self.cfg.clip_grad_norm)
-        return grad.detach(), {"loss": loss, "accuracy": acc, "grad_norm": norm, "clipped": float(clipped),
-                               "nonfinite": float(nonfinite > 0), "truncations": m["truncations"]}
-
-
-class DistributedCloneEstimator:
-    """The cloning phase (vsml/estimators/cloning.py) with its episodes sharded and the gradient all-reduced.
-
-    Every rank draws the same episodes, random-input replacements, initial states and teacher
-    trajectories as :class:`vsml.estimators.cloning.CloneEstimator` (the teacher is cheap and its target
-    variance is taken over *all* episodes, as in the one-process loss); each rank unrolls the
-    student on its own episodes only, and the summed loss terms and gradients are all-reduced
-    before clipping.
-    """
-
-    def __init__(self, cloner, ctx: DistContext):
-        self.cloner, self.ctx = cloner, ctx
-
-    def estimate(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, num_classes: int, step: int):
-        x, y, gen = self.cloner.prepare(x, y, step)                          # [E, T, D], [E, T]
-        mine = self.ctx.shard(x.shape[0])
-        th = theta.detach().clone().requires_grad_(True)
-        with torch.enable_grad():
-            loss = self.cloner.loss(th, x, y, num_classes, gen, episodes=slice(mine.start, mine.stop))
-            (grad,) = torch.autograd.grad(loss, th)
-        packed = self.ctx.all_reduce_sum(torch.cat([grad.reshape(-1), loss.detach().reshape(1)]))  # [|θ| + 1]
-        grad, loss = packed[:-1].reshape(th.shape), float(packed[-1])
-        norm = float(grad.norm())
-        grad, _ = _clip(grad, norm, self.cloner.cfg.clip_grad_norm)
-        return grad, {"clone_loss": loss, "grad_norm": norm}
-
-
-def distribute_estimator(estimator: Any, ctx: DistContext, cfg: DistConfig) -> Any:
+def distribute_estimator(estimator: Any, ctx: DistContext) -> Any:
     """The estimator the train loop should use on this process.
 
-    ES: :class:`DistributedESEstimator` under several processes or when ``cfg.member_batch`` is
-    set; BPTT and cloning: their sharded versions under several processes; anything else (and
-    everything on one process) unchanged.
+    On one process: ``estimator`` unchanged.  Under several: the batch estimator inside an
+    :class:`vsml.estimators.base.EpisodeBatchEstimator` is wrapped in a :class:`ShardedEstimator`
+    when it shards (ES, BPTT, shallow cloning), kept as is when it is ``replicated`` (deep cloning:
+    every rank computes the same full gradient); anything else has no multi-process version.
     """
-    from vsml.estimators.core import BPTTEstimator, ESEstimator
-    from vsml.estimators.cloning import CloneEstimator
-    if isinstance(estimator, ESEstimator):
-        if ctx.distributed or cfg.member_batch:
-            return DistributedESEstimator(estimator.learner, estimator.cfg, ctx, cfg.member_batch)
-        return estimator
+    from vsml.estimators.base import EpisodeBatchEstimator
     if not ctx.distributed:
         return estimator
-    if isinstance(estimator, BPTTEstimator):
-        return DistributedBPTTEstimator(estimator.learner, estimator.cfg, ctx, estimator.seed)
-    if isinstance(estimator, CloneEstimator):
-        return DistributedCloneEstimator(estimator, ctx)
-    if type(estimator).__name__ == "DeepCloneEstimator":
-        # no sharded version yet: every rank computes the same full gradient (deterministic, so θ
-        # stays identical, which the checksum verifies), i.e. correct but without a speed-up
+    sharding = getattr(getattr(estimator, "inner", None), "sharding", None)
+    if isinstance(estimator, EpisodeBatchEstimator) and sharding == "sharded":
+        # on a GPU a rank builds only its own parts' episodes (per-episode streams, module docstring);
+        # the CPU keeps the global draw, sliced, bit-identical to the one-process run
+        own = estimator.inner.takes_own_share and ctx.device.type != "cpu"
+        return replace(estimator, inner=ShardedEstimator(estimator.inner, ctx),
+                       shard=ctx.shard(estimator.episodes) if own else None)
+    if sharding == "replicated":
         if ctx.is_main:
-            print("[vsml] deep cloning is replicated on every process (not sharded): no speed-up in the "
-                  "cloning phase", file=sys.stderr, flush=True)
+            print(f"[vsml] {type(estimator.inner).__name__} is replicated on every process (not sharded): "
+                  "no speed-up", file=sys.stderr, flush=True)
         return estimator
-    raise ConfigError(f"{type(estimator).__name__} has no multi-process version; run it as one process")
+    raise ConfigError(f"{type(getattr(estimator, 'inner', estimator)).__name__} has no multi-process version; "
+                      "run it as one process")

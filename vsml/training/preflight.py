@@ -78,10 +78,10 @@ def preflight(cfg, *, resume: str | None = None) -> Preflight:
     if not evals:
         raise ConfigError(f"--eval.tasks {cfg.eval.tasks!r} names no task; give one, e.g. --eval.tasks digits")
     if cfg.eval.baselines:
-        from vsml.learners.baselines import make_learner
+        from vsml.learners import registry
         for b in [s.strip() for s in cfg.eval.baselines.split(",") if s.strip()]:
             try:
-                make_learner(b)
+                registry.build(b)
             except (KeyError, ValueError) as exc:
                 msg = exc.args[0] if exc.args else str(exc)
                 raise ConfigError(f"--eval.baselines: {msg}") from None

@@ -1,6 +1,12 @@
 """Meta-training loop: learner x task family x meta-gradient estimator, with logging, periodic
 meta-tests, checkpoints, exact resume and signal handling.
 
+The loop knows no estimator and no learner by name: the run is a sequence of phases
+(``TrainConfig.phases``: cloning, then meta-training), each with an estimator from the registry
+(vsml/estimators/registry.py) behind the one protocol ``step(θ, state, s) -> (ĝ, metrics, state)``
+and its own Adam; the estimator states and optimisers are checkpointed per phase.  How θ is
+meta-tested comes from the learner's registry entry (vsml/evaluation/metrics.py).
+
 Every random draw of meta-step s (the data episodes, the ES noise, the initial inner states)
 is derived from (seed, s), so a resumed run repeats exactly the numbers of an uninterrupted one
 given θ, the Adam state and s from the checkpoint.
@@ -10,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import json
 import math
 import signal
@@ -19,13 +26,16 @@ from pathlib import Path
 
 import torch
 
-from tasks.base import derive_seed, sample_episodes  # one seed-derivation rule for data, noise and states
+from tasks.base import derive_seed  # one seed-derivation rule for data, noise and states
 from vsml.training.checkpoint import CheckpointError, atomic_write_text, save_checkpoint, save_theta
 from vsml.learners.registry import build_learner
 from vsml.training.config import TrainConfig, config_from_dict
 from vsml.training.distributed import NullLogger, distribute_estimator, init_distributed
 from vsml.training.rundir import (DISK_ERRNOS, RunDirError, create_run_dir, disk_error_message,
                                   lock_existing_run_dir, read_finished, truncate_metrics, write_finished)
+from vsml.estimators.base import Problem
+from vsml.estimators.registry import build as build_estimator
+from vsml.evaluation.metrics import metric_for
 
 
 class _StopFlag:
@@ -76,75 +86,13 @@ def _check_resume_compatible(saved: TrainConfig, cfg: TrainConfig, step: int | N
                 f"requested config has {key}={getattr(cfg, key)!r}; resume without overriding {key}")
 
 
-def _estimator(cfg: TrainConfig, learner):
-    from vsml.estimators.core import BPTTEstimator, ESEstimator
-    if cfg.estimator in ("pes", "tes"):
-        from vsml.estimators.pes import PES, TruncatedES
-        pcfg = dataclasses.replace(cfg.pes, seed=derive_seed(cfg.seed, "pes-noise", cfg.pes.seed))
-        return PES(pcfg) if cfg.estimator == "pes" else TruncatedES(pcfg)
-    if cfg.estimator == "bmg":
-        from vsml.estimators.bmg import BMGEstimator
-        return BMGEstimator(learner, cfg.bmg, seed=cfg.seed)
-    if cfg.estimator == "es":
-        return ESEstimator(learner, dataclasses.replace(cfg.es, seed=derive_seed(cfg.seed, "es-noise", cfg.es.seed)))
-    return BPTTEstimator(learner, cfg.bptt, seed=cfg.seed)
-
-
-def run_meta_test(cfg: TrainConfig, learner, theta: torch.Tensor, step: int, logger, run_dir: Path,
-                  final: bool = False) -> dict:
-    if cfg.learner == "badger":       # Guessing-Game meta-test + state analyses (vsml/evaluation/badger_eval.py)
-        from vsml.evaluation.badger_eval import badger_meta_test
-        return badger_meta_test(cfg, learner, theta, step, logger, run_dir, final)
-    from vsml.evaluation.evaluate import FrozenLearner, evaluate, parse_task_list, write_results
-    learners = [FrozenLearner(cfg.learner, learner, theta.detach())]
-    if final and cfg.eval.baselines:
-        from vsml.learners.baselines import make_learner
-        for b in [s.strip() for s in cfg.eval.baselines.split(",") if s.strip()]:
-            bl = make_learner(b)
-            learners.append(FrozenLearner(b, bl, bl.init_theta().to(theta.device)))
-    tasks = parse_task_list(cfg.eval.tasks)
-    res = evaluate(learners, tasks, cfg.eval.episodes, cfg.eval.length, cfg.eval.seed, cfg.data_dir,
-                   progress=_say if final else None)
-    metrics = {}
-    for task, per in res.items():
-        r = per[cfg.learner]
-        metrics[f"meta_test/{task}/online_acc"] = r["online_accuracy"]
-        metrics[f"meta_test/{task}/final_acc"] = r["final_accuracy"]
-        metrics[f"meta_test/{task}/loss"] = r["loss"]
-        logger.log_curves(task, {n: {"mean": v["curve_mean"], "lo": v["curve_lo"], "hi": v["curve_hi"]}
-                                 for n, v in per.items()}, step)
-    logger.log(metrics, step)
-    if final:
-        paths = write_results(res, run_dir / "meta_test")
-        for task, p in paths.items():
-            if task != "json":
-                logger.log_image(f"meta_test/{task}/plot", p, step)
-        res["_paths"] = {k: str(v) for k, v in paths.items()}
-    return res
-
-
-def _pes_state_dict(st) -> dict:
-    """PESState -> plain dict of tensors / ints (loads with weights_only=True)."""
-    from vsml.learners.base import tree_flatten
-    leaves = [] if st.inner is None else tree_flatten(st.inner)[0]
-    return {"t": int(st.t), "episode": int(st.episode), "accum": st.accum.detach().cpu(),
-            "has_inner": st.inner is not None, "inner_leaves": [t.detach().cpu() for t in leaves]}
-
-
-def _restore_pes_state(estimator, system, fresh, d: dict):
-    """Inverse of ``_pes_state_dict``: the inner state's structure comes from a fresh draw of the
-    same episode, its tensors from the checkpoint."""
-    from vsml.learners.base import tree_flatten
-    from vsml.estimators.pes import PESState
-    inner = None
-    if d["has_inner"]:
-        template = estimator._fresh(system, d["episode"])
-        leaves, rebuild = tree_flatten(template)
-        if len(leaves) != len(d["inner_leaves"]):
-            raise CheckpointError("the checkpoint's PES inner state does not fit this learner/task; "
-                                  "resume with the config it was written with")
-        inner = rebuild([t.to(leaf.device) for t, leaf in zip(d["inner_leaves"], leaves)])
-    return PESState(inner=inner, accum=d["accum"].to(fresh.accum.device), t=d["t"], episode=d["episode"])
+def _saved_estimator_states(ck: dict) -> dict[str, dict]:
+    """{phase name: estimator state dict} of a checkpoint; a checkpoint written before the estimator
+    protocol kept only the PES / truncated ES state, as ``extra["pes"]`` (the "meta" phase's)."""
+    extra = ck.get("extra", {})
+    if "estimator" in extra:
+        return extra["estimator"]
+    return {"meta": extra["pes"]} if extra.get("pes") is not None else {}
 
 
 def _say(msg: str) -> None:
@@ -161,21 +109,16 @@ def _apply_lr(opt: torch.optim.Optimizer, lr: float, weight_decay: float | None 
             group["weight_decay"] = weight_decay
 
 
-def _step_loss(m: dict) -> float | None:
-    for k in ("loss_mean", "loss", "clone_loss"):
-        if k in m:
-            return float(m[k])
-    return None
 
 
-def _no_finite_member(m: dict) -> bool:
+def _no_finite_member(m: dict, loss_metric: str) -> bool:
     """True when a meta-step had no usable (finite) population member: ES ``all_nonfinite``; BPTT/BMG
-    ``nonfinite`` (one loss); any estimator whose loss or gradient was non-finite."""
+    ``nonfinite`` (one loss); any estimator whose loss (``m[loss_metric]``) or gradient was non-finite."""
     if m.get("skipped_nonfinite_grad"):
         return True
     bad = bool(m["all_nonfinite"]) if "all_nonfinite" in m else bool(m.get("nonfinite", 0))
-    loss = _step_loss(m)
-    return bad or (loss is not None and not math.isfinite(loss))
+    loss = m.get(loss_metric)
+    return bad or (loss is not None and not math.isfinite(float(loss)))
 
 
 def _nonfinite_state(theta: torch.Tensor, *opts: torch.optim.Optimizer) -> str | None:
@@ -359,9 +302,9 @@ def _train(cfg: TrainConfig, resume, run_dir, cleanup: contextlib.ExitStack, inf
     if pre.init_theta is not None and ck is None:
         with torch.no_grad():
             theta.copy_(pre.init_theta.to(device))
-    from vsml.estimators.core import make_optimizer  # BPTT clipping happens inside bptt_gradient
-    opt = make_optimizer(theta, cfg.resolved_lr, weight_decay=cfg.weight_decay)
-    opt_clone = make_optimizer(theta, cfg.clone.lr)
+    from vsml.estimators.core import make_optimizer
+    # one Adam per phase (cloning, then meta-training), keyed by the phase's name in checkpoints
+    opts = {p.name: make_optimizer(theta, p.lr, weight_decay=p.weight_decay) for p in cfg.phases}
     start = 0
     wandb_id = None
     if ck is not None:
@@ -370,13 +313,13 @@ def _train(cfg: TrainConfig, resume, run_dir, cleanup: contextlib.ExitStack, inf
                                   f"{list(theta.shape)}")
         with torch.no_grad():
             theta.copy_(ck["theta"].to(device))
-        if set(ck["optimizer"]) != {"meta", "clone"}:
+        if set(ck["optimizer"]) != set(opts):
             raise CheckpointError(f"{ck['path']}: optimizer state has keys {sorted(ck['optimizer'])}, expected "
-                                  "['clone', 'meta']; the checkpoint comes from another vsml version")
-        opt.load_state_dict(ck["optimizer"]["meta"])
-        opt_clone.load_state_dict(ck["optimizer"]["clone"])
-        _apply_lr(opt, cfg.resolved_lr, cfg.weight_decay)    # a --lr given on resume applies (Adam's
-        _apply_lr(opt_clone, cfg.clone.lr)                    # load_state_dict restores the saved one)
+                                  f"{sorted(opts)}; the checkpoint comes from another vsml version")
+        for p in cfg.phases:
+            opts[p.name].load_state_dict(ck["optimizer"][p.name])
+            _apply_lr(opts[p.name], p.lr, p.weight_decay)    # a --lr given on resume applies (Adam's
+                                                              # load_state_dict restores the saved one)
         torch.set_rng_state(ck["rng"]["torch"])
         start = int(ck["step"])
         wandb_id = ck.get("extra", {}).get("wandb_id")
@@ -384,45 +327,36 @@ def _train(cfg: TrainConfig, resume, run_dir, cleanup: contextlib.ExitStack, inf
     logger = NullLogger() if not ctx.is_main else RunLogger(rd, cfg_dict, cfg.log.wandb, project=cfg.log.project, name=rd.name,
                        group=f"{cfg.learner}-{cfg.estimator}-{cfg.task}", resume_id=wandb_id)
     info["logger"] = logger
-    estimator = distribute_estimator(_estimator(cfg, learner), ctx, cfg.dist)   # sharded under torchrun
-    n_data = cfg.es.pairs if cfg.estimator == "es" else cfg.meta_batch
-    es_shards = ctx.distributed and cfg.estimator == "es" and torch.device(device).type != "cpu"
-    truncated = cfg.estimator in ("pes", "tes")
-    system = pes_state = None
-    if truncated:
-        # persistent inner states across meta-steps: episodes of pes.horizon examples, advanced by
-        # pes.truncation examples per meta-step (the data of each episode is drawn from its seed)
-        from vsml.estimators.pes import LearnerSystem
-
-        def sample(num, length, seed):
-            b = family.sample(num, length, seed=seed, split="train", device=device)
-            return b.x.to(device), b.y.to(device), b.num_classes
-
-        system = LearnerSystem(learner, sample, horizon=cfg.pes.horizon, device=device)
-        pes_state = estimator.init(theta.detach())
-        if ck is not None and ck.get("extra", {}).get("pes") is not None:
-            pes_state = _restore_pes_state(estimator, system, pes_state, ck["extra"]["pes"])
-    cloner = None
-    if cfg.clone.steps:
-        from vsml.estimators.cloning_deep import make_clone_estimator   # shallow (cloning.py) or deep (cloning_deep.py)
-        cloner = distribute_estimator(make_clone_estimator(learner, cfg.clone, seed=cfg.seed), ctx, cfg.dist)
+    # every phase's estimator behind one protocol (vsml/estimators/base.py), sharded under torchrun
+    problem = Problem(learner, family, seed=cfg.seed, device=device)
+    estimators = {p.name: distribute_estimator(build_estimator(p.estimator, cfg, problem), ctx)
+                  for p in cfg.phases if p.steps}
+    states = {name: est.init(theta.detach()) for name, est in estimators.items()}
+    if ck is not None:
+        for name, d in _saved_estimator_states(ck).items():
+            if d and name in estimators:
+                try:
+                    states[name] = estimators[name].load_state_dict(theta.detach(), d)
+                except ValueError as exc:
+                    raise CheckpointError(f"{ck['path']}: {exc}") from None
+    phase_ends = list(itertools.accumulate(p.steps for p in cfg.phases))   # the step each phase ends at
+    metric = metric_for(cfg.learner)          # how this learner is meta-tested (vsml/evaluation/metrics.py)
 
     div = {"streak": 0, "first": None}      # consecutive meta-steps with no finite member
 
     def checkpoint(step: int) -> None:
         if not ctx.is_main:
             return
-        bad = _nonfinite_state(theta, opt, opt_clone)
+        bad = _nonfinite_state(theta, *opts.values())
         if bad is not None or div["streak"]:
             why = bad or f"no population member had a finite loss in the last {div['streak']} step(s)"
             _say(f"[vsml] not writing a checkpoint at step {step}: {why}; the last good one"
                  + (f" (step {info['last_ckpt']})" if info["last_ckpt"] is not None else "") + " is kept")
             return
         extra = {"wandb_id": logger.wandb_id} if logger.wandb_id else {}
-        if pes_state is not None:
-            extra["pes"] = _pes_state_dict(pes_state)
-        kw = dict(theta=theta, optimizer={"meta": opt.state_dict(), "clone": opt_clone.state_dict()}, rng={"torch": torch.get_rng_state()}, step=step,
-                  config=cfg_dict, extra=extra)
+        extra["estimator"] = {name: est.state_dict(states[name]) for name, est in estimators.items()}
+        kw = dict(theta=theta, optimizer={name: o.state_dict() for name, o in opts.items()},
+                  rng={"torch": torch.get_rng_state()}, step=step, config=cfg_dict, extra=extra)
         save_checkpoint(rd / "checkpoints" / "last.pt", **kw)
         if cfg.keep_checkpoints:
             save_checkpoint(rd / "checkpoints" / f"step_{step:06d}.pt", **kw)
@@ -440,26 +374,9 @@ def _train(cfg: TrainConfig, resume, run_dir, cleanup: contextlib.ExitStack, inf
     try:
         with _StopFlag() as stop:
             while step < total:
-                cloning = step < cfg.clone.steps
-                seed_s = derive_seed(cfg.seed, "meta-train-data", step)
-                if cloning:
-                    batch = family.sample(cfg.clone.episodes, cfg.clone.length, seed=seed_s, split="train",
-                                          device=device)
-                    est, optim = cloner, opt_clone
-                elif truncated:
-                    batch, optim = None, opt
-                else:
-                    # GPU ES under torchrun: each rank builds only its own pairs' episodes (per-episode
-                    # streams, vsml/training/distributed.py); the CPU keeps the global draw, sliced per rank
-                    shard = ctx.shard(n_data) if es_shards else None
-                    batch = sample_episodes(family, n_data, cfg.episode_length, seed_s, "train", device=device,
-                                            episodes=shard)
-                    est, optim = estimator, opt
-                if batch is None:
-                    grad, m, pes_state = estimator.step(theta.detach(), pes_state, system, step)
-                else:
-                    x, y = batch.x.to(device), batch.y.to(device)
-                    grad, m = est.estimate(theta.detach(), x, y, batch.num_classes, step)
+                phase = next(p for p, end in zip(cfg.phases, phase_ends) if step < end)
+                est, optim = estimators[phase.name], opts[phase.name]
+                grad, m, states[phase.name] = est.step(theta.detach(), states[phase.name], step)
                 if not torch.isfinite(grad).all():
                     m["skipped_nonfinite_grad"] = 1
                     grad = torch.zeros_like(grad)
@@ -469,11 +386,11 @@ def _train(cfg: TrainConfig, resume, run_dir, cleanup: contextlib.ExitStack, inf
                 step += 1
                 ctx.after_step(step, theta, optim)    # cross-rank θ checksum every dist.checksum_every
                 bar.update(1)
-                no_finite = _no_finite_member(m)
+                no_finite = _no_finite_member(m, est.loss_metric)
                 div["streak"] = div["streak"] + 1 if no_finite else 0
                 div["first"] = (div["first"] or step) if no_finite else None
                 nonfinite_total += int(m.get("nonfinite", int(no_finite)))
-                if ctx.is_main and (step % cfg.log.every == 0 or step == total or step == cfg.clone.steps):
+                if ctx.is_main and (step % cfg.log.every == 0 or step in phase_ends):
                     now = time.time()
                     row = {f"meta_train/{k}": v for k, v in m.items()}
                     row["meta_train/nonfinite_total"] = nonfinite_total
@@ -481,28 +398,21 @@ def _train(cfg: TrainConfig, resume, run_dir, cleanup: contextlib.ExitStack, inf
                     row["perf/sec_per_step"] = (now - t_last) / cfg.log.every
                     t_last = now
                     logger.log(row, step)
-                    loss = m.get("loss_mean", m.get("loss", m.get("clone_loss", float("nan"))))
+                    loss = m.get(est.loss_metric, float("nan"))
                     bar.set_postfix(loss=f"{loss:.4f}")
-                    what = "clone_loss" if cloning else "meta_loss"
                     bad = (f" nonfinite {int(m.get('nonfinite', int(no_finite)))} (total {nonfinite_total})"
                            if nonfinite_total else "")
-                    _say(f"[vsml] step {step}/{total} {what} {loss:.4f}{bad} "
-                         f"({row['perf/sec_per_step']:.2f} s/step) task={batch.name if batch else cfg.task}")
-                _check_divergence(cfg, step, div, _nonfinite_state(theta, opt, opt_clone), info)
+                    _say(f"[vsml] step {step}/{total} {phase.name}_loss {loss:.4f}{bad} "
+                         f"({row['perf/sec_per_step']:.2f} s/step) task={cfg.task}")
+                _check_divergence(cfg, step, div, _nonfinite_state(theta, *opts.values()), info)
                 if cfg.ckpt_every and step % cfg.ckpt_every == 0:
                     checkpoint(step)
-                if ctx.is_main and cfg.eval.every and step < total and (step % cfg.eval.every == 0 or step == cfg.clone.steps):
+                if ctx.is_main and cfg.eval.every and step < total and (step % cfg.eval.every == 0 or step in phase_ends):
                     t_eval = time.time()
                     _say(f"[vsml] meta-test at step {step}: {cfg.eval.tasks} ({cfg.eval.episodes} episodes x "
                          f"{cfg.eval.length} steps) ...")
-                    res = run_meta_test(cfg, learner, theta, step, logger, rd)
-                    if cfg.learner == "badger":    # a regression game: report the guess error, not "accuracy"
-                        line = ", ".join(f"{t}: error mean {per[cfg.learner]['error_mean']:.3f} / last "
-                                         f"{per[cfg.learner]['error_last']:.3f}" for t, per in res.items())
-                    else:
-                        line = ", ".join(f"{t}: online acc {per[cfg.learner]['online_accuracy']:.3f}"
-                                         for t, per in res.items())
-                    _say(f"[vsml] meta-test {line} ({time.time() - t_eval:.1f} s)")
+                    res = metric.meta_test(cfg, learner, theta, step, logger, rd)
+                    _say(f"[vsml] meta-test {metric.progress_line(res, cfg.learner)} ({time.time() - t_eval:.1f} s)")
                 if ctx.any(stop.signal is not None):     # all ranks stop after the same step
                     interrupted = stop.signal or signal.SIGTERM
                     break
@@ -533,27 +443,14 @@ def _train(cfg: TrainConfig, resume, run_dir, cleanup: contextlib.ExitStack, inf
     t_eval = time.time()
     _say(f"[vsml] final meta-test: {cfg.eval.tasks} ({cfg.eval.episodes} episodes x {cfg.eval.length} steps"
          + (f", with {cfg.eval.baselines}" if cfg.eval.baselines else "") + ") ...")
-    res = run_meta_test(cfg, learner, theta, step, logger, rd, final=True)
+    res = metric.meta_test(cfg, learner, theta, step, logger, rd, final=True, progress=_say)
     _say(f"[vsml] final meta-test done ({time.time() - t_eval:.1f} s)")
-    summary = {f"final/{t}/{n}/online_acc": r["online_accuracy"] for t, per in res.items() if t != "_paths"
-               for n, r in per.items()}
-    logger.summary(summary)
+    logger.summary(metric.summary(res))
     logger.close()
     write_finished(rd, step)          # a later --resume of this run has nothing left to do
     curves = _write_curves(rd)
-    from vsml.evaluation.evaluate import summary_table
     print("\n[vsml] final meta-test (test split, θ frozen):")
-    if cfg.learner == "badger":       # regression game: guess errors (chance = 1), not accuracies
-        print(f"{'task':<24}{'error mean':>12}{'error last':>12}{'solved frac':>13}  episodes x T")
-        for t, per in res.items():
-            if t != "_paths":
-                r = per[cfg.learner]
-                print(f"{t:<24}{r['error_mean']:>12.4f}{r['error_last']:>12.4f}{r['solved_frac']:>13.4f}  "
-                      f"{cfg.eval.episodes} x {cfg.eval.length}")
-        print(f"(error: the scaled MSE feedback, chance 1; solved frac: steps with error < "
-              f"{cfg.badger.solved_threshold})")
-    else:
-        print(summary_table({t: v for t, v in res.items() if t != "_paths"}))
+    print(metric.report(res, cfg))
     print(f"\n[vsml] run directory: {rd}")
     for k, p in res.get("_paths", {}).items():
         print(f"[vsml]   {'results' if k == 'json' else 'plot ' + k}: {p}")

@@ -1,0 +1,181 @@
+"""The estimator protocol and registry (vsml/estimators/base.py, registry.py): every registered estimator
+runs behind one signature, its state round-trips through a checkpoint, a new estimator trains without
+touching the trainer, sharded parts combine to the one-process estimate, and checkpoints written by the
+code before the protocol (tests/data/ckpt_v1, from 94109d8) still resume to the same θ."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import train as train_cli
+from tasks import make_family
+from vsml.engine.config import SubLSTMConfig, VSMLConfig
+from vsml.engine.network import VSMLNetwork
+from vsml.estimators import base
+from vsml.estimators.base import MetaGradientEstimator, Problem
+from vsml.estimators.bptt import BPTTConfig
+from vsml.estimators.core import BPTTEstimator, ESEstimator
+from vsml.estimators.es import ESConfig
+from vsml.estimators.registry import build, names
+from vsml.training.checkpoint import load_checkpoint, load_theta
+from vsml.training.config import TrainConfig
+from vsml.training.presets import get
+from vsml.training.trainer import train
+
+V1 = Path(__file__).resolve().parent / "data" / "ckpt_v1"
+
+
+def _cfg(**kw) -> TrainConfig:
+    """The tiny preset on 4x4 digits: every estimator's section small enough to run in a second."""
+    base_cfg = get("tiny")
+    return dataclasses.replace(
+        base_cfg, task="digits+resize4+proj", meta_batch=2, episode_length=8,
+        clone=dataclasses.replace(base_cfg.clone, steps=0),
+        pes=dataclasses.replace(base_cfg.pes, particles=2, truncation=3, horizon=5),
+        bmg=dataclasses.replace(base_cfg.bmg, k_steps=2, l_steps=2, probe=2),
+        eval=dataclasses.replace(base_cfg.eval, every=0, tasks="digits+resize4"), **kw)
+
+
+def _problem(cfg: TrainConfig) -> Problem:
+    fam = make_family(cfg.task)
+    fam.prepare(("train",))
+    return Problem(VSMLNetwork(cfg.vsml, compile=False), fam, seed=cfg.seed)
+
+
+def test_registry_names_are_the_configs_estimator_choices():
+    import typing
+    choices = typing.get_args(typing.get_type_hints(TrainConfig)["estimator"])
+    assert set(names()) == set(choices) == {"es", "pes", "tes", "bptt", "bmg", "clone"}
+    with pytest.raises(ValueError, match="unknown estimator 'nope'"):
+        build("nope", _cfg(), None)
+
+
+@pytest.mark.parametrize("name", ["es", "pes", "tes", "bptt", "bmg", "clone"])
+def test_every_estimator_runs_behind_the_protocol_and_its_state_round_trips(tmp_path, name):
+    cfg = _cfg()
+    problem = _problem(cfg)
+    est = build(name, cfg, problem)
+    assert isinstance(est, MetaGradientEstimator)
+    theta = problem.learner.init_theta(torch.Generator().manual_seed(0))
+    state = est.init(theta)
+    grad, metrics, state = est.step(theta, state, 0)
+    assert grad.shape == theta.shape and torch.isfinite(grad).all()
+    assert est.loss_metric in metrics
+    # through a checkpoint-like round trip (plain tensors), the next step is bit-identical
+    saved = est.state_dict(state)
+    torch.save(saved, tmp_path / "state.pt")
+    restored = est.load_state_dict(theta, torch.load(tmp_path / "state.pt", weights_only=True))
+    g1, m1, _ = est.step(theta, state, 1)
+    g2, m2, _ = est.step(theta, restored, 1)
+    assert torch.equal(g1, g2) and m1 == m2
+    if name in ("pes", "tes"):
+        assert saved["has_inner"] and saved["t"] == 3
+    else:
+        assert saved == {} and state is None
+
+
+def test_a_new_estimator_trains_without_touching_the_trainer(tmp_path, monkeypatch):
+    """A registered estimator with its own state (a step counter) runs, checkpoints and resumes."""
+
+    @dataclasses.dataclass
+    class CountingZero:
+        loss_metric: str = "loss"
+
+        def init(self, theta):
+            return {"n": 0}
+
+        def step(self, theta, state, step):
+            return torch.zeros_like(theta), {"loss": float(state["n"])}, {"n": state["n"] + 1}
+
+        def state_dict(self, state):
+            return dict(state)
+
+        def load_state_dict(self, theta, d):
+            return dict(d)
+
+    monkeypatch.setitem(base.REGISTRY, "counting-zero", lambda cfg, problem: CountingZero())
+    cfg = _cfg(estimator="counting-zero", steps=2, out_dir=str(tmp_path), name="z")
+    rd = train(cfg)
+    assert load_checkpoint(rd)["extra"]["estimator"]["meta"] == {"n": 2}
+    train(dataclasses.replace(cfg, steps=3), resume=str(rd))
+    assert load_checkpoint(rd)["extra"]["estimator"]["meta"] == {"n": 3}
+
+
+def test_sharded_parts_combine_to_the_one_process_estimate():
+    """partial over a partition of the parts, combined as ShardedEstimator does, == estimate."""
+    net = VSMLNetwork(VSMLConfig(cell=SubLSTMConfig(hidden=4, msg=2)), compile=False)
+    theta = net.init_theta(torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(3, 5, 4, generator=g), torch.randint(0, 2, (3, 5), generator=g)
+    es = ESEstimator(net, ESConfig(pairs=3, sigma=0.1, seed=2))
+    rows = torch.cat([es.partial(theta, x, y, 2, 7, range(0, 1)), es.partial(theta, x, y, 2, 7, range(1, 3))])
+    g_sh, m_sh = es.reduce(theta, rows, 7)
+    g_one, m_one = es.estimate(theta, x, y, 2, 7)
+    assert torch.equal(g_sh, g_one) and m_sh == m_one                      # ES: bit-identical
+    bp = BPTTEstimator(net, BPTTConfig(truncation=2, clip_grad_norm=1e-3), seed=3)
+    total = bp.partial(theta, x, y, 2, 7, range(0, 2)) + bp.partial(theta, x, y, 2, 7, range(2, 3))
+    g_sh, m_sh = bp.reduce(theta, total, 7)
+    g_one, m_one = bp.estimate(theta, x, y, 2, 7)
+    torch.testing.assert_close(g_sh, g_one, rtol=1e-5, atol=1e-9)          # BPTT: summation order
+    assert m_sh["clipped"] == m_one["clipped"] == 1.0 and m_sh["truncations"] == m_one["truncations"] == 3.0
+
+
+@pytest.mark.parametrize("name,steps", [("es", 5), ("pes", 5)])
+def test_v1_checkpoint_resumes_to_the_theta_of_the_old_code(tmp_path, name, steps):
+    """tests/data/ckpt_v1/{es,pes}.pt: written by 94109d8 (tiny preset on digits+resize4+proj; ES after 2
+    cloning steps, PES mid-episode with its inner states in extra["pes"]); {name}_step*.safetensors: the θ
+    the old code reached when it resumed them.  The new code must reach the same θ, bit for bit."""
+    rd = tmp_path / name
+    (rd / "checkpoints").mkdir(parents=True)
+    shutil.copy(V1 / f"{name}.pt", rd / "checkpoints" / "last.pt")
+    assert train_cli.main(["--resume", str(rd), "--steps", str(steps), "--log.progress", "false",
+                           "--eval.every", "0"]) == 0
+    expected = next(V1.glob(f"{name}_step*.safetensors"))
+    want, _, want_step = load_theta(expected)
+    ck = load_checkpoint(rd)
+    assert ck["step"] == int(want_step["step"])
+    assert torch.equal(ck["theta"], want)
+    if name == "pes":                              # the v1 extra["pes"] became the meta phase's state
+        assert set(ck["extra"]["estimator"]["meta"]) == {"t", "episode", "accum", "has_inner", "inner_leaves"}
+
+
+def test_evaluate_takes_pluggable_correctness_metrics():
+    """vsml.evaluation.evaluate.evaluate(metrics=[...]): acc@s over the window (0.8 s, s] of the same episodes."""
+    from vsml.evaluation.evaluate import FrozenLearner, acc_at_steps, evaluate, log_binned_curve
+    from vsml.learners import registry
+    sgd = registry.build("sgd")
+    fl = FrozenLearner("sgd", sgd, sgd.init_theta())
+    res = evaluate([fl], ["digits"], 3, 50, seed=22, metrics=[acc_at_steps([10, 50, 99]), log_binned_curve(5)])
+    r = res["digits"]["sgd"]
+    assert set(r) >= {"online_accuracy", "acc@10", "ci@10", "acc@50", "curve_x", "curve_y"} and "acc@99" not in r
+    from tasks.base import derive_seed                # the protocol's one batch of 3 episodes
+    batch = make_family("digits").sample(3, 50, derive_seed(22, "eval-batch", 0), "test")
+    correct = fl.run(batch)["correct"].double()       # [3, 50]
+    assert r["acc@50"] == pytest.approx(float(correct[:, 40:50].mean()))
+    assert r["acc@10"] == pytest.approx(float(correct[:, 8:10].mean()))
+    assert len(r["curve_x"]) == len(r["curve_y"])
+
+
+def test_distribute_estimator_shards_replicates_or_refuses():
+    """Under several processes: ES / BPTT / shallow cloning get the ShardedEstimator wrapper, deep cloning
+    stays replicated, PES (per-particle states across steps) is refused; one process: unchanged."""
+    from vsml.engine.config import ConfigError
+    from vsml.training.distributed import DistContext, ShardedEstimator, distribute_estimator
+    two = DistContext(rank=0, world_size=2, launched=True, backend="gloo")
+    cfg = _cfg()
+    problem = _problem(cfg)
+    for name in ("es", "bptt", "clone"):
+        est = build(name, cfg, problem)
+        assert distribute_estimator(est, DistContext()) is est
+        sharded = distribute_estimator(est, two)
+        assert isinstance(sharded.inner, ShardedEstimator) and sharded.inner.inner is est.inner
+    deep_cfg = _cfg(vsml=dataclasses.replace(cfg.vsml, backward_pass=True, bwd_reset=True))
+    deep = build("clone", deep_cfg, _problem(deep_cfg))
+    assert distribute_estimator(deep, two) is deep
+    with pytest.raises(ConfigError, match="no multi-process version"):
+        distribute_estimator(build("pes", cfg, problem), two)
