@@ -468,9 +468,9 @@ def test_no_error_message_names_a_rejected_flag():
 
 def test_evaluate_reports_progress_per_task_and_learner():
     from vsml.evaluation.evaluate import FrozenLearner, evaluate
-    from vsml.learners.baselines import make_learner
+    from vsml.learners.registry import build
     lines: list[str] = []
-    sgd = make_learner("sgd")
+    sgd = build("sgd")
     evaluate([FrozenLearner("sgd", sgd, sgd.init_theta())], ["digits"], 1, 5, seed=1, progress=lines.append)
     assert len(lines) == 2 and "(1/1) digits: sgd" in lines[0] and "online acc" in lines[1]
 
