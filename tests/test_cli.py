@@ -168,3 +168,20 @@ def test_every_command_line_uses_the_typed_config_cli():
     offenders = [str(p.relative_to(ROOT)) for p in files
                  if p not in allowed and "ArgumentParser(" in p.read_text()]
     assert not offenders, offenders
+
+
+def test_help_into_a_closed_pipe_exits_quietly():
+    """``train.py --help | head -1``: the reader leaves early; no BrokenPipeError traceback, exit 0."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    p = subprocess.Popen([sys.executable, "-c",
+                          "import sys; sys.argv = ['train.py', '--help']; import runpy; "
+                          "runpy.run_path('train.py', run_name='__main__')"],
+                         cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0)
+    p.stdout.read(10)
+    p.stdout.close()                   # the reader leaves after a few bytes
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=60) == 0, err
+    assert "Traceback" not in err and "BrokenPipe" not in err, err

@@ -246,6 +246,9 @@ def _run(cls: type, args: list[str], prog: str, flags: list[str], bool_values: b
         with hook, contextlib.redirect_stderr(err):
             out = tyro.cli(cls, args=args, prog=prog, description=description and inspect.cleandoc(description),
                            use_underscores=True, registry=_registry(bool_values), config=markers, **kwargs)
+    except BrokenPipeError:        # `--help | head`: the reader left; stop quietly like other CLIs
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise SystemExit(0) from None
     except _Reject as exc:
         fail(prog, f"{exc} (see {prog} --help)")
     except ValueError as exc:      # __post_init__ of a config at the top level: tyro lets those through
