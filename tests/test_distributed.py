@@ -81,18 +81,54 @@ def _cfg(*flags):
 
 
 def test_refuses_what_cannot_run_distributed(monkeypatch):
+    """From the estimators' declared capabilities (no names in the distributed module), in preflight."""
+    from vsml.training.preflight import check_distributed
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(ConfigError, match="pes cannot run on 2 processes"):
-        init_distributed(_cfg("--estimator", "pes", "--clone.steps", "0"))
+    for flags in (("pes",), ("tes",), ("bmg", "--episode_length", "120")):
+        with pytest.raises(ConfigError, match=f"{flags[0]} cannot run on 2 processes"):
+            check_distributed(_cfg("--estimator", *flags, "--clone.steps", "0"))
     with pytest.raises(ConfigError, match="es.pairs=1 is smaller than the number of processes"):
-        init_distributed(_cfg("--es.pairs", "1", "--clone.steps", "0"))
+        check_distributed(_cfg("--es.pairs", "1", "--clone.steps", "0"))
+    with pytest.raises(ConfigError, match="meta_batch=1 is smaller"):
+        check_distributed(_cfg("--estimator", "bptt", "--meta_batch", "1", "--clone.steps", "0"))
+    with pytest.raises(ConfigError, match=r"clone.episodes=1 is smaller.*--clone.steps 0"):
+        check_distributed(_cfg("--clone.steps", "3", "--clone.episodes", "1"))
+    check_distributed(_cfg("--clone.steps", "0", "--clone.episodes", "1"))   # a skipped phase is not checked
+    check_distributed(_cfg("--estimator", "pes", "--clone.steps", "0"), world=1)
     with pytest.raises(ConfigError, match="nccl needs a CUDA device"):
         init_distributed(_cfg("--dist.backend", "nccl"))
     assert not dist.is_initialized()
     monkeypatch.delenv("RANK")
     ctx = init_distributed(_cfg("--estimator", "pes", "--clone.steps", "0"))   # one process: fine
     assert not ctx.distributed and ctx.is_main and not ctx.launched
+
+
+def test_torchrun_refusal_is_one_line_before_the_run_folder(monkeypatch, tmp_path, capsys):
+    """train.py under a (pretend) 2-process launch of PES: exit 2, one line, no run folder written."""
+    import train as train_cli
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    out = tmp_path / "runs"
+    rc = train_cli.main(["--preset", "tiny", "--estimator", "pes", "--clone.steps", "0", "--out_dir", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "pes cannot run on 2 processes" in err[0]
+    assert not out.exists() or not any(out.iterdir())
+    assert not dist.is_initialized()
+
+
+def test_a_new_estimator_declares_its_distribution(monkeypatch):
+    """A registered estimator's capabilities decide, with no edit of the distributed module or trainer."""
+    from vsml.estimators import base
+    from vsml.training.preflight import check_distributed
+    monkeypatch.setitem(base.REGISTRY, "es", base.REGISTRY["es"])
+    monkeypatch.setitem(base.CAPABILITIES, "es", base.Capabilities("refuse", why="testing"))
+    with pytest.raises(ConfigError, match="es cannot run on 3 processes: testing"):
+        check_distributed(_cfg("--clone.steps", "0"), world=3)
+    monkeypatch.setitem(base.CAPABILITIES, "es", base.Capabilities("replicate", parts=lambda cfg: ("x", 2)))
+    with pytest.raises(ConfigError, match="x=2 is smaller than the number of processes"):
+        check_distributed(_cfg("--clone.steps", "0"), world=3)
+    check_distributed(_cfg("--clone.steps", "0"), world=2)
 
 
 def test_fault_injection_spec_is_checked(monkeypatch):

@@ -179,3 +179,7 @@ def test_distribute_estimator_shards_replicates_or_refuses():
     assert distribute_estimator(deep, two) is deep
     with pytest.raises(ConfigError, match="no multi-process version"):
         distribute_estimator(build("pes", cfg, problem), two)
+    assert not hasattr(deep.inner, "partial")          # deep cloning is not a CloneEstimator with a broken partial
+    from vsml.estimators.base import capabilities
+    assert {n: capabilities(n).distributed for n in ("es", "bptt", "clone", "pes", "tes", "bmg")} == {
+        "es": "shard", "bptt": "shard", "clone": "shard", "pes": "refuse", "tes": "refuse", "bmg": "refuse"}

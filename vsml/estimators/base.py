@@ -25,8 +25,10 @@ Sharding (vsml/training/distributed.py) needs no second implementation of any es
 its parts: ES pairs, BPTT / cloning episodes) and ``reduce`` (gradient and metrics from the
 combined contributions); :meth:`ShardableEstimator.estimate` is ``reduce(partial(all parts))``.
 
-Registry: ``@register("name")`` on a builder ``(cfg, problem) -> MetaGradientEstimator``, with
-``cfg`` a :class:`vsml.training.config.TrainConfig` (each builder reads its own section).  The
+Registry: ``@register("name", distributed=..., parts=...)`` on a builder ``(cfg, problem) ->
+MetaGradientEstimator``, with ``cfg`` a :class:`vsml.training.config.TrainConfig` (each builder reads
+its own section); the keywords declare its :class:`Capabilities` (multi-process support and the
+number of parts per meta-step), which preflight checks before anything is built or written.  The
 built-in builders live next to their estimators; :mod:`vsml.estimators.registry` imports them.
 """
 
@@ -41,8 +43,11 @@ import torch
 
 from tasks.base import derive_seed, sample_episodes
 
-__all__ = ["BatchEstimator", "EpisodeBatchEstimator", "MetaGradientEstimator", "Problem", "ShardableEstimator",
-           "Stateless", "clip_grad", "grad_norm", "register"]
+__all__ = ["BatchEstimator", "Capabilities", "EpisodeBatchEstimator", "MetaGradientEstimator", "Problem", "ShardableEstimator",
+           "Stateless", "capabilities", "clip_grad", "grad_norm", "register"]
+
+# how an estimator runs under torchrun: parts split over the processes / the same work on every process / not at all
+Distributed = Literal["shard", "replicate", "refuse"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -155,7 +160,7 @@ class ShardableEstimator:
     one-process result (vsml/training/distributed.py relies on this).
     """
 
-    sharding: ClassVar[Literal["sharded", "replicated"]] = "sharded"   # "replicated": a subclass that cannot split
+    distributed: ClassVar[Distributed] = "shard"
     combine: ClassVar[Literal["gather", "sum"]] = "sum"
     rows_per_part: ClassVar[int] = 1
     takes_own_share: ClassVar[bool] = False   # partial also accepts x holding only its parts' episodes
@@ -182,14 +187,47 @@ Builder = Callable[[Any, Problem], MetaGradientEstimator]
 REGISTRY: dict[str, Builder] = {}
 
 
-def register(name: str) -> Callable[[Builder], Builder]:
-    """Decorator: register ``builder(cfg, problem) -> MetaGradientEstimator`` under ``name``."""
+@dataclass(frozen=True)
+class Capabilities:
+    """What a registered estimator supports, declared next to its builder and read *before* it is built
+    (vsml/training/preflight.py checks a torchrun launch against it before the run folder exists).
+
+    distributed: "shard" (its parts split over the processes: ES pairs, BPTT / cloning episodes),
+        "replicate" (every process computes the same full estimate: no speed-up, still exact) or
+        "refuse" (cannot run on several processes; ``why`` says why).
+    parts: ``parts(cfg) -> (flag, count)``: the config flag that sets the number of parts per meta-step
+        and its value in a TrainConfig (each process needs at least one); None: no minimum.
+    why: the reason for "refuse" (one clause, shown after "cannot run on N processes: ").
+    """
+
+    distributed: Distributed = "refuse"
+    parts: Callable[[Any], tuple[str, int]] | None = None
+    why: str = "it has no multi-process version"
+
+
+CAPABILITIES: dict[str, Capabilities] = {}
+
+
+def register(name: str, *, distributed: Distributed = "refuse",
+             parts: Callable[[Any], tuple[str, int]] | None = None,
+             why: str = "it has no multi-process version") -> Callable[[Builder], Builder]:
+    """Decorator: register ``builder(cfg, problem) -> MetaGradientEstimator`` under ``name``, with its
+    :class:`Capabilities` (by default: one process only)."""
+    if distributed not in ("shard", "replicate", "refuse"):
+        raise ValueError(f"distributed must be shard, replicate or refuse, got {distributed!r}")
+
     def deco(builder: Builder) -> Builder:
         if name in REGISTRY and REGISTRY[name] is not builder:
             raise ValueError(f"estimator {name!r} is already registered")
         REGISTRY[name] = builder
+        CAPABILITIES[name] = Capabilities(distributed, parts, why)
         return builder
     return deco
+
+
+def capabilities(name: str) -> Capabilities:
+    """The declared capabilities of estimator ``name`` (an estimator registered without any: one process only)."""
+    return CAPABILITIES.get(name, Capabilities())
 
 
 # --------------------------------------------------------------------------------------------

@@ -330,7 +330,7 @@ class BMGEstimator:
         return bmg_gradient(self.learner, theta.detach(), x, y, num_classes, self.cfg, gen)
 
 
-@register("bmg")
+@register("bmg", distributed="refuse", why="BMG has no multi-process version (es, bptt and clone have); run it as one process")
 def _build_bmg(cfg: Any, problem: Problem) -> EpisodeBatchEstimator:
     """BMG: meta_batch episodes of episode_length (>= K + L + Q) per meta-step."""
     est = BMGEstimator(problem.learner, cfg.bmg, seed=cfg.seed)

@@ -108,6 +108,22 @@ def sgd_teacher(x: torch.Tensor, y: torch.Tensor, num_classes: int, w0: torch.Te
     return torch.stack(ws, 1), torch.stack(es, 1), torch.stack(zs, 1)
 
 
+def prepare_clone_batch(cfg: CloneConfig, seed: int, x: torch.Tensor, y: torch.Tensor, step: int
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Generator]:
+    """The episodes of cloning step ``step`` (cut to ``cfg.length``, the first ``random_frac`` of them with
+    N(0, 1) inputs) and the generator that then draws the initial states; shared by the shallow and the
+    deep cloning estimator (vsml/estimators/cloning_deep.py)."""
+    from tasks.base import derive_seed
+    gen = torch.Generator().manual_seed(derive_seed(seed, "clone", step))
+    x = x[:, : cfg.length]
+    y = y[:, : cfg.length]
+    n_rand = int(round(cfg.random_frac * x.shape[0]))
+    if n_rand:
+        x = x.clone()
+        x[:n_rand] = torch.randn(x[:n_rand].shape, generator=gen, dtype=x.dtype).to(x.device)
+    return x, y, gen
+
+
 class CloneEstimator(ShardableEstimator):
     """Gradient of the cloning loss, behind the same ``estimate`` interface as ES and BPTT
     (sharded over episodes: :class:`vsml.estimators.base.ShardableEstimator`).
@@ -153,17 +169,8 @@ class CloneEstimator(ShardableEstimator):
 
     def prepare(self, x: torch.Tensor, y: torch.Tensor, step: int
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Generator]:
-        """The step's episodes (cut to ``cfg.length``, the first ``random_frac`` of them with N(0, 1)
-        inputs) and the generator that then draws the initial states in :meth:`loss`."""
-        from tasks.base import derive_seed
-        gen = torch.Generator().manual_seed(derive_seed(self.seed, "clone", step))
-        x = x[:, : self.cfg.length]
-        y = y[:, : self.cfg.length]
-        n_rand = int(round(self.cfg.random_frac * x.shape[0]))
-        if n_rand:
-            x = x.clone()
-            x[:n_rand] = torch.randn(x[:n_rand].shape, generator=gen, dtype=x.dtype).to(x.device)
-        return x, y, gen
+        """:func:`prepare_clone_batch` with this estimator's config and seed."""
+        return prepare_clone_batch(self.cfg, self.seed, x, y, step)
 
     def num_parts(self, x: torch.Tensor) -> int:
         return x.shape[0]

@@ -62,7 +62,7 @@ import torch
 import torch.nn.functional as F
 
 from vsml.estimators.base import EpisodeBatchEstimator, Problem, clip_grad, grad_norm, register
-from vsml.estimators.cloning import CloneConfig, CloneEstimator
+from vsml.estimators.cloning import CloneConfig, CloneEstimator, prepare_clone_batch
 from vsml.engine.config import ConfigError, VSMLConfig
 from vsml.engine.cell import _linear, lstm_micro_steps
 from vsml.engine.state import EpisodeOutput
@@ -134,20 +134,18 @@ def _rel_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (pred - target).square().mean() / (target.square().mean() + 1e-6)
 
 
-class DeepCloneEstimator(CloneEstimator):
+class DeepCloneEstimator:
     """Gradient of the deep cloning loss (module docstring), behind the ``estimate`` interface of ES and
-    BPTT (it reuses the shallow estimator's episode preparation: length cut and random-input episodes).
-    Not sharded: under several processes every rank computes the same full gradient (deterministic)."""
+    BPTT (the episode preparation, length cut and random-input episodes, is the shallow estimator's
+    :func:`vsml.estimators.cloning.prepare_clone_batch`).  Not sharded (no ``partial``): under several
+    processes every rank computes the same full gradient (deterministic)."""
 
-    sharding = "replicated"
+    distributed = "replicate"
 
     def __init__(self, net: VSMLNetwork, cfg: CloneConfig, seed: int = 0):
         check_deep_cloneable(net.cfg)
         self.net, self.cfg, self.seed = net, cfg, seed
         self.alphas = teacher_alphas(net.cfg, cfg)
-
-    def partial(self, *args, **kwargs):
-        raise NotImplementedError("deep cloning is not sharded over episodes (sharding = 'replicated'): use estimate")
 
     def loss(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, num_classes: int,
              generator: torch.Generator | None, episodes: slice | None = None, teacher_forcing: bool = True,
@@ -213,13 +211,7 @@ class DeepCloneEstimator(CloneEstimator):
     def estimate(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, num_classes: int, step: int):
         """Gradient and metrics of one cloning step; with ``clone.window`` = W > 0 the teacher's burn-in B
         is drawn uniformly from 0..length−W (from the step's generator) and BPTT covers the W ticks after it."""
-        from tasks.base import derive_seed
-        gen = torch.Generator().manual_seed(derive_seed(self.seed, "clone", step))   # as the shallow estimator
-        x, y = x[:, : self.cfg.length], y[:, : self.cfg.length]
-        n_rand = int(round(self.cfg.random_frac * x.shape[0]))
-        if n_rand:                                                        # random-input episodes
-            x = x.clone()
-            x[:n_rand] = torch.randn(x[:n_rand].shape, generator=gen, dtype=x.dtype).to(x.device)
+        x, y, gen = prepare_clone_batch(self.cfg, self.seed, x, y, step)   # as the shallow estimator
         burn = 0
         if self.cfg.window:
             burn = int(torch.randint(0, x.shape[1] - self.cfg.window + 1, (), generator=gen))
@@ -241,7 +233,8 @@ def make_clone_estimator(net: VSMLNetwork, cfg: CloneConfig, seed: int = 0):
     return CloneEstimator(net, cfg, seed)
 
 
-@register("clone")
+# shallow cloning shards its episodes; deep cloning (DeepCloneEstimator.distributed) replicates them
+@register("clone", distributed="shard", parts=lambda cfg: ("clone.episodes", cfg.clone.episodes))
 def _build_clone(cfg: Any, problem: Problem) -> EpisodeBatchEstimator:
     """Learning-algorithm cloning (shallow or deep): clone.episodes episodes of clone.length per step."""
     est = make_clone_estimator(problem.learner, cfg.clone, seed=cfg.seed)

@@ -222,7 +222,7 @@ class BPTTEstimator(ShardableEstimator):
             "nonfinite": float(nonfinite > 0), "truncations": float(round(truncations))}
 
 
-@register("es")
+@register("es", distributed="shard", parts=lambda cfg: ("es.pairs", cfg.es.pairs))
 def _build_es(cfg: Any, problem: Problem) -> EpisodeBatchEstimator:
     """Antithetic ES: es.pairs episodes of episode_length per meta-step; noise seed derived from the run seed."""
     es_cfg = replace(cfg.es, seed=derive_seed(cfg.seed, "es-noise", cfg.es.seed))
@@ -230,7 +230,7 @@ def _build_es(cfg: Any, problem: Problem) -> EpisodeBatchEstimator:
     return EpisodeBatchEstimator(est, problem, cfg.es.pairs, cfg.episode_length, loss_metric="loss_mean")
 
 
-@register("bptt")
+@register("bptt", distributed="shard", parts=lambda cfg: ("meta_batch", cfg.meta_batch))
 def _build_bptt(cfg: Any, problem: Problem) -> EpisodeBatchEstimator:
     """(Truncated) BPTT: meta_batch episodes of episode_length per meta-step."""
     est = BPTTEstimator(problem.learner, cfg.bptt, seed=cfg.seed)

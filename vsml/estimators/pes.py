@@ -376,11 +376,11 @@ def _build_truncated(cls: type[_TruncatedBase], cfg: Any, problem: Problem) -> T
     return TruncatedMetaEstimator(cls(pcfg), system)
 
 
-@register("pes")
+@register("pes", distributed="refuse", why="its particles keep inner states across meta-steps that would have to be sharded and checkpointed per rank (not implemented); run it as one process, or use --estimator es / bptt")
 def _build_pes(cfg: Any, problem: Problem) -> TruncatedMetaEstimator:
     return _build_truncated(PES, cfg, problem)
 
 
-@register("tes")
+@register("tes", distributed="refuse", why="its particles keep inner states across meta-steps that would have to be sharded and checkpointed per rank (not implemented); run it as one process, or use --estimator es / bptt")
 def _build_tes(cfg: Any, problem: Problem) -> TruncatedMetaEstimator:
     return _build_truncated(TruncatedES, cfg, problem)

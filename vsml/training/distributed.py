@@ -46,6 +46,10 @@ noise: in a 4-step tiny BPTT run 1 of 2,384 θ entries differed from the one-pro
 lr, all others by < 1e-5.)  The cloning phase
 (vsml/estimators/cloning.py) is sharded like BPTT; deep cloning is replicated.  PES / truncated ES
 keep per-particle inner states across meta-steps and are refused under more than one process.
+Which estimator shards, replicates or is refused is declared where it is registered
+(``@register(name, distributed=..., parts=...)``, :class:`vsml.estimators.base.Capabilities`) and
+checked by :func:`vsml.training.preflight.check_distributed` before the run folder exists; this
+module has no estimator names.
 
 One implementation of each estimator: ES, BPTT and cloning split their ``estimate`` into
 ``partial`` (the contribution of a slice of pairs / episodes) and ``reduce``
@@ -352,9 +356,9 @@ def _env_int(name: str, default: int) -> int:
 def init_distributed(cfg: Any) -> DistContext:
     """Join the torchrun process group described by the environment (or none) for a TrainConfig.
 
-    Validates what cannot run distributed before anything is written: PES / truncated ES (their
-    per-particle inner states persist across meta-steps), a population or meta-batch smaller than
-    the number of processes, NCCL without CUDA.
+    Which estimators run on several processes, and with how many parts, is checked earlier, before the
+    run folder exists, from the estimators' declared capabilities
+    (:func:`vsml.training.preflight.check_distributed`); this checks NCCL without CUDA and the GPUs.
     """
     dcfg: DistConfig = cfg.dist
     launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ
@@ -364,22 +368,6 @@ def init_distributed(cfg: Any) -> DistContext:
     rank, world = _env_int("RANK", 0), _env_int("WORLD_SIZE", 1)
     local_rank = _env_int("LOCAL_RANK", 0)
     restart = _env_int("TORCHELASTIC_RESTART_COUNT", 0)
-    if world > 1:
-        if cfg.estimator in ("pes", "tes"):
-            raise ConfigError(f"estimator={cfg.estimator} cannot run on {world} processes: its particles keep "
-                              "inner states across meta-steps that would have to be sharded and checkpointed per "
-                              "rank (not implemented); run it as one process, or use --estimator es / bptt")
-        if cfg.estimator not in ("es", "bptt", "clone"):
-            raise ConfigError(f"estimator={cfg.estimator} has no multi-process version (only es, bptt and clone, "
-                              f"plus the cloning phase, run on several processes); run it as one process")
-        n = {"es": cfg.es.pairs, "bptt": cfg.meta_batch}.get(cfg.estimator)
-        if n is not None and n < world:
-            what = "es.pairs" if cfg.estimator == "es" else "meta_batch"
-            raise ConfigError(f"{what}={n} is smaller than the number of processes ({world}); every process "
-                              f"needs at least one {'antithetic pair' if cfg.estimator == 'es' else 'episode'}")
-        if (cfg.clone.steps or cfg.estimator == "clone") and cfg.clone.episodes < world:
-            raise ConfigError(f"clone.episodes={cfg.clone.episodes} is smaller than the number of processes "
-                              f"({world}); raise clone.episodes or set clone.steps 0")
     backend = dcfg.backend
     if backend == "auto":
         backend = "nccl" if device.type == "cuda" else "gloo"
@@ -447,22 +435,23 @@ class ShardedEstimator:
 def distribute_estimator(estimator: Any, ctx: DistContext) -> Any:
     """The estimator the train loop should use on this process.
 
-    On one process: ``estimator`` unchanged.  Under several: the batch estimator inside an
-    :class:`vsml.estimators.base.EpisodeBatchEstimator` is wrapped in a :class:`ShardedEstimator`
-    when it shards (ES, BPTT, shallow cloning), kept as is when it is ``replicated`` (deep cloning:
-    every rank computes the same full gradient); anything else has no multi-process version.
+    On one process: ``estimator`` unchanged.  Under several, by the batch estimator's ``distributed``
+    attribute: inside an :class:`vsml.estimators.base.EpisodeBatchEstimator`, ``"shard"`` (ES, BPTT,
+    shallow cloning) is wrapped in a :class:`ShardedEstimator`, ``"replicate"`` (deep cloning: every
+    rank computes the same full gradient) is kept as is; anything else has no multi-process version
+    (preflight refuses such a run from the registry's declaration before it starts).
     """
     from vsml.estimators.base import EpisodeBatchEstimator
     if not ctx.distributed:
         return estimator
-    sharding = getattr(getattr(estimator, "inner", None), "sharding", None)
-    if isinstance(estimator, EpisodeBatchEstimator) and sharding == "sharded":
+    mode = getattr(getattr(estimator, "inner", None), "distributed", "refuse")
+    if isinstance(estimator, EpisodeBatchEstimator) and mode == "shard":
         # on a GPU a rank builds only its own parts' episodes (per-episode streams, module docstring);
         # the CPU keeps the global draw, sliced, bit-identical to the one-process run
         own = estimator.inner.takes_own_share and ctx.device.type != "cpu"
         return replace(estimator, inner=ShardedEstimator(estimator.inner, ctx),
                        shard=ctx.shard(estimator.episodes) if own else None)
-    if sharding == "replicated":
+    if mode == "replicate":
         if ctx.is_main:
             print(f"[vsml] {type(estimator.inner).__name__} is replicated on every process (not sharded): "
                   "no speed-up", file=sys.stderr, flush=True)

@@ -2,7 +2,8 @@
 
 Every ordinary mistake — an unknown task, a device this torch cannot use, wandb asked for but not
 installed, an ``init_from`` θ of the wrong shape, an unknown baseline, an unwritable ``--out_dir``,
-a missing dataset file — is a :class:`~vsml.engine.config.ConfigError` (or ``DatasetError`` /
+a missing dataset file, a torchrun launch of an estimator that declares it cannot run on that
+many processes — is a :class:`~vsml.engine.config.ConfigError` (or ``DatasetError`` /
 ``CheckpointError``) with one line saying what is wrong and how to fix it, raised before anything
 is written.  ``train.py`` / ``eval.py`` turn them into ``error: ...`` and exit code 2.
 """
@@ -41,6 +42,41 @@ def check_device(device: str | torch.device, flag: str = "--device") -> torch.de
     return dev
 
 
+def launched_world_size() -> int:
+    """The number of processes of a torchrun launch (``RANK`` and ``WORLD_SIZE`` set), else 1."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return 1
+    try:
+        return int(os.environ["WORLD_SIZE"])
+    except ValueError:
+        raise ConfigError(f"WORLD_SIZE={os.environ['WORLD_SIZE']!r} is not a number of processes") from None
+
+
+def check_distributed(cfg, world: int | None = None) -> None:
+    """Every phase that runs can run on ``world`` processes (default: the torchrun launch's), by what its
+    estimator declares at registration (:class:`vsml.estimators.base.Capabilities`): not ``"refuse"``, and
+    at least one part (ES pair, episode) per process."""
+    world = launched_world_size() if world is None else world
+    if world <= 1:
+        return
+    from vsml.estimators.base import capabilities
+    from vsml.estimators.registry import names
+    for phase in cfg.phases:
+        if phase.steps <= 0 and phase.name != "meta":
+            continue                                   # a skipped phase (e.g. clone.steps 0)
+        if phase.estimator not in names():
+            continue                                   # unknown names are the config's error
+        cap = capabilities(phase.estimator)
+        if cap.distributed == "refuse":
+            raise ConfigError(f"estimator={phase.estimator} cannot run on {world} processes: {cap.why}")
+        if cap.parts is not None:
+            flag, n = cap.parts(cfg)
+            if n < world:
+                skip = "" if phase.name == "meta" else f" or skip the {phase.name} phase (--{phase.name}.steps 0)"
+                raise ConfigError(f"{flag}={n} is smaller than the number of processes ({world}); every process "
+                                  f"needs at least one of its parts: raise --{flag}{skip}")
+
+
 def check_wandb(mode: str) -> None:
     """wandb must be importable when a run asks for it (unless ``WANDB_MODE=disabled`` switches it off)."""
     if mode == "disabled" or os.environ.get("WANDB_MODE") == "disabled":
@@ -72,6 +108,7 @@ def preflight(cfg, *, resume: str | None = None) -> Preflight:
     """Validate everything a run needs before its folder is created (see module docstring)."""
     from vsml.evaluation.evaluate import parse_task_list
     check_device(cfg.device)
+    check_distributed(cfg)
     check_wandb(cfg.log.wandb)
     family = check_task_spec(cfg.task, "--task", cfg.data_dir)
     evals = [(s, check_task_spec(s, "--eval.tasks", cfg.data_dir)) for s in parse_task_list(cfg.eval.tasks)]
