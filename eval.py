@@ -56,19 +56,10 @@ def main(argv: list[str] | None = None) -> int:
         for name in available():
             print(f"pretrained:{name}    (model card: {HERE / (name + '.md')})")
         return 0
-    user_episodes, user_length = args.episodes, args.length     # None: not given (a badger run uses its own)
-    episodes = 16 if args.episodes is None else args.episodes
-    length = 2000 if args.length is None else args.length
-
-    from vsml.evaluation.evaluate import (
-        FrozenLearner,
-        evaluate,
-        parse_task_list,
-        summary_table,
-        write_results,
-    )
     from tqdm.auto import tqdm
 
+    from vsml.evaluation.evaluate import FrozenLearner
+    from vsml.evaluation.metrics import SavedEval, metric_for
     from vsml.learners import registry
     from vsml.training.checkpoint import CheckpointError
     from vsml.training.preflight import check_device
@@ -79,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
 
     apply_thread_policy()
     backend = args.backend or ("torch" if args.no_compile else "auto")
-    learners, tasks, out = [], args.tasks, args.out
+    learners, cfg_dict = [], {}
     try:
         check_device(args.device)
         if args.checkpoint:
@@ -89,18 +80,7 @@ def main(argv: list[str] | None = None) -> int:
             check_backend(backend, args.device, getattr(learner, "cfg", None), learner=name)
             if hasattr(learner, "no_grad_backend"):
                 print(f"[eval] {name}: backend {backend} -> {learner.no_grad_backend(theta)} on {args.device}")
-            if registry.spec(name).metric == "guessing":   # Guessing Game: its meta-test, analyses, run plots
-                from vsml.evaluation.badger_eval import eval_run
-                return eval_run(args.checkpoint, learner, theta, cfg_dict, tasks, user_episodes, user_length,
-                                args.seed, args.out, plot=not args.no_plot)
             learners.append(FrozenLearner(name, learner, theta))
-            tasks = tasks or cfg_dict.get("eval", {}).get("tasks", "digits")
-            if out is None:
-                if args.checkpoint.startswith("pretrained:"):
-                    out = f"eval_{args.checkpoint.split(':', 1)[1]}"
-                else:
-                    p = Path(args.checkpoint)
-                    out = str((p if p.is_dir() else p.parent) / "eval")
         for b in [s.strip() for s in args.baselines.split(",") if s.strip()]:
             bl = registry.build(b)
             learners.append(FrozenLearner(b, bl, bl.init_theta()))
@@ -109,23 +89,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if not learners:
         fail("eval.py", "nothing to evaluate: pass --checkpoint and/or --baselines")
-    tasks = tasks or "digits"
+    # the first learner's metric (its registry entry) runs the meta-test, writes and prints its own report
+    metric = metric_for(learners[0].name)
+    req = SavedEval(checkpoint=args.checkpoint, tasks=args.tasks, episodes=args.episodes, length=args.length,
+                    seed=args.seed, smooth=args.smooth, out=args.out, data_dir=args.data_dir, plot=not args.no_plot)
     from tasks import DatasetError
     try:
-        say(f"[eval] {len(learners)} learner(s) x {len(parse_task_list(tasks))} task(s), {episodes} episodes "
-            f"x {length} examples each (seed {args.seed}) ...")
-        res = evaluate(learners, parse_task_list(tasks), episodes, length, args.seed, args.data_dir,
-                       smooth=max(1, args.smooth), progress=say)
+        return metric.evaluate_saved(learners, cfg_dict, req, progress=say)
     except (DatasetError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    paths = write_results(res, out or "eval_out", plot=not args.no_plot)
-    print(summary_table(res))
-    print(f"\nresults: {paths['json']}")
-    for k, p in paths.items():
-        if k != "json":
-            print(f"plot {k}: {p}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -13,12 +13,28 @@ Both return ``{task: {learner name: result dict}}`` (plus ``"_paths"`` after the
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 
-__all__ = ["ClassificationMetric", "GuessingMetric", "MetaTestMetric", "metric_for"]
+__all__ = ["ClassificationMetric", "GuessingMetric", "MetaTestMetric", "SavedEval", "metric_for"]
+
+
+@dataclass(frozen=True)
+class SavedEval:
+    """What ``eval.py`` asks of a saved learner's meta-test (None: the metric's / the run's default)."""
+
+    checkpoint: str | None = None
+    tasks: str | None = None
+    episodes: int | None = None
+    length: int | None = None
+    seed: int = 22
+    smooth: int = 25
+    out: str | None = None
+    data_dir: str | None = None
+    plot: bool = True
 
 
 class MetaTestMetric(Protocol):
@@ -40,6 +56,12 @@ class MetaTestMetric(Protocol):
 
     def summary(self, res: dict) -> dict[str, float]:
         """Scalars for the run summary (wandb)."""
+        ...
+
+    def evaluate_saved(self, learners: list, cfg_dict: dict, req: SavedEval,
+                       progress: Callable[[str], None] | None = None) -> int:
+        """``eval.py``: meta-test ``learners`` (FrozenLearners, the checkpoint's first; ``cfg_dict`` its run
+        config, ``{}`` without one), write results and plots, print the table; returns the exit code."""
         ...
 
 
@@ -96,6 +118,34 @@ class ClassificationMetric:
 
     summary = staticmethod(_online_acc_summary)
 
+    def evaluate_saved(self, learners: list, cfg_dict: dict, req: SavedEval,
+                       progress: Callable[[str], None] | None = None) -> int:
+        """Online classification of every learner (16 episodes x 2000 examples, the run's eval tasks,
+        unless given); results.json + one curve PNG per task in ``req.out`` (default ``<run>/eval``)."""
+        from vsml.evaluation.evaluate import evaluate, parse_task_list, summary_table, write_results
+        episodes = 16 if req.episodes is None else req.episodes
+        length = 2000 if req.length is None else req.length
+        tasks = req.tasks or cfg_dict.get("eval", {}).get("tasks", "digits")
+        out = req.out
+        if out is None and req.checkpoint:
+            if req.checkpoint.startswith("pretrained:"):
+                out = f"eval_{req.checkpoint.split(':', 1)[1]}"
+            else:
+                p = Path(req.checkpoint)
+                out = str((p if p.is_dir() else p.parent) / "eval")
+        if progress:
+            progress(f"[eval] {len(learners)} learner(s) x {len(parse_task_list(tasks))} task(s), {episodes} "
+                     f"episodes x {length} examples each (seed {req.seed}) ...")
+        res = evaluate(learners, parse_task_list(tasks), episodes, length, req.seed, req.data_dir,
+                       smooth=max(1, req.smooth), progress=progress)
+        paths = write_results(res, out or "eval_out", plot=req.plot)
+        print(summary_table(res))
+        print(f"\nresults: {paths['json']}")
+        for k, p in paths.items():
+            if k != "json":
+                print(f"plot {k}: {p}")
+        return 0
+
 
 class GuessingMetric:
     """The Guessing Game, a regression game: guess errors (the scaled MSE feedback, chance 1), not accuracies."""
@@ -122,6 +172,15 @@ class GuessingMetric:
         return "\n".join(lines)
 
     summary = staticmethod(_online_acc_summary)
+
+    def evaluate_saved(self, learners: list, cfg_dict: dict, req: SavedEval,
+                       progress: Callable[[str], None] | None = None) -> int:
+        """A fresh held-out Guessing-Game meta-test of the checkpoint's learner (baselines do not play it),
+        its analyses and the run's training plots (:func:`vsml.evaluation.badger_eval.eval_run`)."""
+        from vsml.evaluation.badger_eval import eval_run
+        first = learners[0]
+        return eval_run(req.checkpoint, first.learner, first.theta, cfg_dict, req.tasks, req.episodes, req.length,
+                        req.seed, req.out, plot=req.plot)
 
 
 METRICS: dict[str, MetaTestMetric] = {"classification": ClassificationMetric(), "guessing": GuessingMetric()}
