@@ -39,7 +39,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from experiments.horizon_study import ARMS, STEPS_REPORTED, acc_at, curve_style, decorate_log_axis  # noqa: E402
+from experiments.horizon_study import ARMS, STEPS_REPORTED, acc_at, curve_style  # noqa: E402
+from vsml.evaluation.plotting import LogCurve, plot_log_curves  # noqa: E402
 
 # two-sided 97.5% Student-t quantiles for n - 1 degrees of freedom (n = number of seeds)
 _T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
@@ -190,17 +191,14 @@ def build_report(configs: list[dict], grouped: dict) -> tuple[str, dict]:
 
 
 def plot(grouped: dict, tasks: list[str], prefix: Path) -> list[Path]:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return []
+    """One PNG per task (vsml.evaluation.plotting.plot_log_curves): a panel per learner, each arm's mean curve
+    over seeds with its min..max band."""
     paths = []
     learners = [ln for ln in ("vsml", "metarnn") if any(k[0] == ln for k in grouped)]
     for task in tasks:
-        fig, axes = plt.subplots(1, max(1, len(learners)), figsize=(6.4 * max(1, len(learners)), 4.4), squeeze=False)
-        for ax, ln in zip(axes[0], learners):
+        panels = {}
+        for ln in learners:
+            curves = []
             for key in sorted(grouped, key=_arm_order):
                 if key[0] not in (ln, "sgd", "adam"):
                     continue
@@ -211,15 +209,13 @@ def plot(grouped: dict, tasks: list[str], prefix: Path) -> list[Path]:
                 ys = np.asarray([r["meta_test"][task]["curve_y"] for r in rs])          # [seeds, bins]
                 style, color = curve_style(*key)
                 label = rs[0].get("label", key[1]).replace("θ0", "theta0")      # no θ glyph in every font
-                ax.plot(x, ys.mean(0), style, color=color, lw=1.4, label=f"{label} (n={len(rs)})")
-                if len(rs) > 1:
-                    ax.fill_between(x, ys.min(0), ys.max(0), color=color, alpha=0.12, lw=0)
-            decorate_log_axis(ax, f"{ln} on {task}: mean over seeds, band min..max", fontsize=6.5)
-        fig.tight_layout()
+                curves.append(LogCurve(f"{label} (n={len(rs)})", x, ys.mean(0), style, color,
+                                       band=(ys.min(0), ys.max(0)) if len(rs) > 1 else None))
+            panels[f"{ln} on {task}: mean over seeds, band min..max"] = curves
         safe = "".join(c if c.isalnum() else "_" for c in task).strip("_")
-        p = prefix.parent / f"{prefix.name}_{safe}.png"
-        fig.savefig(p, dpi=80)
-        plt.close(fig)
+        p = plot_log_curves(panels, prefix.parent / f"{prefix.name}_{safe}.png", fontsize=6.5, width=6.4, height=4.4)
+        if p is None:
+            return []
         paths.append(p)
     return paths
 

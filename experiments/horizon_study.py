@@ -36,6 +36,14 @@ arms (online CE over the first 50 / 500 examples of 32 fixed meta-training episo
 "the estimator failed to optimise" from "it optimised a myopic objective".  Results of the runs made for
 issue 8: RESULTS.md ("Long horizons") and docs/horizon/.
 
+A thin sweep over the library: every arm and warm start is a ``TrainConfig`` run by
+``vsml.training.trainer.train()``; every meta-test (and the ``--objective`` check) is
+``vsml.evaluation.evaluate()`` on the study's cached episodes (``batches=``) with the metrics
+``acc_at_steps`` / ``log_binned_curve`` / ``loss_over_first``; the curves are drawn by
+``vsml.evaluation.plotting.plot_log_curves`` (shared with experiments/horizon_aggregate.py).  What is the
+study's own: the arms and their compute units (``_arm``), equal compute → meta-steps
+(``steps_for_budget``), the warm-start recipes, the table and the 10H-vs-H verdict.
+
 Resumable: each arm writes ``<out>/arms/<learner>-<arm>.json`` and is skipped when it exists.
 Outputs: ``<out>/study.json`` (config + every arm), ``<out>/horizon_<task>.png`` (accuracy vs step on
 a log axis), ``<out>/table.md``; wandb offline run under ``<out>/wandb``.
@@ -357,9 +365,16 @@ def acc_at(mt: dict, s: int) -> tuple[float, float] | None:
 # the grid
 
 
+def steps_for_budget(budget: int, units_per_step: int) -> int:
+    """Equal compute: the meta-steps an arm gets from ``budget`` compute units at ``units_per_step`` each
+    (at least one)."""
+    return max(1, budget // units_per_step)
+
+
 def run_arm(sc: StudyConfig, learner: str, arm: str, theta0_path: Path) -> dict:
+    """One arm: its TrainConfig through ``train()`` from θ0, then :func:`meta_test` of its final θ."""
     label, horizon, overrides, units = _arm(arm, sc)
-    steps = max(1, sc.budget // units)
+    steps = steps_for_budget(sc.budget, units)
     cfg = _base_cfg(sc, learner, f"{learner}-{arm}", init_from=str(theta0_path), steps=steps, **overrides)
     t0 = time.time()
     rd = train(cfg)
@@ -442,72 +457,49 @@ def report(sc: StudyConfig, results: list[dict], out: Path) -> None:
                              f"{o['acc@500']:.3f} |")
     (out / "table.md").write_text("\n".join(lines) + "\n")
     (out / "study.json").write_text(json.dumps({"config": dataclasses.asdict(sc), "results": results}, indent=1))
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
+    from vsml.evaluation.plotting import LogCurve, plot_log_curves
     learners = [x for x in sc.learner_list if any(r["learner"] == x for r in results)]
     for task in tasks:
         if not learners:
             break
-        fig, axes = plt.subplots(1, len(learners), figsize=(6.2 * len(learners), 4.2), squeeze=False)
-        for ax, ln in zip(axes[0], learners):
-            for r in results:
-                if task not in r["meta_test"] or r["learner"] not in (ln, "sgd", "adam"):
-                    continue
-                mt = r["meta_test"][task]
-                style, color = curve_style(r["learner"], r["arm"])
-                ax.plot(mt["curve_x"], mt["curve_y"], style, label=r["label"], lw=1.4, color=color)
-            decorate_log_axis(ax, f"{ln} on {task}", fontsize=7)
-        fig.tight_layout()
+        panels = {f"{ln} on {task}": [LogCurve(r["label"], r["meta_test"][task]["curve_x"],
+                                               r["meta_test"][task]["curve_y"], *curve_style(r["learner"], r["arm"]))
+                                      for r in results
+                                      if task in r["meta_test"] and r["learner"] in (ln, "sgd", "adam")]
+                  for ln in learners}
         safe = "".join(c if c.isalnum() else "_" for c in task).strip("_")
-        fig.savefig(out / f"horizon_{safe}.png", dpi=80)
-        plt.close(fig)
+        plot_log_curves(panels, out / f"horizon_{safe}.png", fontsize=7)
 
 
-def curve_style(learner: str, arm: str) -> tuple[str, object]:
-    """(line style, colour) of one curve in the study's plots: baselines dashed, θ0 dotted grey, arms by
-    their index in ARMS (shared with experiments/horizon_aggregate.py)."""
-    import matplotlib.pyplot as plt
+def curve_style(learner: str, arm: str) -> tuple[str, str]:
+    """(line style, matplotlib colour) of one curve in the study's plots: baselines dashed, θ0 dotted grey,
+    arms by their index in ARMS (tab10 colours "C0".."C9"; shared with experiments/horizon_aggregate.py)."""
     style = "--" if learner in ("sgd", "adam") else (":" if arm == "start" else "-")
     color = "0.5" if arm == "start" else ({"sgd": "k", "adam": "0.35"}.get(learner)
-                                          or plt.cm.tab10(ARMS.index(arm) % 10))
+                                          or f"C{ARMS.index(arm) % 10}")
     return style, color
-
-
-def decorate_log_axis(ax, title: str, fontsize: float = 7) -> None:
-    """Log step axis, the horizons 50 / 500 / 2000 as faint lines, grid, legend."""
-    ax.set_xscale("log")
-    ax.set_xlabel("meta-test step (examples seen)")
-    ax.set_ylabel("online accuracy (log-spaced bins)")
-    ax.set_title(title)
-    for h in (50, 500, 2000):
-        ax.axvline(h, color="0.85", lw=0.8, zorder=0)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=fontsize, loc="upper left")
 
 
 def objective_check(sc: StudyConfig, r: dict) -> dict:
     """The estimators' own objective, measured the same way for every arm: mean online CE over the first
     50 and the first 500 examples of ``objective_episodes`` fixed episodes of the meta-training family
-    (train split, seed 777, not a seed used in meta-training), at θ_final (or θ0 for the start arm)."""
+    (train split, seed 777, not a seed used in meta-training), at θ_final (or θ0 for the start arm), through
+    ``evaluate()`` with those cached episodes (initial states: evaluate's rule for seed None; before the
+    move onto evaluate() they came from Generator(778), so recorded numbers differ in the last digits)."""
     if r["learner"] not in ("vsml", "metarnn"):
         return {}
+    from vsml.evaluation.evaluate import FrozenLearner, evaluate, loss_over_first
     net, theta = _frozen_theta(sc, r)
     key = ("objective", sc.train_task)
     if key not in _EVAL_CACHE:
         fam = make_family(sc.train_task, data_dir=sc.data_dir)
         fam.prepare(("train",))
         _EVAL_CACHE[key] = fam.sample(sc.objective_episodes, 500, seed=777, split="train")
-    b = _EVAL_CACHE[key]
-    gen = torch.Generator().manual_seed(778)
-    with torch.no_grad():
-        out = net.unroll(theta, b.x.reshape(b.x.shape[0], b.x.shape[1], -1), b.y, b.num_classes, generator=gen)
-    loss = out.loss.double()                                                 # [E, 500]
-    return {"loss@50": float(loss[:, :50].mean()), "loss@500": float(loss.mean()),
-            "acc@500": float(out.correct.double().mean())}
+    fl = FrozenLearner(r["learner"], net, theta, max_batch=sc.objective_episodes)
+    res = evaluate([fl], [sc.train_task], sc.objective_episodes, 500, None, split="train",
+                   loss_metrics=[loss_over_first((50, 500))], batches={sc.train_task: _EVAL_CACHE[key]})
+    m = res[sc.train_task][fl.name]
+    return {"loss@50": m["loss@50"], "loss@500": m["loss@500"], "acc@500": m["online_accuracy"]}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -91,3 +91,35 @@ def test_remeasure_adds_missing_tasks_and_short_sets_to_finished_arms(tmp_path):
     assert 0.0 <= mt["acc@50"] <= 1.0 and mt["short"]["episodes"] == 3 and "acc@50" in mt["short"]
     before = arm.read_text()
     assert hs.main(args) == 0 and arm.read_text() == before          # complete: nothing re-run
+
+
+def test_steps_for_budget_is_equal_compute():
+    assert hs.steps_for_budget(160_000, 2 * 16 * 50) == 100
+    assert hs.steps_for_budget(10, 1000) == 1                       # at least one meta-step
+
+
+def test_objective_check_runs_through_evaluate(tmp_path, monkeypatch):
+    """The meta-training-objective check is evaluate() on cached train-split episodes with loss@s metrics
+    (a small Meta-RNN stands in for the arm's learner)."""
+    from vsml.learners import registry
+    net = registry.build("metarnn", hidden=8, max_in_dim=8, max_classes=3)
+    theta = net.init_theta()
+    monkeypatch.setattr(hs, "_frozen_theta", lambda sc, r: (net, theta))
+    sc = hs.StudyConfig(out=str(tmp_path), train_task="teacher_linear[d=8,c=3]", objective_episodes=2,
+                        learners="metarnn", wandb="disabled")
+    o = hs.objective_check(sc, {"learner": "metarnn", "arm": "start"})
+    assert set(o) == {"loss@50", "loss@500", "acc@500"}
+    assert 0.0 < o["loss@50"] and 0.0 < o["loss@500"] and 0.0 <= o["acc@500"] <= 1.0
+    assert hs.objective_check(sc, {"learner": "metarnn", "arm": "start"}) == o    # same cached episodes
+    assert hs.objective_check(sc, {"learner": "sgd", "arm": "baseline"}) == {}
+
+
+def test_report_writes_table_json_and_log_axis_plot(tmp_path):
+    pytest.importorskip("matplotlib")
+    sc = hs.StudyConfig(out=str(tmp_path), learners="vsml", test_tasks="t", wandb="disabled")
+    mt = {"t": {"online_acc": 0.5, "acc@50": 0.4, "ci@50": 0.1, "curve_x": [1.0, 10.0, 100.0],
+                "curve_y": [0.1, 0.4, 0.6]}}
+    results = [{"learner": "vsml", "arm": "es50", "label": "ES H=50", "horizon": 50, "meta_test": mt},
+               {"learner": "sgd", "arm": "baseline", "label": "online SGD", "meta_test": mt}]
+    hs.report(sc, results, tmp_path)
+    assert (tmp_path / "horizon_t.png").stat().st_size > 0 and "ES H=50" in (tmp_path / "table.md").read_text()

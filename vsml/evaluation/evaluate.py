@@ -108,6 +108,18 @@ def log_binned_curve(n_bins: int = 40) -> CorrectnessMetric:
     return metric
 
 
+LossMetric = Callable[[np.ndarray], dict[str, Any]]
+"""A metric of the per-step online loss matrix [E, T] (cross-entropy of the prediction made before y_t)."""
+
+
+def loss_over_first(steps: Sequence[int]) -> LossMetric:
+    """``loss@s`` for each s in ``steps`` (those <= T): the mean online loss over the first s steps of every
+    episode (e.g. a meta-training objective measured at its horizon)."""
+    def metric(loss: np.ndarray) -> dict[str, Any]:
+        return {f"loss@{s}": float(loss[:, :s].mean()) for s in steps if s <= loss.shape[1]}
+    return metric
+
+
 class MetaTestProtocol(Protocol):
     """How a task's meta-test episodes are drawn and what is measured on them (one per kind of task)."""
 
@@ -129,11 +141,13 @@ class OnlineClassification:
     :func:`tasks.protocol.summarize` (online / final accuracy, loss, the per-step curve with its 95% band;
     ``smooth``: each episode's 0/1 curve is averaged over a trailing window of this many steps before
     the band, the scalar accuracies never are), the family's ``name``, ``split``, ``num_classes`` and
-    ``chance``, and the ``metrics`` of the correctness matrix [E, T] (e.g. :func:`acc_at_steps`)."""
+    ``chance``, the ``metrics`` of the correctness matrix [E, T] (e.g. :func:`acc_at_steps`) and the
+    ``loss_metrics`` of the loss matrix [E, T] (e.g. :func:`loss_over_first`)."""
 
     smooth: int = 25
     metrics: Sequence[CorrectnessMetric] = ()
     split: str = "test"
+    loss_metrics: Sequence[LossMetric] = ()
 
     def episodes(self, spec: str, num: int, length: int, seed: int, split: str, data_dir: str | None,
                  device: torch.device | str | None) -> tuple[Any, Any]:
@@ -149,24 +163,28 @@ class OnlineClassification:
                  num_classes=batch.num_classes, chance=1.0 / batch.num_classes)
         for m in self.metrics:
             r.update(m(correct))
+        for m in self.loss_metrics:
+            r.update(m(loss))
         return r
 
 
 def evaluate(learners: list[FrozenLearner], task_specs: list[str], episodes: int, length: int, seed: int | None,
              data_dir: str | None = None, split: str = "test", smooth: int = 25,
-             metrics: Sequence[CorrectnessMetric] = (), batches: Mapping[str, Any] | None = None,
+             metrics: Sequence[CorrectnessMetric] = (), loss_metrics: Sequence[LossMetric] = (),
+             batches: Mapping[str, Any] | None = None,
              protocol: MetaTestProtocol | None = None, device: torch.device | str | None = None,
              progress: Callable[[str], None] | None = None) -> dict[str, dict[str, dict[str, Any]]]:
     """The one meta-test entry: {task: {learner: result}}, every learner on the same episodes of every task.
 
-    ``protocol`` draws the episodes and measures (default :class:`OnlineClassification` with ``smooth``
-    and ``metrics``; the Guessing Game: :class:`vsml.evaluation.badger_eval.GuessingGame`);
+    ``protocol`` draws the episodes and measures (default :class:`OnlineClassification` with ``smooth``,
+    ``metrics`` and ``loss_metrics``; the Guessing Game: :class:`vsml.evaluation.badger_eval.GuessingGame`);
     ``batches[task]``, when given, replaces the protocol's draw (a study's own cached episodes).
     ``seed`` draws the episodes and the learners' initial states (None, with ``batches``: the historic
     initial-state rule of :func:`state_seed`).  ``device``: where the episodes are
     built (default: the first learner's θ device), so a GPU meta-test builds its batches on the GPU.
     ``progress``: called with a line before and after each (task, learner) pair (e.g. ``tqdm.write``)."""
-    protocol = protocol or OnlineClassification(smooth=smooth, metrics=tuple(metrics), split=split)
+    protocol = protocol or OnlineClassification(smooth=smooth, metrics=tuple(metrics), split=split,
+                                                loss_metrics=tuple(loss_metrics))
     if device is None and learners:
         device = learners[0].theta.device
     results: dict[str, dict[str, dict[str, Any]]] = {}

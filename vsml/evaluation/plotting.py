@@ -1,7 +1,10 @@
-"""Meta-test learning-curve plots (matplotlib, headless), drawn from saved result dicts."""
+"""Meta-test learning-curve plots (matplotlib, headless), drawn from saved result dicts: linear-axis
+curves with bands (:func:`plot_task_curves`), log-step-axis curve panels (:func:`plot_log_curves`)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -115,5 +118,56 @@ def plot_training_curves(metrics_path: str | Path, path: str | Path) -> Path | N
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+@dataclass(frozen=True)
+class LogCurve:
+    """One line of :func:`plot_log_curves`: y over step bins x (e.g. ``evaluate.log_binned_curve``), with an
+    optional band (lo, hi) drawn around it."""
+
+    label: str
+    x: Sequence[float]
+    y: Sequence[float]
+    style: str = "-"
+    color: Any = None
+    band: tuple[Sequence[float], Sequence[float]] | None = None
+
+
+def decorate_log_axis(ax, title: str, fontsize: float = 7, marks: Sequence[int] = (50, 500, 2000)) -> None:
+    """Log step axis, the steps ``marks`` (e.g. meta-training horizons) as faint lines, grid, legend."""
+    ax.set_xscale("log")
+    ax.set_xlabel("meta-test step (examples seen)")
+    ax.set_ylabel("online accuracy (log-spaced bins)")
+    ax.set_title(title)
+    for h in marks:
+        ax.axvline(h, color="0.85", lw=0.8, zorder=0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=fontsize, loc="upper left")
+
+
+def plot_log_curves(panels: dict[str, Sequence[LogCurve]], path: str | Path, fontsize: float = 7,
+                    marks: Sequence[int] = (50, 500, 2000), width: float = 6.2, height: float = 4.2,
+                    dpi: int = 80) -> Path | None:
+    """Accuracy-vs-step curves on a log step axis, one panel per key of ``panels`` (its title) side by side;
+    used by the horizon study and its seed aggregate.  Returns the PNG path, or None without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(width * max(1, len(panels)), height), squeeze=False)
+    for ax, (title, curves) in zip(axes[0], panels.items()):
+        for c in curves:
+            ax.plot(c.x, c.y, c.style, label=c.label, lw=1.4, color=c.color)
+            if c.band is not None:
+                ax.fill_between(c.x, c.band[0], c.band[1], color=c.color, alpha=0.12, lw=0)
+        decorate_log_axis(ax, title, fontsize=fontsize, marks=marks)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
     return path
