@@ -7,11 +7,13 @@ loop, the frequency principle, and topology (Laplacian λ₂) versus convergence
     python experiments/badger.py fprinciple --steps 1500 --seeds 0 --wandb offline
     python experiments/badger.py plots      # docs/badger_*.png from the saved JSON
 
-Every run meta-trains a :class:`vsml.learners.badger.MicroBadger` by full BPTT + Adam (``vsml.estimators.bptt.bptt_gradient``,
-``vsml.estimators.core.make_optimizer``; the same code path as ``train.py --preset badger``) and logs every
-step's meta-loss plus a held-out meta-test (test split, fixed seed) every ``--eval_every`` steps with the
-§B analyses (``vsml.evaluation.badger_eval.analyse_episodes``) to ``<out>/<experiment>/<run>/metrics.jsonl`` through
-:class:`vsml.training.loggers.RunLogger` (wandb offline with ``--wandb offline``).  The per-experiment results go
+Every run is a ``TrainConfig`` (:func:`run_config`: a :class:`vsml.learners.badger.MicroBadger`, full BPTT +
+Adam, as ``train.py --preset badger``) meta-trained by ``vsml.training.trainer.train()``, resumed segment by
+segment so that θ after every ``--eval_every`` steps gets a held-out meta-test (test split, fixed seed) with
+the §B analyses (``vsml.evaluation.badger_eval.analyse_episodes``): the trainer writes
+``<out>/<experiment>/<run>/metrics.jsonl`` (every step's meta-loss; wandb offline with ``--wandb offline``),
+the analyses go to ``<run>/analyses.jsonl``.  (Before issue 16 the experiment had its own BPTT loop, whose
+initial inner states came from another seed rule, so recorded numbers are not bit-reproducible.)  The per-experiment results go
 to ``<out>/<experiment>.json``.  Run single-threaded (``OMP_NUM_THREADS=1``); each run takes a few minutes
 on one CPU core.
 """
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -40,9 +43,11 @@ from tasks.guessing import SinusoidFamily  # noqa: E402
 from vsml.analysis import binding_information, graph_summary, loss_curve_hurst, loss_curve_lyapunov  # noqa: E402
 from vsml.learners.badger import BadgerConfig, MicroBadger  # noqa: E402
 from vsml.evaluation.badger_eval import analyse_episodes, run_episodes  # noqa: E402
-from vsml.estimators.bptt import BPTTConfig, bptt_gradient  # noqa: E402
-from vsml.estimators.core import make_optimizer  # noqa: E402
-from vsml.training.loggers import RunLogger  # noqa: E402
+from vsml.estimators.bptt import BPTTConfig  # noqa: E402
+from vsml.evaluation.plotting import read_metrics  # noqa: E402
+from vsml.training.checkpoint import load_theta  # noqa: E402
+from vsml.training.config import EvalConfig, LogConfig, TrainConfig  # noqa: E402
+from vsml.training.trainer import train  # noqa: E402
 
 # ------------------------------------------------------------------------------------------------ runs
 
@@ -62,26 +67,41 @@ def escape_step(loss: np.ndarray, threshold: float, window: int = 25) -> int | N
     return int(hit[0]) + 1 if len(hit) else None
 
 
+def segment_ends(steps: int, eval_every: int, extra: tuple[int, ...] = ()) -> list[int]:
+    """The meta-steps after which the experiment meta-tests θ: every ``eval_every`` steps, the ``extra``
+    steps (inner-loop analyses) and the last step; training runs in segments between them."""
+    ends = {s for s in range(eval_every, steps + 1, eval_every)} if eval_every > 0 else set()
+    return sorted((ends | {s for s in extra if 0 < s <= steps}) | {steps})
+
+
+def run_config(name: str, cfg: BadgerConfig, task: str, steps: int, seed: int, out: Path, lr: float = 1e-2,
+               batch: int = 64, length: int = 20, wandb: str = "disabled") -> TrainConfig:
+    """The TrainConfig of one experiment run: Micro-Badger, full BPTT (grad-norm clip 1) + Adam at ``lr``,
+    ``batch`` episodes of ``length`` inner steps per meta-step; the trainer's own meta-tests are kept minimal
+    (the experiment runs its analyses on θ after each segment)."""
+    return TrainConfig(name=name, learner="badger", task=task, estimator="bptt", badger=cfg,
+                       bptt=BPTTConfig(truncation=0, clip_grad_norm=1.0), lr=lr, meta_batch=batch,
+                       episode_length=length, steps=steps, seed=seed, backend="torch", ckpt_every=0,
+                       out_dir=str(out), eval=EvalConfig(tasks=task, every=0, episodes=2, length=length),
+                       log=LogConfig(every=1, wandb=wandb, project="vsml-badger", progress=False))
+
+
 def train_run(name: str, cfg: BadgerConfig, task: str, steps: int, seed: int, out: Path, lr: float = 1e-2,
               batch: int = 64, length: int = 20, eval_every: int = 50, eval_episodes: int = 512,
               wandb: str = "disabled", inner_info_at: tuple[int, ...] = ()) -> dict[str, Any]:
-    """Meta-train one learner; returns its loss curve, held-out meta-test rows and summary numbers."""
+    """Meta-train one learner with ``vsml.training.trainer.train()`` (resumed segment by segment, so that θ
+    after every ``eval_every`` steps is meta-tested with the §B analyses); returns its loss curve, held-out
+    meta-test rows and summary numbers.  The analyses' rows also go to ``<run>/analyses.jsonl``."""
     run_dir = out / name
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    if run_dir.exists():                               # a rerun of the same name starts over
+        shutil.rmtree(run_dir)
     learner = MicroBadger(cfg)
     fam = make_family(task)
     freqs = fam.freqs if isinstance(fam, SinusoidFamily) else None
-    theta = torch.nn.Parameter(learner.init_theta(torch.Generator().manual_seed(derive_seed(seed, "theta-init"))))
-    opt = make_optimizer(theta, lr)
-    bcfg = BPTTConfig(truncation=0, clip_grad_norm=1.0)
-    logger = RunLogger(run_dir, {"badger": dataclasses.asdict(cfg), "task": task, "steps": steps, "seed": seed,
-                                 "lr": lr, "batch": batch, "length": length}, wandb, project="vsml-badger",
-                       name=name, group=out.name)
     test = fam.sample(eval_episodes, length, seed=22, split="test")
     inner_steps = set(inner_info_at) | {steps}
 
-    def meta_test(step: int) -> dict:
+    def meta_test(step: int, theta: torch.Tensor) -> dict:
         o = run_episodes(learner, theta, test, derive_seed(22, "badger-eval-state"))
         res = analyse_episodes(o, test, freqs=freqs, feedback_scale=cfg.feedback_scale)
         if step in inner_steps or step == 0:
@@ -89,28 +109,26 @@ def train_run(name: str, cfg: BadgerConfig, task: str, steps: int, seed: int, ou
             h = o.hidden.double().numpy()                                       # [E, T, n, H]
             res["binding_inner"] = [binding_information(h[:, t], pca=2) for t in range(h.shape[1])]
         row = {"step": step, **{k: v for k, v in res.items() if k not in ("error_lo", "error_hi")}}
-        flat = {"meta_test/error_last": res["error_last"], "meta_test/error_mean": res["error_mean"]}
-        flat.update({f"meta_test/mi_t{t}": v for t, v in res.get("mi_by_t", {}).items()})
-        flat.update({f"meta_test/binding_t{t}": v for t, v in res.get("binding_by_t", {}).items()})
-        logger.log(flat, step)
+        with open(run_dir / "analyses.jsonl", "a") as fh:
+            fh.write(json.dumps(row) + "\n")
         return row
 
-    losses, grad_norms, evals = [], [], [meta_test(0)]
+    tcfg = run_config(name, cfg, task, steps, seed, out, lr, batch, length, wandb)
+    theta0 = learner.init_theta(torch.Generator().manual_seed(derive_seed(seed, "theta-init")))   # the trainer's θ0
+    run_dir.mkdir(parents=True)
+    evals = [meta_test(0, theta0)]
     t0 = time.time()
-    for step in range(steps):
-        b = fam.sample(batch, length, seed=derive_seed(seed, "meta-train-data", step), split="train")
-        g, m = bptt_gradient(learner, theta.detach(), b.x, b.y, b.num_classes, bcfg,
-                             torch.Generator().manual_seed(derive_seed(seed, "state", step)))
-        theta.grad = g
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(m["loss"])
-        grad_norms.append(m["grad_norm"])
-        logger.log({"meta_train/loss": m["loss"], "meta_train/grad_norm": m["grad_norm"]}, step + 1)
-        if (step + 1) % eval_every == 0 or (step + 1) in inner_steps:
-            evals.append(meta_test(step + 1))
-    logger.close()
+    for i, end in enumerate(segment_ends(steps, eval_every, tuple(inner_steps))):
+        seg = dataclasses.replace(tcfg, steps=end)
+        if i == 0:
+            train(seg, run_dir=str(run_dir))
+        else:
+            train(seg, resume=str(run_dir))
+        evals.append(meta_test(end, load_theta(run_dir / "theta.safetensors")[0]))
     wall = time.time() - t0
+    rows = [r for r in read_metrics(run_dir / "metrics.jsonl") if "meta_train/loss" in r]
+    losses = [r["meta_train/loss"] for r in rows]
+    grad_norms = [r.get("meta_train/grad_norm", float("nan")) for r in rows]
     loss = np.asarray(losses)
     res = {"name": name, "config": dataclasses.asdict(cfg), "task": task, "seed": seed, "steps": steps, "lr": lr,
            "loss": losses, "grad_norm": grad_norms, "evals": evals, "wall_s": wall,

@@ -1,6 +1,9 @@
 """Micro-Badger (vsml/learners/badger.py), the Guessing Game (tasks/guessing.py) and their train/eval integration."""
 
 import json
+import math
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -312,3 +315,22 @@ def test_train_and_eval_end_to_end(tmp_path):
     assert eval_cli.main(["--checkpoint", str(rd), "--out", str(tmp_path / "ev")]) == 0
     assert (tmp_path / "ev" / "badger_train_loss.png").exists()
     assert list((tmp_path / "ev").glob("badger_info_*.png")) and (tmp_path / "ev" / "results.json").exists()
+
+
+def test_experiment_run_is_train_resumed_per_segment(tmp_path):
+    """experiments/badger.py meta-trains through train() (resumed after each analysis step): one loss per
+    meta-step, analyses at 0, every eval_every steps and the inner-info steps."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("badger_exp", Path(__file__).resolve().parents[1] / "experiments"
+                                                  / "badger.py")
+    bx = importlib.util.module_from_spec(spec)
+    sys.modules["badger_exp"] = bx
+    spec.loader.exec_module(bx)
+    assert bx.segment_ends(7, 3, (5, 9)) == [3, 5, 6, 7]
+    cfg = BadgerConfig(n_experts=3, hidden=4)
+    r = bx.train_run("r", cfg, "guessing[n=2]", 4, 0, tmp_path, batch=4, length=5, eval_every=2, eval_episodes=8,
+                     inner_info_at=(1,))
+    assert len(r["loss"]) == 4 and all(math.isfinite(v) for v in r["loss"])
+    assert [e["step"] for e in r["evals"]] == [0, 1, 2, 4]
+    assert "binding_inner" in r["evals"][1] and "binding_inner" not in r["evals"][2]
+    assert len((tmp_path / "r" / "analyses.jsonl").read_text().splitlines()) == 4
