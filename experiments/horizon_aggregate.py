@@ -41,6 +41,7 @@ sys.path.insert(0, str(ROOT))
 
 from experiments.horizon_study import ARMS, STEPS_REPORTED, acc_at, curve_style  # noqa: E402
 from vsml.evaluation.plotting import LogCurve, plot_log_curves  # noqa: E402
+from vsml.evaluation.report import markdown_table  # noqa: E402
 
 # two-sided 97.5% Student-t quantiles for n - 1 degrees of freedom (n = number of seeds)
 _T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
@@ -162,31 +163,30 @@ def build_report(configs: list[dict], grouped: dict) -> tuple[str, dict]:
              f"seeds, and in how many seeds the difference exceeded its 95% interval over meta-test episodes."]
     agg: dict = {"seeds": seeds, "config": c0, "arms": {}}
     for task in tasks:
-        lines += [f"\n### {task}\n",
-                  "| learner | arm | seeds | online acc | " + " | ".join(f"acc@{s}" for s in STEPS_REPORTED)
-                  + " | acc(10H) − acc(H) |",
-                  "|---|---|---:|---:|" + "---:|" * len(STEPS_REPORTED) + "---|"]
+        rows = []
         for key in sorted(grouped, key=_arm_order):
             a = aggregate_arm(grouped[key], task)
             if a is None:
                 continue
             agg["arms"].setdefault(f"{key[0]}/{key[1]}", {})[task] = a
-            label = grouped[key][0].get("label", key[1])
-            lines.append(f"| {key[0]} | {label} | {a['n_seeds']} | {_ms(a, 'online_acc')} | "
-                         + " | ".join(_ms(a, f"acc@{s}") for s in STEPS_REPORTED) + f" | {_goal_cell(a)} |")
+            rows.append([key[0], grouped[key][0].get("label", key[1]), a["n_seeds"], _ms(a, "online_acc"),
+                         *(_ms(a, f"acc@{s}") for s in STEPS_REPORTED), _goal_cell(a)])
+        lines += [f"\n### {task}\n", *markdown_table(
+            ["learner", "arm", "seeds", "online acc", *(f"acc@{s}" for s in STEPS_REPORTED), "acc(10H) − acc(H)"],
+            rows, "ll" + "r" * (2 + len(STEPS_REPORTED)) + "l")]
     objective_rows = []
     for key in sorted(grouped, key=_arm_order):
         objs = [r["objective"] for r in grouped[key] if r.get("objective")]
         if objs:
             f = {k: (float(np.mean([o[k] for o in objs])), float(np.std([o[k] for o in objs], ddof=1))
                      if len(objs) > 1 else 0.0) for k in ("loss@50", "loss@500")}
-            objective_rows.append(f"| {key[0]} | {grouped[key][0].get('label', key[1])} | {len(objs)} | "
-                                  f"{f['loss@50'][0]:.3f}±{f['loss@50'][1]:.3f} | "
-                                  f"{f['loss@500'][0]:.3f}±{f['loss@500'][1]:.3f} |")
+            objective_rows.append([key[0], grouped[key][0].get("label", key[1]), len(objs),
+                                   f"{f['loss@50'][0]:.3f}±{f['loss@50'][1]:.3f}",
+                                   f"{f['loss@500'][0]:.3f}±{f['loss@500'][1]:.3f}"])
     if objective_rows:
         lines += ["\n### meta-training objective (online CE on 32 fixed meta-training episodes), mean ± sd over seeds\n",
-                  "| learner | arm | seeds | CE over steps 1-50 | CE over steps 1-500 |", "|---|---|---:|---:|---:|",
-                  *objective_rows]
+                  *markdown_table(["learner", "arm", "seeds", "CE over steps 1-50", "CE over steps 1-500"],
+                                  objective_rows, "llrrr")]
     return "\n".join(lines) + "\n", agg
 
 

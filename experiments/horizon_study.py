@@ -40,7 +40,8 @@ A thin sweep over the library: every arm and warm start is a ``TrainConfig`` run
 ``vsml.training.trainer.train()``; every meta-test (and the ``--objective`` check) is
 ``vsml.evaluation.evaluate()`` on the study's cached episodes (``batches=``) with the metrics
 ``acc_at_steps`` / ``log_binned_curve`` / ``loss_over_first``; the curves are drawn by
-``vsml.evaluation.plotting.plot_log_curves`` (shared with experiments/horizon_aggregate.py).  What is the
+``vsml.evaluation.plotting.plot_log_curves`` and the tables by ``vsml.evaluation.report.markdown_table``
+(both shared with experiments/horizon_aggregate.py).  What is the
 study's own: the arms and their compute units (``_arm``), equal compute → meta-steps
 (``steps_for_budget``), the warm-start recipes, the table and the 10H-vs-H verdict.
 
@@ -431,30 +432,27 @@ def _goal(r: dict, task: str) -> str:
 
 
 def report(sc: StudyConfig, results: list[dict], out: Path) -> None:
+    from vsml.evaluation.report import markdown_table
     tasks = [s.strip() for s in sc.test_tasks.split(";") if s.strip()]
     lines = []
     for task in tasks:
-        lines.append(f"\n### {task}\n")
-        lines.append("| learner | arm | meta-steps | units | train wall s | online acc | "
-                     + " | ".join(f"acc@{s}" for s in STEPS_REPORTED) + " | acc(10H) − acc(H) |")
-        lines.append("|---|---|---:|---:|---:|---:|" + "---:|" * len(STEPS_REPORTED) + "---|")
+        rows = []
         for r in results:
             mt = r["meta_test"].get(task)
             if mt is None:
                 continue
             wall = f"{r['train_wall_s']:.0f}" if "train_wall_s" in r else "–"
-            lines.append(f"| {r['learner']} | {r['label']} | {r.get('meta_steps', '–')} | "
-                         f"{r.get('compute_units', '–')} | {wall} | {mt['online_acc']:.3f} | "
-                         + " | ".join(_fmt(r, task, s) for s in STEPS_REPORTED) + f" | {_goal(r, task)} |")
-    if any("objective" in r for r in results):
-        lines.append("\n### meta-training objective (online CE on 32 fixed meta-training episodes)\n")
-        lines.append("| learner | arm | CE over steps 1-50 | CE over steps 1-500 | accuracy over 1-500 |")
-        lines.append("|---|---|---:|---:|---:|")
-        for r in results:
-            o = r.get("objective")
-            if o:
-                lines.append(f"| {r['learner']} | {r['label']} | {o['loss@50']:.3f} | {o['loss@500']:.3f} | "
-                             f"{o['acc@500']:.3f} |")
+            rows.append([r["learner"], r["label"], r.get("meta_steps", "–"), r.get("compute_units", "–"), wall,
+                         f"{mt['online_acc']:.3f}", *(_fmt(r, task, s) for s in STEPS_REPORTED), _goal(r, task)])
+        lines += [f"\n### {task}\n", *markdown_table(
+            ["learner", "arm", "meta-steps", "units", "train wall s", "online acc",
+             *(f"acc@{s}" for s in STEPS_REPORTED), "acc(10H) − acc(H)"],
+            rows, "ll" + "r" * (4 + len(STEPS_REPORTED)) + "l")]
+    objective = [[r["learner"], r["label"], f"{o['loss@50']:.3f}", f"{o['loss@500']:.3f}", f"{o['acc@500']:.3f}"]
+                 for r in results if (o := r.get("objective"))]
+    if objective:
+        lines += ["\n### meta-training objective (online CE on 32 fixed meta-training episodes)\n", *markdown_table(
+            ["learner", "arm", "CE over steps 1-50", "CE over steps 1-500", "accuracy over 1-500"], objective, "llrrr")]
     (out / "table.md").write_text("\n".join(lines) + "\n")
     (out / "study.json").write_text(json.dumps({"config": dataclasses.asdict(sc), "results": results}, indent=1))
     from vsml.evaluation.plotting import LogCurve, plot_log_curves

@@ -127,3 +127,12 @@ def test_short_episode_set_is_used_where_it_covers_s(tmp_path):
     assert a["acc@50"]["mean"] == 0.15 and a["acc@2000"]["mean"] == 0.3
     g = a["goal"]
     assert g["d_per_seed"] == pytest.approx([0.10]) and g["verdicts"] == ["yes"]   # 0.1 > hypot(.02, .01)
+
+
+def test_markdown_table_is_the_studies_table_format():
+    from vsml.evaluation.report import markdown_table
+    assert markdown_table(["a", "b"], [[1, "x"]], "lr") == ["| a | b |", "|---|---:|", "| 1 | x |"]
+    with pytest.raises(ValueError, match="align"):
+        markdown_table(["a", "b"], [], "l")
+    with pytest.raises(ValueError, match="cells"):
+        markdown_table(["a", "b"], [[1]], "ll")
