@@ -63,3 +63,100 @@ def test_bad_clone_config():
         CloneConfig(alpha=0)
     with pytest.raises(ConfigError):
         CloneConfig(random_frac=2)
+
+
+# -- long-horizon cloning (issue 15) ---------------------------------------------------------------
+
+
+def _long_setup(e=3, t=12, d=5, c=3, **kw):
+    torch.manual_seed(0)
+    net = VSMLNetwork(VSMLConfig())
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(e, t, d, generator=g), torch.randint(0, c, (e, t), generator=g)
+    theta = net.init_theta(g)
+    cfg = CloneConfig(steps=1, length=t, episodes=e, random_frac=0.0, **kw)
+    return net, cfg, x, y, theta, c
+
+
+def test_long_cloning_defaults_keep_the_old_loss():
+    assert not CloneConfig().long and CloneConfig().own_error_prob(10) == 0.0
+    # one truncation over the whole episode, teacher forcing, plain SGD == the old loss
+    net, cfg, x, y, theta, c = _long_setup(truncation=12)
+    assert cfg.long
+    est = CloneEstimator(net, cfg, seed=0)
+    est._start_block(x, y, c, 0, theta.dtype)
+    new, _ = est.loss_long(theta, 0)
+    old_est = CloneEstimator(net, CloneConfig(steps=1, length=12, episodes=3, random_frac=0.0), seed=0)
+    xx, yy, gen = old_est.prepare(x, y, 0)
+    old = old_est.loss(theta, xx, yy, c, gen)
+    torch.testing.assert_close(new, old)
+
+
+def test_truncations_carry_the_state_exactly():
+    """Cloning 12 ticks in truncations of 4 sees the same per-tick losses as one 12-tick unroll."""
+    net, cfg, x, y, theta, c = _long_setup(truncation=12, own_error_max=0.5)
+    full = CloneEstimator(net, cfg, seed=0)
+    full._start_block(x, y, c, 0, theta.dtype)
+    lf, _ = full.loss_long(theta, 0)
+    net, cfg4, *_ = _long_setup(truncation=4, own_error_max=0.5)
+    part = CloneEstimator(net, cfg4, seed=0)
+    part._start_block(x, y, c, 0, theta.dtype)
+    parts = [part.loss_long(theta, 0)[0] for _ in range(3)]
+    torch.testing.assert_close(torch.stack(parts).mean(), lf)
+    for k in ("h", "c", "w", "e"):
+        torch.testing.assert_close(part._carry[k], full._carry[k])
+    # estimate() starts a new block once the episode is used up
+    grad, m = part.estimate(theta, x, y, c, step=3)
+    assert m["clone_pos"] == 0 and torch.isfinite(grad).all()
+
+
+def test_own_errors_are_the_meta_test_errors():
+    """With own_error_max 1 the student is fed exactly its meta-test errors (VSMLNetwork.unroll), and the
+    teacher's weights integrate them: w_T = w_0 − α Σ_t x_t e_t."""
+    net, cfg, x, y, theta, c = _long_setup(truncation=12, own_error_max=1.0)
+    est = CloneEstimator(net, cfg, seed=0)
+    est._start_block(x, y, c, 0, theta.dtype)
+    w0 = est._carry["w"].clone()
+    h0, c0 = est._carry["h"].clone(), est._carry["c"].clone()
+    est.loss_long(theta, 0)
+    from vsml.engine.state import VSMLState  # noqa: F401  (the unroll's state type)
+    st = net.init_state(3, 5, c, torch.Generator().manual_seed(0))
+    st.h[0].copy_(h0)
+    st.c[0].copy_(c0)
+    out = net.unroll(theta, x, y, state=st)
+    e = torch.softmax(out.logits, -1) - torch.nn.functional.one_hot(y, c)
+    torch.testing.assert_close(est._carry["e"], e[:, -1], atol=1e-5, rtol=1e-4)
+    w = w0 - cfg.alpha * torch.einsum("etd,etc->edc", x, e)
+    torch.testing.assert_close(est._carry["w"], w, atol=1e-4, rtol=1e-4)
+
+
+def test_bounded_teachers():
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(2, 50, 6, generator=g), torch.randint(0, 3, (2, 50), generator=g)
+    w0 = torch.randn(2, 6, 3, generator=g)
+    ws, _, _ = sgd_teacher(x, y, 3, w0, 1.0, clip=0.5)
+    assert ws[:, 1:].abs().max() <= 0.5 + 1e-6      # w0 (the random initial state) is not clipped
+    big, _, _ = sgd_teacher(x, y, 3, w0, 1.0)
+    small, _, _ = sgd_teacher(x, y, 3, w0, 1.0, decay=0.1)
+    assert small[:, -1].norm() < big[:, -1].norm()
+    with pytest.raises(ConfigError):
+        CloneConfig(length=10, truncation=11)
+    with pytest.raises(ConfigError):
+        CloneConfig(own_error_max=1.5)
+    assert CloneConfig(own_error_max=0.8, own_error_ramp=10).own_error_prob(5) == pytest.approx(0.4)
+
+
+def test_ce_weight_adds_the_meta_test_loss():
+    """clone.ce_weight adds the student's online cross-entropy; with own errors it is the meta-test loss."""
+    losses = []
+    for w in (0.0, 1.0):
+        net, cfg, x, y, theta, c = _long_setup(truncation=12, own_error_max=1.0, ce_weight=w)
+        est = CloneEstimator(net, cfg, seed=0)
+        est._start_block(x, y, c, 0, theta.dtype)
+        h0, c0 = est._carry["h"].clone(), est._carry["c"].clone()
+        losses.append(est.loss_long(theta, 0)[0])
+    st = net.init_state(3, 5, c, torch.Generator().manual_seed(0))
+    st.h[0].copy_(h0)
+    st.c[0].copy_(c0)
+    out = net.unroll(theta, x, y, state=st)
+    torch.testing.assert_close(losses[1] - losses[0], out.loss.mean(), atol=1e-5, rtol=1e-4)

@@ -244,3 +244,17 @@ def test_missing_data_is_a_clear_error_and_creates_no_run(tmp_path, monkeypatch,
     err = capsys.readouterr().err
     assert "error:" in err and "mnist" in err
     assert not (tmp_path / "runs" / "nodata").exists()
+
+
+def test_resume_long_horizon_cloning_mid_episode(tmp_path):
+    """Long-horizon cloning (issue 15) carries episodes across steps; a resume in the middle of an
+    episode continues bit for bit (the carried state travels in the checkpoint)."""
+    extra = ["--eval.every", "0", "--steps", "0", "--clone.length", "9", "--clone.truncation", "3",
+             "--clone.own_error_max", "0.5", "--clone.own_error_ramp", "3"]
+    full = _run(tmp_path, *extra, "--clone.steps", "5", name="full")
+    part = _run(tmp_path, *extra, "--clone.steps", "2", name="part")
+    assert load_checkpoint(part)["extra"]["estimator"]["clone"]["pos"] == 6
+    assert train_cli.main(["--resume", str(part), "--clone.steps", "5", "--log.progress", "false"]) == 0
+    a, b = load_checkpoint(full), load_checkpoint(part)
+    assert a["step"] == b["step"] == 5
+    assert torch.equal(a["theta"], b["theta"])

@@ -26,6 +26,7 @@ magnitude that carries w·x).  Deep stacks (online backprop teacher): ``vsml/est
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -52,7 +53,25 @@ class CloneConfig:
         random_frac: fraction of episodes whose inputs are replaced by N(0, 1) noise (random
             inputs with the same labels and teacher), for robustness beyond the task's inputs.
         episodes: episodes per cloning step.
-        length: ticks per cloning episode (BPTT through all of them).
+        length: ticks per cloning episode (BPTT through all of them unless ``truncation`` > 0).
+        truncation: long-horizon cloning (issue 15).  0 (default): every step clones fresh episodes
+            of ``length`` ticks with BPTT through all of them.  > 0: the ``episodes`` episodes of
+            ``length`` ticks (e.g. 2000, the meta-test horizon) are cloned ``truncation`` ticks per
+            step with truncated BPTT; the student's state, the teacher's weights and the last fed
+            error are carried from step to step, and a new batch of episodes starts every
+            ceil(length / truncation) steps (all episodes in phase).  The carried state is saved
+            in checkpoints (``state_dict``), so a resumed run continues bit for bit.
+        own_error_max: scheduled sampling: the probability that the error fed to the student at a
+            tick is its *own* (softmax of its logits − onehot, as at meta-test) rather than the
+            teacher's, reached after ``own_error_ramp`` steps (linear ramp from 0).  The teacher's
+            weights integrate exactly the errors fed to the student, so the target stays "what SGD
+            would hold after these errors" (DAgger-style).  0: teacher forcing (the old behaviour).
+        own_error_ramp: cloning steps over which the own-error probability ramps up (0: from step 0).
+        teacher_decay: the teacher's weight decay λ per tick, w ← (1 − λ) w − α x e (0: plain SGD).
+        teacher_clip: clip the teacher's weights to ±teacher_clip after every update (0: none).
+        ce_weight: long-horizon mode: add ce_weight × the student's online cross-entropy on the labels
+            (its logits before the label is revealed, as at meta-test) to the cloning loss, i.e. truncated
+            BPTT on the meta-test objective over the long episodes, with cloning as a regulariser (0: none).
     """
 
     steps: int = 0
@@ -64,6 +83,12 @@ class CloneConfig:
     random_frac: float = 0.25
     episodes: int = 8
     length: int = 30
+    truncation: int = 0
+    own_error_max: float = 0.0
+    own_error_ramp: int = 0
+    teacher_decay: float = 0.0
+    teacher_clip: float = 0.0
+    ce_weight: float = 0.0
 
     def __post_init__(self):
         if self.steps < 0 or self.episodes < 1 or self.length < 2:
@@ -78,6 +103,29 @@ class CloneConfig:
                               f"got {self.window}")
         if not 0.0 <= self.random_frac <= 1.0:
             raise ConfigError(f"clone.random_frac must lie in [0, 1], got {self.random_frac}")
+        if not 0 <= self.truncation <= self.length:
+            raise ConfigError(f"clone.truncation must lie in [0, clone.length={self.length}] (0: full BPTT), "
+                              f"got {self.truncation}")
+        if not 0.0 <= self.own_error_max <= 1.0 or self.own_error_ramp < 0:
+            raise ConfigError(f"clone.own_error_max must lie in [0, 1] and clone.own_error_ramp >= 0; got "
+                              f"{self.own_error_max}, {self.own_error_ramp}")
+        if self.ce_weight < 0:
+            raise ConfigError(f"clone.ce_weight must be >= 0, got {self.ce_weight}")
+        if not (0.0 <= self.teacher_decay < 1.0 and self.teacher_clip >= 0.0):
+            raise ConfigError(f"clone.teacher_decay must lie in [0, 1) and clone.teacher_clip >= 0; got "
+                              f"{self.teacher_decay}, {self.teacher_clip}")
+
+    @property
+    def long(self) -> bool:
+        """Whether the long-horizon / scheduled-sampling / bounded-teacher loss is used (issue 15)."""
+        return bool(self.truncation or self.own_error_max or self.teacher_decay or self.teacher_clip or self.ce_weight)
+
+    def own_error_prob(self, step: int) -> float:
+        if not self.own_error_max:
+            return 0.0
+        if not self.own_error_ramp:
+            return self.own_error_max
+        return self.own_error_max * min(1.0, step / self.own_error_ramp)
 
 
 def check_cloneable(cfg: VSMLConfig) -> None:
@@ -88,19 +136,35 @@ def check_cloneable(cfg: VSMLConfig) -> None:
             f"layer_norm={cfg.cell.layer_norm}, feed_label={cfg.feed_label} (set clone.steps 0 or change these)")
 
 
-def sgd_teacher(x: torch.Tensor, y: torch.Tensor, num_classes: int, w0: torch.Tensor, alpha: float
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def teacher_update(w: torch.Tensor, x_t: torch.Tensor, e_t: torch.Tensor, alpha: float, decay: float = 0.0,
+                   clip: float = 0.0) -> torch.Tensor:
+    """One step of the (optionally weight-decayed / clipped) online-SGD teacher: w [E, D, C], x_t [E, D],
+    e_t [E, C].  With decay = clip = 0 exactly the plain SGD step of the module docstring."""
+    w = w - alpha * x_t[:, :, None] * e_t[:, None, :]
+    if decay:
+        w = w * (1.0 - decay)
+    if clip:
+        w = w.clamp(-clip, clip)
+    return w
+
+
+def sgd_teacher(x: torch.Tensor, y: torch.Tensor, num_classes: int, w0: torch.Tensor, alpha: float,
+                decay: float = 0.0, clip: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Run the online-SGD teacher of the module docstring.
 
     x [E, T, D], y [E, T], w0 [E, D, C] -> (w [E, T, D, C] the weight used at tick t,
-    e [E, T, C] the error of example t, logits [E, T, C]).
+    e [E, T, C] the error of example t, logits [E, T, C]).  ``decay`` / ``clip``: see
+    :func:`teacher_update` (CloneConfig.teacher_decay / teacher_clip).
     """
     e_num, t_len, _ = x.shape
     w = w0
     ws, es, zs = [], [], []
     for t in range(t_len):
         if t > 0:
-            w = w - alpha * x[:, t - 1, :, None] * es[-1][:, None, :]       # [E, D, C]
+            if decay or clip:
+                w = teacher_update(w, x[:, t - 1], es[-1], alpha, decay, clip)
+            else:
+                w = w - alpha * x[:, t - 1, :, None] * es[-1][:, None, :]   # [E, D, C]
         ws.append(w)
         z = (w * x[:, t, :, None]).mean(1)                                   # [E, C]
         zs.append(z)
@@ -145,6 +209,9 @@ class CloneEstimator(ShardableEstimator):
         the teacher and the target variance still those of all E episodes, so that the shares of
         a partition of the episodes sum to the full loss.
         """
+        if self.cfg.long:
+            raise ConfigError("long-horizon cloning (clone.truncation / own_error_max / teacher_decay / "
+                              "teacher_clip) runs through estimate() on one process; it is not sharded")
         net, cfg = self.net, self.net.cfg
         e_num, t_len, d = x.shape
         st = net.init_state(e_num, d, num_classes, generator, theta.dtype, theta.device)
@@ -191,3 +258,120 @@ class CloneEstimator(ShardableEstimator):
         grad = total[:-1].to(theta.dtype).reshape(theta.shape)
         norm = grad_norm(grad)
         return clip_grad(grad, self.cfg.clip_grad_norm), {"clone_loss": float(total[-1]), "grad_norm": norm}
+
+    # -- long-horizon cloning (issue 15): truncated BPTT over long episodes, state carried ------------
+
+    def _start_block(self, x: torch.Tensor, y: torch.Tensor, num_classes: int, step: int, dtype) -> None:
+        """New episodes (the step's batch): fresh random student state, the teacher's weights from the
+        student's cell element 0, no error fed yet."""
+        x, y, gen = self.prepare(x, y, step)
+        e_num, _, d = x.shape
+        st = self.net.init_state(e_num, d, num_classes, gen, dtype, x.device)
+        sgen = torch.Generator().manual_seed(gen.initial_seed() + 1)      # scheduled-sampling coin flips
+        self._carry = {"x": x, "y": y, "pos": 0, "h": st.h[0], "c": st.c[0], "w": st.c[0][..., 0].clone(),
+                       "e": None, "num_classes": num_classes, "gen_state": sgen.get_state()}
+
+    def loss_long(self, theta: torch.Tensor, step: int) -> tuple[torch.Tensor, dict]:
+        """Cloning loss of one truncation of the carried episodes (advances the carried state).
+
+        Per tick: the student sees x_t and the error fed at t − 1, emits φ_t; target w_t·x_t where w_t
+        is the teacher's weight; then the fed error e_t is, per episode, the student's own
+        (softmax(ŷ_student) − onehot, detached) with probability p = own_error_prob(step), else the
+        teacher's (softmax(mean_a w_t x_t) − onehot), and the teacher integrates the *fed* error."""
+        net, cfg, cc = self.net, self.net.cfg, self.cfg
+        k = self._carry
+        x, y, c_num = k["x"], k["y"], k["num_classes"]
+        t0 = k["pos"]
+        t1 = min(x.shape[1], t0 + (cc.truncation or x.shape[1]))
+        gen = torch.Generator()
+        gen.set_state(k["gen_state"])
+        p_own = cc.own_error_prob(step)
+        prm = net.layer_params(theta)[0]
+        h, c, w, e_fed = k["h"].detach(), k["c"].detach(), k["w"], k["e"]
+        bound = cfg.tanh_bound
+        total = x.new_zeros(())
+        acc_s = acc_t = own = ce_sum = 0.0
+        for t in range(t0, t1):
+            xt = x[:, t]
+            fwd = net.embed_input(xt)
+            bwd = x.new_zeros(fwd.shape[0], c_num, cfg.cell.msg)
+            if e_fed is not None:
+                bwd[..., cfg.error_idx] = e_fed
+            h, c = lstm_micro_steps(prm, fwd, bwd, h, c, cfg.micro_ticks)
+            phi = _linear(h, prm.W_fwd, prm.b_fwd)[..., cfg.output_idx]     # [E, A, B]
+            target = w * xt[:, :, None]
+            total = total + (phi - target).square().mean() / (target.var() + 1e-3)
+            z_s = bound * torch.tanh(phi.mean(1) / bound)                   # the student's logits
+            if cc.ce_weight:
+                ce = F.cross_entropy(z_s, y[:, t])
+                total = total + cc.ce_weight * ce
+                ce_sum += ce.item()
+            with torch.no_grad():
+                onehot = F.one_hot(y[:, t], c_num).to(x.dtype)
+                z_s = z_s.detach()
+                z_t = target.mean(1)
+                acc_s += (z_s.argmax(-1) == y[:, t]).float().mean().item()
+                acc_t += (z_t.argmax(-1) == y[:, t]).float().mean().item()
+                e_fed = torch.softmax(z_t, -1) - onehot
+                if p_own > 0:
+                    m = torch.rand(x.shape[0], generator=gen) < p_own
+                    own += m.float().mean().item()
+                    e_fed = torch.where(m.to(x.device)[:, None], torch.softmax(z_s, -1) - onehot, e_fed)
+                w = teacher_update(w, xt, e_fed, cc.alpha, cc.teacher_decay, cc.teacher_clip)
+        n = t1 - t0
+        k.update(pos=t1, h=h.detach(), c=c.detach(), w=w, e=e_fed, gen_state=gen.get_state())
+        info = {"clone_acc_student": acc_s / n, "clone_acc_teacher": acc_t / n, "own_error_frac": own / n,
+                "own_error_p": p_own, "clone_pos": t0, "teacher_w_std": w.std().item(),
+                "student_ce": ce_sum / n}
+        return total / n, info
+
+    def estimate(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, num_classes: int, step: int):
+        if self.cfg.long:
+            k = getattr(self, "_carry", None)
+            if k is None or k["pos"] >= k["x"].shape[1]:
+                self._start_block(x, y, num_classes, step, theta.dtype)
+            th = theta.detach().clone().requires_grad_(True)
+            with torch.enable_grad():
+                loss, info = self.loss_long(th, step)
+                (grad,) = torch.autograd.grad(loss, th)
+            norm = grad.norm().item()
+            if self.cfg.clip_grad_norm > 0 and norm > self.cfg.clip_grad_norm:
+                grad = grad * (self.cfg.clip_grad_norm / norm)
+            return grad, {"clone_loss": loss.item(), "grad_norm": norm, **info}
+        return super().estimate(theta, x, y, num_classes, step)
+
+
+@dataclass
+class LongCloneEstimator:
+    """Long-horizon cloning (``CloneConfig.long``) as a :class:`vsml.estimators.base.MetaGradientEstimator`
+    with explicit state: the carried episodes (data, the student's (h, c), the teacher's weights, the last
+    fed error, the position and the scheduled-sampling generator).  A new batch of ``episodes`` x
+    ``length`` training episodes is drawn (``Problem.batch`` of that step) only when the carried ones are
+    used up; the state goes into every checkpoint, so a resume mid-episode is bit for bit."""
+
+    inner: CloneEstimator
+    problem: Any
+    episodes: int
+    length: int
+    loss_metric: str = "clone_loss"
+
+    def init(self, theta: torch.Tensor) -> None:
+        return None
+
+    def step(self, theta: torch.Tensor, state: dict | None, step: int) -> tuple[torch.Tensor, dict, dict]:
+        self.inner._carry = state
+        if state is None or state["pos"] >= state["x"].shape[1]:
+            b = self.problem.batch(self.episodes, self.length, step)
+            self.inner._start_block(b.x, b.y, b.num_classes, step, theta.dtype)
+        grad, metrics = self.inner.estimate(theta, None, None, self.inner._carry["num_classes"], step)
+        return grad, metrics, self.inner._carry
+
+    def state_dict(self, state: dict | None) -> dict:
+        if state is None:
+            return {}
+        return {k: (v.detach().cpu().clone() if torch.is_tensor(v) else v) for k, v in state.items()}
+
+    def load_state_dict(self, theta: torch.Tensor, d: dict) -> dict | None:
+        if not d:
+            return None
+        return {k: (v.to(theta.device) if torch.is_tensor(v) and k != "gen_state" else v) for k, v in d.items()}

@@ -238,6 +238,9 @@ def make_clone_estimator(net: VSMLNetwork, cfg: CloneConfig, seed: int = 0):
 def _build_clone(cfg: Any, problem: Problem) -> EpisodeBatchEstimator:
     """Learning-algorithm cloning (shallow or deep): clone.episodes episodes of clone.length per step."""
     est = make_clone_estimator(problem.learner, cfg.clone, seed=cfg.seed)
+    if isinstance(est, CloneEstimator) and cfg.clone.long:     # long-horizon cloning carries its episodes
+        from vsml.estimators.cloning import LongCloneEstimator
+        return LongCloneEstimator(est, problem, cfg.clone.episodes, cfg.clone.length)
     return EpisodeBatchEstimator(est, problem, cfg.clone.episodes, cfg.clone.length, loss_metric="clone_loss")
 
 
@@ -331,12 +334,15 @@ def compare_with_teacher(checkpoint: str, tasks: str, episodes: int, length: int
 
 @torch.no_grad()
 def teacher_forced_drift(net: VSMLNetwork, theta: torch.Tensor, alphas: list[float], x: torch.Tensor,
-                         y: torch.Tensor, num_classes: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+                         y: torch.Tensor, num_classes: int, generator: torch.Generator,
+                         free_running: bool = False) -> dict[str, torch.Tensor]:
     """How far the clone's predictions drift from the teacher's when both see the *teacher's* errors.
 
     Both start from the same random network (the clone's initial state).  Returns per tick t, averaged
     over episodes: ``rel_err`` = ||ŷ_clone − ŷ_teacher|| / ||ŷ_teacher|| (logits centred over classes)
-    and ``agree`` = fraction of episodes where both predict the same class.  The free-running clone (its own errors) can only do
+    and ``agree`` = fraction of episodes where both predict the same class; ``teacher_acc`` the teacher's
+    accuracy; with ``free_running`` also ``student_acc`` (the clone with its own errors, as at meta-test)
+    and ``free_agree`` (its agreement with the teacher).  The free-running clone (its own errors) can only do
     worse, so this separates imitation error from error feedback.  x [E, T, D], y [E, T].
     """
     cfg = net.cfg
@@ -364,13 +370,22 @@ def teacher_forced_drift(net: VSMLNetwork, theta: torch.Tensor, alphas: list[flo
     lc, tc = logits - logits.mean(-1, keepdim=True), teacher.logits - teacher.logits.mean(-1, keepdim=True)
     rel = (lc - tc).norm(dim=-1) / tc.norm(dim=-1).clamp(min=1e-8)
     agree = (logits.argmax(-1) == teacher.logits.argmax(-1)).to(x.dtype)
-    return {"rel_err": rel.mean(0), "agree": agree.mean(0)}
+    out = {"rel_err": rel.mean(0), "agree": agree.mean(0), "teacher_acc": teacher.correct.to(x.dtype).mean(0)}
+    if free_running:
+        # the clone as at meta-test (its own errors), from the same initial state: the accuracy gap
+        free = net.unroll(theta, x, y, state=st)
+        out["student_acc"] = free.correct.to(x.dtype).mean(0)
+        out["free_agree"] = (free.logits.argmax(-1) == teacher.logits.argmax(-1)).to(x.dtype).mean(0)
+    return out
 
 
 def drift_report(checkpoint: str, task: str, episodes: int, length: int, seed: int = 22,
-                 data_dir: str | None = None, alpha: float | None = None) -> dict[str, list[float]]:
-    """:func:`teacher_forced_drift` of a cloned θ on test-split episodes of ``task``, averaged over the
-    tick windows [1, 10), [10, 30), [30, 100), [100, 300), [300, 1000), [1000, 2000) that fit ``length``."""
+                 data_dir: str | None = None, alpha: float | None = None, free_running: bool = True,
+                 split: str = "test", out_json: str | None = None) -> dict[str, list[float]]:
+    """:func:`teacher_forced_drift` of a cloned θ on ``split`` episodes of ``task``, averaged over the
+    tick windows [0, 10), [10, 30), [30, 100), [100, 300), [300, 1000), [1000, 2000), [2000, 5000),
+    [5000, 10000) that fit ``length``; with ``free_running`` also the accuracy of the clone run on its own
+    errors and of the teacher in each window (the accuracy gap to the teacher)."""
     from vsml.evaluation.load import load_learner
 
     from tasks import make_family
@@ -379,18 +394,31 @@ def drift_report(checkpoint: str, task: str, episodes: int, length: int, seed: i
     _, net, theta, cfg_dict = load_learner(checkpoint, compile=False)
     cfg = config_from_dict(cfg_dict)
     alphas = teacher_alphas(cfg.vsml, cfg.clone) if alpha is None else [alpha] * cfg.vsml.num_layers
-    b = make_family(task, data_dir=data_dir).sample(episodes, length, seed=seed, split="test")
+    b = make_family(task, data_dir=data_dir).sample(episodes, length, seed=seed, split=split)
     r = teacher_forced_drift(net, theta, alphas, b.x, b.y, b.num_classes,
-                             torch.Generator().manual_seed(seed))
-    edges = [e for e in (0, 10, 30, 100, 300, 1000, 2000) if e < length] + [length]
-    out = {"window": [], "rel_err": [], "agree": []}
+                             torch.Generator().manual_seed(seed), free_running=free_running and not cfg.vsml.backward_pass)
+    edges = [e for e in (0, 10, 30, 100, 300, 1000, 2000, 5000, 10000) if e < length] + [length]
+    keys = [k for k in ("rel_err", "agree", "teacher_acc", "student_acc", "free_agree") if k in r]
+    out = {"window": [], **{k: [] for k in keys}}
     for lo, hi in zip(edges[:-1], edges[1:]):
         out["window"].append(f"[{lo}, {hi})")
-        out["rel_err"].append(float(r["rel_err"][lo:hi].mean()))
-        out["agree"].append(float(r["agree"][lo:hi].mean()))
-    print(f"teacher-forced drift of {checkpoint} on {task} ({episodes} episodes):")
-    for w, e, g in zip(out["window"], out["rel_err"], out["agree"]):
-        print(f"  ticks {w:<14} |ŷ_clone − ŷ_teacher| / |ŷ_teacher| = {e:.3f}   same prediction {g:.3f}")
+        for k in keys:
+            out[k].append(float(r[k][lo:hi].mean()))
+    print(f"teacher-forced drift of {checkpoint} on {task} ({episodes} episodes, {split} split):")
+    for i, w in enumerate(out["window"]):
+        line = (f"  ticks {w:<14} |ŷ_clone − ŷ_teacher| / |ŷ_teacher| = {out['rel_err'][i]:.3f}   same prediction "
+                f"{out['agree'][i]:.3f}")
+        if "student_acc" in out:
+            line += (f"   free-running: same prediction {out['free_agree'][i]:.3f}, acc clone "
+                     f"{out['student_acc'][i]:.3f} vs teacher {out['teacher_acc'][i]:.3f} "
+                     f"(gap {out['teacher_acc'][i] - out['student_acc'][i]:+.3f})")
+        print(line)
+    if out_json:
+        import json
+        from pathlib import Path
+        Path(out_json).parent.mkdir(parents=True, exist_ok=True)
+        Path(out_json).write_text(json.dumps({"checkpoint": checkpoint, "task": task, "episodes": episodes,
+                                              "length": length, "seed": seed, "split": split, **out}, indent=1))
     return out
 
 
@@ -409,6 +437,8 @@ class CompareArgs:
     data_dir: str | None = None
     out_dir: str | None = None        # write results.json and curve PNGs here
     drift: bool = False               # instead: the teacher-forced drift of the clone from its teacher on the first task
+    split: str = "test"               # --drift: data split (train for recipe selection)
+    json: str | None = None           # --drift: also write the windows to this JSON file
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -417,7 +447,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.drift:
         from vsml.evaluation.evaluate import parse_task_list
         drift_report(args.checkpoint, parse_task_list(args.tasks)[0], args.episodes, args.length, args.seed,
-                     args.data_dir, args.alpha)
+                     args.data_dir, args.alpha, split=args.split, out_json=args.json)
         return 0
     compare_with_teacher(args.checkpoint, args.tasks, args.episodes, args.length, args.seed, args.data_dir,
                          args.alpha, args.out_dir, args.baselines)

@@ -92,7 +92,10 @@ def _saved_estimator_states(ck: dict) -> dict[str, dict]:
     extra = ck.get("extra", {})
     if "estimator" in extra:
         return extra["estimator"]
-    return {"meta": extra["pes"]} if extra.get("pes") is not None else {}
+    out = {"meta": extra["pes"]} if extra.get("pes") is not None else {}
+    if extra.get("clone") is not None:     # long-horizon cloning's carried episodes (issue 15 branch, pre-protocol)
+        out["clone"] = extra["clone"]
+    return out
 
 
 def _say(msg: str) -> None:
