@@ -1,26 +1,28 @@
 """Issue 15: validation meta-test for recipe / checkpoint selection (train split, validation seed; never the
-test split).  Prints online accuracy, windowed accuracy and last-100 accuracy per learner.
+test split).  Per learner: online accuracy with its 95% half-width over episodes, last-100 accuracy, the
+*paired* difference of the per-episode online accuracy to the first checkpoint's (all learners see the same
+episodes and initial states) and the mean accuracy in windows of examples.
 
     python experiments/issue15_val.py --checkpoints pretrained:mnist14-clone-es,runs/clone-long --data_dir ../shared/datasets
 """
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 
-import torch
+import numpy as np
 
 from vsml.evaluation.evaluate import FrozenLearner, evaluate, parse_task_list
 from vsml.evaluation.load import load_learner
 from vsml.learners import registry
 
 
-
 @dataclass(frozen=True)
 class ValArgs:
     """Validation meta-test (train split) of several learners for recipe / checkpoint selection."""
 
-    checkpoints: tuple[str, ...]      # run directories, .pt, θ .safetensors or pretrained:NAME
+    checkpoints: tuple[str, ...]      # run directories, .pt, θ .safetensors or pretrained:NAME; the first is the reference
     tasks: str = "mnist+resize14;fashion_mnist+resize14"
     episodes: int = 8
     length: int = 2000
@@ -43,15 +45,19 @@ res = evaluate(learners, parse_task_list(a.tasks), a.episodes, a.length, a.seed,
 edges = [q for q in (0, 100, 300, 1000, 2000, 5000, 10000) if q < a.length] + [a.length]
 out = {}
 for task, per in res.items():
-    print(f"== {task} (train split, seed {a.seed}, {a.episodes} x {a.length})")
+    print(f"== {task} (train split, seed {a.seed}, {a.episodes} x {a.length}); diff = paired vs {a.checkpoints[0]}")
+    ref = np.asarray(per[a.checkpoints[0]]["episode_online_accuracy"], dtype=float)
     for name, r in per.items():
-        curve = None
-        for key in ("curve_raw", "curve_mean", "curve"):
-            if key in r:
-                curve = torch.tensor(r[key]); break
-        wins = [float(curve[lo:hi].mean()) for lo, hi in zip(edges[:-1], edges[1:])] if curve is not None else []
-        out.setdefault(task, {})[name] = {"online": r["online_accuracy"], "final": r["final_accuracy"], "windows": wins}
-        print(f"  {name:45s} online {r['online_accuracy']:.3f} last100 {r['final_accuracy']:.3f} windows "
+        d = np.asarray(r["episode_online_accuracy"], dtype=float) - ref     # [episodes]
+        half = 1.96 * d.std(ddof=1) / math.sqrt(len(d)) if len(d) > 1 else 0.0
+        c = np.asarray(r["curve_mean"], dtype=float)                          # [length]
+        wins = [float(c[lo:hi].mean()) for lo, hi in zip(edges[:-1], edges[1:])]
+        out.setdefault(task, {})[name] = {"online": r["online_accuracy"], "online_ci95": r["online_accuracy_ci95"],
+                                          "final": r["final_accuracy"], "diff": float(d.mean()), "diff_ci95": half,
+                                          "windows": wins}
+        print(f"  {name:50s} online {r['online_accuracy']:.3f} ±{r['online_accuracy_ci95']:.3f} "
+              f"last100 {r['final_accuracy']:.3f} diff {d.mean():+.4f} ±{half:.4f} windows "
               + " ".join(f"{w:.3f}" for w in wins))
 if a.json:
-    json.dump({"edges": edges, **out}, open(a.json, "w"), indent=1)
+    with open(a.json, "w") as fh:
+        json.dump({"edges": edges, **out}, fh, indent=1)

@@ -13,6 +13,17 @@ from vsml.training.config import EvalConfig, LogConfig, TrainConfig
 
 _LN = VSMLConfig(cell=SubLSTMConfig(layer_norm=True))
 
+# issue 15's long-horizon cloning recipe: stage 1 (clone-long), then stage 2 adds the online cross-entropy
+_CLONE_LONG = TrainConfig(
+    name="clone-long", task="mnist+resize14+proj", init_from="vsml/pretrained/mnist14-clone-es.safetensors",
+    clone=CloneConfig(steps=670, length=2000, truncation=30, episodes=8, lr=2e-3, random_frac=0.125,
+                      own_error_max=1.0, own_error_ramp=670),
+    steps=0, ckpt_every=335, keep_checkpoints=True, log=LogConfig(every=10, progress=False),
+    eval=EvalConfig(tasks="fashion_mnist+resize14;mnist+resize14", every=0, episodes=16, length=2000,
+                    baselines="sgd,adam"))
+_CLONE_LONG_CE = replace(_CLONE_LONG, name="clone-long-ce", init_from="runs/clone-long", seed=1,
+                         clone=replace(_CLONE_LONG.clone, lr=1e-3, own_error_ramp=0, ce_weight=1.0))
+
 PRESETS: dict[str, tuple[str, TrainConfig]] = {
     "default": (
         "the README's main job (offline; its measured time is in the README): clone online SGD into θ on projected "
@@ -41,32 +52,16 @@ PRESETS: dict[str, tuple[str, TrainConfig]] = {
     "clone-long": (
         "issue 15, stage 1: long-horizon cloning of online SGD from the shipped mnist14-clone-es θ on 2000-example "
         "episodes (truncated BPTT of 30 with the state carried, own errors ramped in over 670 steps); needs --data_dir",
-        TrainConfig(name="clone-long", task="mnist+resize14+proj", init_from="vsml/pretrained/mnist14-clone-es.safetensors",
-                    clone=CloneConfig(steps=670, length=2000, truncation=30, episodes=8, lr=2e-3, random_frac=0.125,
-                                      own_error_max=1.0, own_error_ramp=670),
-                    steps=0, ckpt_every=335, keep_checkpoints=True, log=LogConfig(every=10, progress=False),
-                    eval=EvalConfig(tasks="fashion_mnist+resize14;mnist+resize14", every=0, episodes=16,
-                                    length=2000, baselines="sgd,adam"))),
+        _CLONE_LONG),
     "clone-long-ce": (
         "issue 15, stage 2 (after --preset clone-long): truncated BPTT on the online cross-entropy over 2000-example "
         "episodes, state carried, own errors, cloning loss kept as a regulariser; starts from runs/clone-long",
-        TrainConfig(name="clone-long-ce", task="mnist+resize14+proj", init_from="runs/clone-long", seed=1,
-                    clone=CloneConfig(steps=670, length=2000, truncation=30, episodes=8, lr=1e-3, random_frac=0.125,
-                                      own_error_max=1.0, own_error_ramp=0, ce_weight=1.0),
-                    steps=0, ckpt_every=335, keep_checkpoints=True, log=LogConfig(every=10, progress=False),
-                    eval=EvalConfig(tasks="fashion_mnist+resize14;mnist+resize14", every=0, episodes=16,
-                                    length=2000, baselines="sgd,adam"))),
+        _CLONE_LONG_CE),
     "clone-long-ce-mix": (
         "issue 15, stage 2 on a diverse family (after --preset clone-long): as clone-long-ce on MNIST projections, "
         "5-class subsets, permutations and teacher_mlp (no Fashion-MNIST); produced pretrained:mnist14-clone-long",
-        TrainConfig(name="clone-long-ce-mix",
-                    task="mix:mnist+resize14+proj,mnist+resize14+proj+classes5,mnist+resize14+perm,teacher_mlp",
-                    init_from="runs/clone-long", seed=2,
-                    clone=CloneConfig(steps=670, length=2000, truncation=30, episodes=8, lr=1e-3, random_frac=0.125,
-                                      own_error_max=1.0, own_error_ramp=0, ce_weight=1.0),
-                    steps=0, ckpt_every=335, keep_checkpoints=True, log=LogConfig(every=10, progress=False),
-                    eval=EvalConfig(tasks="fashion_mnist+resize14;mnist+resize14", every=0, episodes=16,
-                                    length=2000, baselines="sgd,adam"))),
+        replace(_CLONE_LONG_CE, name="clone-long-ce-mix", seed=2,
+                task="mix:mnist+resize14+proj,mnist+resize14+proj+classes5,mnist+resize14+perm,teacher_mlp")),
     "paper-mnist": (
         "the reference experiment (vsml.md §2.2): MNIST + projections, 1024 pairs, T=500, 10001 steps "
         "(GPU cluster scale)",
