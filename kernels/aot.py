@@ -30,7 +30,7 @@ SIGNATURE = {
     "x_ptr": "*fp32", "y_ptr": "*i64", "theta_ptr": "*fp32", "h_ptr": "*fp32", "c_ptr": "*fp32",
     "bwd_ptr": "*fp32", "scr_ptr": "*fp32", "logits_ptr": "*fp32", "loss_ptr": "*fp32", "meta_ptr": "*i64",
     "T": "i32", "D": "i32", "C": "i32", "K": "i32", "theta_estride": "i64", "scr_estride": "i64",
-    "r_off": "i64", "tanh_bound": "fp32", "ln_eps": "fp32",
+    "r_off": "i64", "tanh_bound": "fp32", "logit_scale": "fp32", "ln_eps": "fp32",
 }
 
 #: argument types of the v2 kernels (pointers *fp32 unless listed; i32 / i64 / fp32 scalars)
@@ -39,7 +39,7 @@ _V2_TYPES = {
     "T": "i32", "D": "i32", "C": "i32", "K": "i32", "t": "i32", "k": "i32", "S": "i32",
     "write_fwd": "i32", "write_bwd": "i32", "zero_err": "i32",
     "theta_estride": "i64", "scr_estride": "i64", "f_off": "i64", "r_off": "i64", "r_stride": "i64",
-    "p_off": "i64", "p_stride": "i64", "tanh_bound": "fp32", "ln_eps": "fp32",
+    "p_off": "i64", "p_stride": "i64", "tanh_bound": "fp32", "logit_scale": "fp32", "ln_eps": "fp32",
 }
 
 

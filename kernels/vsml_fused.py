@@ -285,7 +285,7 @@ if HAS_TRITON:
     @triton.jit
     def vsml_episode_fwd_kernel(
         x_ptr, y_ptr, theta_ptr, h_ptr, c_ptr, bwd_ptr, scr_ptr, logits_ptr, loss_ptr, meta_ptr,
-        T, D, C, K, theta_estride, scr_estride, r_off, tanh_bound, ln_eps,
+        T, D, C, K, theta_estride, scr_estride, r_off, tanh_bound, logit_scale, ln_eps,
         N: tl.constexpr, M: tl.constexpr, NP: tl.constexpr, MP: tl.constexpr,
         BA: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr, BX: tl.constexpr,
         MICRO: tl.constexpr, BACKWARD: tl.constexpr, LAYER_NORM: tl.constexpr, FEED_LABEL: tl.constexpr,
@@ -329,7 +329,7 @@ if HAS_TRITON:
 
             # ---- logits, loss, error message (e, λ·y) into the last layer's backward input ----
             mo = tl.load(out_slot + offs_c * M + OUT_IDX, mask=cmask, other=0.0)
-            lg = tanh_bound * _tanh(mo / tanh_bound)
+            lg = tanh_bound * _tanh(mo * logit_scale / tanh_bound)   # VSMLConfig.logit_scale κ
             tl.store(logits_ptr + row * C + offs_c, lg, mask=cmask)
             yt = tl.load(y_ptr + row)
             is_y = offs_c == yt
@@ -535,6 +535,7 @@ def fused_episode(cfg: VSMLConfig, theta: torch.Tensor, x: torch.Tensor, y: torc
         vsml_episode_fwd_kernel[(e,)](
             x, y, theta, h_flat, c_flat, bwd_flat, scratch, logits, loss, meta_t,
             t_len, d, num_classes, k_layers, theta_estride, scr_per_ep, r_off, float(cfg.tanh_bound),
+            float(cfg.logit_scale),
             float(cfg.cell.ln_eps),
             N=n, M=m, NP=np_, MP=mp, BA=ba, BR=br, BC=bc, BX=bx,
             MICRO=cfg.micro_ticks, BACKWARD=bool(cfg.backward_pass), LAYER_NORM=bool(cfg.cell.layer_norm),

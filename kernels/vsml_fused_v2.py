@@ -369,7 +369,7 @@ if HAS_TRITON:
 
     @triton.jit(noinline=True)
     def _layer_finish(e, S, k, K, t, T, C, meta_ptr, th, bwd_ptr, scr, p_off, p_stride, logits_ptr, loss_ptr,
-                      y_ptr, write_fwd, zero_err, tanh_bound,
+                      y_ptr, write_fwd, zero_err, tanh_bound, logit_scale,
                       N: tl.constexpr, M: tl.constexpr, NP: tl.constexpr, MP: tl.constexpr, RW: tl.constexpr,
                       BR: tl.constexpr, BC: tl.constexpr, LAYER_NORM: tl.constexpr, FEED_LABEL: tl.constexpr,
                       OUT_IDX: tl.constexpr, ERR_IDX: tl.constexpr, LBL_IDX: tl.constexpr):
@@ -415,7 +415,7 @@ if HAS_TRITON:
                     msg = tl.sum(mean[:, :, None] * wo_f[None, :, :], axis=1) + bo_f[None, :]
                 if is_last:
                     mo = tl.sum(tl.where(offs_m[None, :] == OUT_IDX, msg, 0.0), axis=1)
-                    lg = tanh_bound * _tanh_precise(mo / tanh_bound)
+                    lg = tanh_bound * _tanh_precise(mo * logit_scale / tanh_bound)   # VSMLConfig.logit_scale κ
                     tl.store(logits_ptr + row * C + rows, lg, mask=rmask)
                 else:
                     tl.store(scr + fout_off + rows[:, None] * M + offs_m[None, :], msg,
@@ -445,7 +445,7 @@ if HAS_TRITON:
     @triton.jit
     def vsml_v2_episode_kernel(
         x_ptr, y_ptr, theta_ptr, h_ptr, c_ptr, bwd_ptr, scr_ptr, logits_ptr, loss_ptr, meta_ptr,
-        T, D, C, K, theta_estride, scr_estride, f_off, r_off, p_off, tanh_bound, ln_eps,
+        T, D, C, K, theta_estride, scr_estride, f_off, r_off, p_off, tanh_bound, logit_scale, ln_eps,
         N: tl.constexpr, M: tl.constexpr, NP: tl.constexpr, MP: tl.constexpr, RW: tl.constexpr,
         ROWS: tl.constexpr, TAP: tl.constexpr, TBP: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr,
         MICRO: tl.constexpr, BACKWARD: tl.constexpr, LAYER_NORM: tl.constexpr, FEED_LABEL: tl.constexpr,
@@ -464,7 +464,7 @@ if HAS_TRITON:
                              IN_IDX, PRECISION, FAST)
                 tl.debug_barrier()
                 _layer_finish(e, 1, k, K, t, T, C, meta_ptr, th, bwd_ptr, scr, p_off, 0, logits_ptr, loss_ptr,
-                              y_ptr, 1, 0, tanh_bound, N, M, NP, MP, RW, BR, BC, LAYER_NORM, FEED_LABEL,
+                              y_ptr, 1, 0, tanh_bound, logit_scale, N, M, NP, MP, RW, BR, BC, LAYER_NORM, FEED_LABEL,
                               OUT_IDX, ERR_IDX, LBL_IDX)
                 tl.debug_barrier()
             if BACKWARD:
@@ -475,7 +475,7 @@ if HAS_TRITON:
                                  LAYER_NORM, IN_IDX, PRECISION, FAST)
                     tl.debug_barrier()
                 _layer_finish(e, 1, 0, K, t, T, C, meta_ptr, th, bwd_ptr, scr, p_off, 0, logits_ptr, loss_ptr,
-                              y_ptr, 0, 1, tanh_bound, N, M, NP, MP, RW, BR, BC, LAYER_NORM, FEED_LABEL,
+                              y_ptr, 0, 1, tanh_bound, logit_scale, N, M, NP, MP, RW, BR, BC, LAYER_NORM, FEED_LABEL,
                               OUT_IDX, ERR_IDX, LBL_IDX)
                 tl.debug_barrier()
 
@@ -503,7 +503,7 @@ if HAS_TRITON:
     @triton.jit
     def vsml_v2_finish_kernel(
         y_ptr, theta_ptr, bwd_ptr, scr_ptr, logits_ptr, loss_ptr, meta_ptr,
-        S, k, K, t, T, C, write_fwd, zero_err, theta_estride, scr_estride, p_off, p_stride, tanh_bound,
+        S, k, K, t, T, C, write_fwd, zero_err, theta_estride, scr_estride, p_off, p_stride, tanh_bound, logit_scale,
         N: tl.constexpr, M: tl.constexpr, NP: tl.constexpr, MP: tl.constexpr, RW: tl.constexpr,
         BR: tl.constexpr, BC: tl.constexpr, LAYER_NORM: tl.constexpr, FEED_LABEL: tl.constexpr,
         OUT_IDX: tl.constexpr, ERR_IDX: tl.constexpr, LBL_IDX: tl.constexpr,
@@ -513,7 +513,7 @@ if HAS_TRITON:
         th = theta_ptr + e * theta_estride
         scr = scr_ptr + e * scr_estride
         _layer_finish(e, S, k, K, t, T, C, meta_ptr, th, bwd_ptr, scr, p_off, p_stride, logits_ptr, loss_ptr,
-                      y_ptr, write_fwd, zero_err, tanh_bound, N, M, NP, MP, RW, BR, BC, LAYER_NORM, FEED_LABEL,
+                      y_ptr, write_fwd, zero_err, tanh_bound, logit_scale, N, M, NP, MP, RW, BR, BC, LAYER_NORM, FEED_LABEL,
                       OUT_IDX, ERR_IDX, LBL_IDX)
 
 
@@ -724,11 +724,11 @@ def _launch(cfg, theta, x, y, h_flat, c_flat, bwd_flat, logits, loss, dims, d, n
     launch = dict(num_warps=num_warps, num_stages=num_stages)
     if maxnreg:
         launch["maxnreg"] = maxnreg
-    tb_, ln_eps = float(cfg.tanh_bound), float(cfg.cell.ln_eps)
+    tb_, ls_, ln_eps = float(cfg.tanh_bound), float(cfg.logit_scale), float(cfg.cell.ln_eps)
     if s_prog == 1:
         vsml_v2_episode_kernel[(e,)](
             x, y, theta, h_flat, c_flat, bwd_flat, scratch, logits, loss, meta_t,
-            t_len, d, num_classes, k_layers, theta_estride, scr_per_ep, f_off, r_off, p_off, tb_, ln_eps,
+            t_len, d, num_classes, k_layers, theta_estride, scr_per_ep, f_off, r_off, p_off, tb_, ls_, ln_eps,
             **common, ROWS=rows, TAP=tap, TBP=tbp, BR=br, BC=bc, MICRO=cfg.micro_ticks,
             BACKWARD=bool(cfg.backward_pass), **flags, **out_flags, IN_IDX=cfg.input_idx, FAST=fast, **launch)
         return
@@ -745,7 +745,7 @@ def _launch(cfg, theta, x, y, h_flat, c_flat, bwd_flat, logits, loss, dims, d, n
     def finish(t, k, write_fwd, zero_err):
         vsml_v2_finish_kernel[(e,)](
             y, theta, bwd_flat, scratch, logits, loss, meta_t, s_prog, k, k_layers, t, t_len, num_classes,
-            write_fwd, zero_err, theta_estride, scr_per_ep, p_off, p_stride, tb_, **fin)
+            write_fwd, zero_err, theta_estride, scr_per_ep, p_off, p_stride, tb_, ls_, **fin)
 
     for t in range(t_len):
         for k in range(k_layers):

@@ -110,10 +110,12 @@ def test_truncations_carry_the_state_exactly():
     assert m["clone_pos"] == 0 and torch.isfinite(grad).all()
 
 
-def test_own_errors_are_the_meta_test_errors():
-    """With own_error_max 1 the student is fed exactly its meta-test errors (VSMLNetwork.unroll), and the
-    teacher's weights integrate them: w_T = w_0 − α Σ_t x_t e_t."""
+@pytest.mark.parametrize("logit_scale", [1.0, 3.0])
+def test_own_errors_are_the_meta_test_errors(logit_scale):
+    """With own_error_max 1 the student is fed exactly its meta-test errors (VSMLNetwork.unroll, with the
+    read-out's logit scale κ), and the teacher's weights integrate them: w_T = w_0 − α Σ_t x_t e_t."""
     net, cfg, x, y, theta, c = _long_setup(truncation=12, own_error_max=1.0)
+    net = VSMLNetwork(VSMLConfig(logit_scale=logit_scale))
     est = CloneEstimator(net, cfg, seed=0)
     est._start_block(x, y, c, 0, theta.dtype)
     w0 = est._carry["w"].clone()
@@ -160,3 +162,15 @@ def test_ce_weight_adds_the_meta_test_loss():
     st.c[0].copy_(c0)
     out = net.unroll(theta, x, y, state=st)
     torch.testing.assert_close(losses[1] - losses[0], out.loss.mean(), atol=1e-5, rtol=1e-4)
+
+
+def test_teachers_use_the_students_logit_scale():
+    """sgd_teacher(logit_scale=κ): logits κ·mean_a w·x, errors from those; κ = 1 is the old teacher."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(2, 20, 6, generator=g), torch.randint(0, 3, (2, 20), generator=g)
+    w0 = torch.randn(2, 6, 3, generator=g)
+    ws, es, zs = sgd_teacher(x, y, 3, w0, 1.0, logit_scale=2.0)
+    torch.testing.assert_close(zs, 2.0 * torch.einsum("etdc,etd->etc", ws, x) / 6)
+    torch.testing.assert_close(es, torch.softmax(zs, -1) - torch.nn.functional.one_hot(y, 3).float())
+    w1, e1, z1 = sgd_teacher(x, y, 3, w0, 1.0)
+    assert torch.equal(z1[:, 0] * 2.0, zs[:, 0]) and not torch.allclose(ws[:, -1], w1[:, -1])

@@ -5,6 +5,8 @@ Run: python -m pytest tests/test_engine.py -q
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -280,3 +282,36 @@ def test_compiled_tick_matches_eager(chunk_pairs, monkeypatch):
     assert comp._chunk_fn is not None
     torch.testing.assert_close(b.logits, a.logits, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(b.state.c[0], a.state.c[0], rtol=1e-4, atol=1e-5)
+
+
+def test_logit_scale_is_the_read_out_temperature():
+    """VSMLConfig.logit_scale κ: ŷ = bound·tanh(κ·m / bound).  κ = 1 is bitwise the reference read-out; in a
+    shallow net κ is the same function as scaling θ's output row of W_fwd / b_fwd by κ (the probe of
+    RESULTS.md "A logit scale"); the compiled no-grad path applies it too; bad values are config errors."""
+    from vsml.engine.params import param_shapes
+    gen = torch.Generator().manual_seed(0)
+    base = VSMLNetwork(_cfg(()))
+    theta = _random_theta(base, gen)
+    x, y = torch.randn(2, 6, 5, generator=gen, dtype=DT), torch.randint(0, 3, (2, 6), generator=gen)
+    st = base.init_state(2, 5, 3, gen, dtype=DT)
+    m = torch.randn(4, 3, generator=gen, dtype=DT) * 50
+    assert torch.equal(base.logits_from(torch.stack([m] * 8, -1)), 100.0 * torch.tanh(m / 100.0))
+    kappa = 2.5
+    scaled = VSMLNetwork(VSMLConfig(logit_scale=kappa))
+    th_rows = theta.clone()                                 # [1, P]: W_fwd[output_idx] and b_fwd[output_idx] · κ
+    off = 0
+    for name, shape in param_shapes(base.cfg.cell):
+        size = math.prod(shape)
+        if name in ("W_fwd", "b_fwd"):
+            view = th_rows[0, off:off + size].view(shape)
+            view[base.cfg.output_idx] *= kappa
+        off += size
+    a = scaled.unroll(theta, x, y, 3, state=st.clone())
+    b = base.unroll(th_rows, x, y, 3, state=st.clone())
+    torch.testing.assert_close(a.logits, b.logits, rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(a.logits, base.unroll(theta, x, y, 3, state=st.clone()).logits)
+    c = scaled.unroll(theta.float(), x.float(), y, 3, state=st.map(lambda v: v.float()), backend="compile")
+    torch.testing.assert_close(c.logits.double(), a.logits, rtol=1e-4, atol=1e-4)
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ConfigError, match="logit_scale"):
+            VSMLConfig(logit_scale=bad)

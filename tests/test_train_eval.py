@@ -258,3 +258,24 @@ def test_resume_long_horizon_cloning_mid_episode(tmp_path):
     a, b = load_checkpoint(full), load_checkpoint(part)
     assert a["step"] == b["step"] == 5
     assert torch.equal(a["theta"], b["theta"])
+
+
+def test_logit_scale_travels_from_train_to_eval(tmp_path, capsys):
+    """--vsml.logit_scale (issue 15) is resolved into config.json and the checkpoint, and eval.py's learner
+    reads out with it (its meta-test logits equal an unroll of a κ network, not of the κ = 1 one)."""
+    from vsml.evaluation.load import load_learner
+    rd = _run(tmp_path, "--vsml.logit_scale", "3", "--eval.every", "0", name="k3")
+    assert json.loads((rd / "config.json").read_text())["vsml"]["logit_scale"] == 3.0
+    assert load_checkpoint(rd)["config"]["vsml"]["logit_scale"] == 3.0
+    _, net, theta, _ = load_learner(str(rd))
+    assert net.cfg.logit_scale == 3.0
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(2, 5, 64, generator=g), torch.randint(0, 10, (2, 5), generator=g)
+    st = net.init_state(2, 64, 10, torch.Generator().manual_seed(1))
+    from vsml import VSMLConfig, VSMLNetwork
+    ref = VSMLNetwork(VSMLConfig(logit_scale=3.0)).unroll(theta, x, y, state=st.clone())
+    plain = VSMLNetwork(VSMLConfig()).unroll(theta, x, y, state=st.clone())
+    got = net.unroll(theta, x, y, state=st.clone())
+    torch.testing.assert_close(got.logits, ref.logits)
+    assert not torch.allclose(got.logits, plain.logits)
+    assert eval_cli.main(["--checkpoint", str(rd), "--tasks", "digits", "--episodes", "2", "--length", "10"]) == 0

@@ -125,6 +125,9 @@ CASES = {
     "odd-cell-N5-M3-micro3-C10-indices": (
         dict(hidden=(3,), cell=SubLSTMConfig(hidden=5, msg=3, layer_norm=True), micro=3, label=True, c=10,
              d=4, t=3, input_idx=2, output_idx=0, error_idx=1, label_idx=2, seed=5), dict()),
+    # the read-out's logit scale κ (VSMLConfig.logit_scale), both schedules
+    "K1-fwd-logit-scale-2.5": (dict(logit_scale=2.5, t=5, seed=12), dict()),
+    "K2-bwdpass-logit-scale-0.5": (dict(hidden=(3,), bp=True, label=True, logit_scale=0.5, t=3, seed=13), dict()),
 }
 
 

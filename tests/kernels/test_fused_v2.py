@@ -102,6 +102,10 @@ CASES = {
     "tf32x3-split2-D37-C20-rows16": (dict(hidden=(3,), d=37, c=20, t=2, seed=10),
                                      {"precision": "tf32x3", "split_a": 2, "block_a": 16}),
     "tf32-K1-fwd": (dict(seed=11), {"precision": "tf32"}),
+    # the read-out's logit scale κ (VSMLConfig.logit_scale): the one-launch and the split-A reduction
+    "K1-fwd-logit-scale-2.5": (dict(logit_scale=2.5, t=5, seed=12), {}),
+    "split2-K2-bwdpass-logit-scale-0.5": (dict(hidden=(3,), bp=True, label=True, logit_scale=0.5, t=3, seed=13),
+                                          dict(split_a=2)),
 }
 
 

@@ -184,7 +184,12 @@ class VSMLConfig:
         backward_pass: two sweeps per example instead of the forward-only schedule (§1.5).
         feed_label: put the label in element 1 of the error message (λ = 1) (§1.4).
         layerwise: one θ per layer instead of one θ shared by every layer (§1.1).
-        tanh_bound: logits are ``tanh_bound * tanh(m / tanh_bound)``.
+        tanh_bound: logits are ``tanh_bound * tanh(logit_scale * m / tanh_bound)``.
+        logit_scale: κ, the read-out's inverse temperature: logits ŷ = bound·tanh(κ·m[output_idx] / bound)
+            (1 = the reference).  Not in the reference: with the layer's mean aggregation a sub-LSTM's bounded
+            read-out caps the logits, so the error softmax(ŷ) − onehot never gets small and the learner keeps
+            a high effective step size (no annealing); κ > 1 lets it become confident (issue 15, RESULTS.md
+            "A logit scale").  The cloning teachers use the same read-out (their logits κ·mean_a w·x).
         input_idx: forward-message element carrying the input pixel (reference 0).
         output_idx: forward-message element read out as the logit (reference 1).
         error_idx: backward-message element carrying the error (reference 0).
@@ -207,6 +212,7 @@ class VSMLConfig:
     feed_label: bool = False
     layerwise: bool = False
     tanh_bound: float = 100.0
+    logit_scale: float = 1.0
     input_idx: int = 0
     output_idx: int = 1
     error_idx: int = 0
@@ -234,6 +240,8 @@ class VSMLConfig:
                f"VSMLConfig.hidden_sizes must be positive, got {self.hidden_sizes}")
         _check(self.micro_ticks >= 1, f"VSMLConfig.micro_ticks must be >= 1, got {self.micro_ticks}")
         _check(self.tanh_bound > 0, f"VSMLConfig.tanh_bound must be > 0, got {self.tanh_bound}")
+        _check(math.isfinite(self.logit_scale) and self.logit_scale > 0,
+               f"VSMLConfig.logit_scale must be a finite number > 0 (1 = the reference read-out), got {self.logit_scale}")
         m = self.cell.msg
         for name in ("input_idx", "output_idx", "error_idx", "label_idx"):
             v = getattr(self, name)

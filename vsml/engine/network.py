@@ -14,8 +14,8 @@ against it).  Equations are those of ``shared/reference/vsml.md``:
 * a dense layer (§1.3): the micro-step runs ``micro_ticks`` times on every (a, b) pair with the
   incoming messages frozen; then →m'_b = mean_a φ_ab and ←m'_a = mean_b ψ_ab;
 * boundaries (§1.4): pixel x_a in forward element ``input_idx``; logit
-  ŷ_b = bound · tanh(→m_b[output_idx] / bound); error e = softmax(ŷ) − onehot(y) in backward
-  element ``error_idx`` and, with ``feed_label``, the label in element ``label_idx``;
+  ŷ_b = bound · tanh(κ·→m_b[output_idx] / bound) (κ = ``logit_scale``, 1 in the reference); error
+  e = softmax(ŷ) − onehot(y) in backward element ``error_idx`` and, with ``feed_label``, the label in element ``label_idx``;
 * schedules (§1.5): forward-only (one sweep per example; e_t enters the last layer at tick t+1
   and moves back one layer per tick) or backward-pass (forward sweep, then a reverse sweep
   carrying e_t down, then the error is reset).
@@ -51,6 +51,14 @@ BACKENDS = ("auto", "torch", "compile", "cpu", "triton")
 CUDA_FLOATS_PER_PAIR_PER_N = 16
 #: fraction of the free CUDA memory one compiled chunk may use
 CUDA_CHUNK_MEMORY_FRACTION = 0.25
+
+
+def read_logits(cfg: VSMLConfig, m: torch.Tensor) -> torch.Tensor:
+    """The read-out of the logits from the last layer's output element: ŷ = bound · tanh(κ·m / bound), with
+    bound = ``cfg.tanh_bound`` and κ = ``cfg.logit_scale`` (m [..., C] -> ŷ [..., C]).  The one place this is
+    written in PyTorch (the Triton kernels repeat it); κ = 1 is bitwise the reference read-out."""
+    bound = cfg.tanh_bound
+    return bound * torch.tanh(m * cfg.logit_scale / bound)
 
 
 def chunk_inputs(e: int, a: int, b: int, n: int, device: torch.device) -> int:
@@ -192,9 +200,8 @@ class VSMLNetwork:
         return msg
 
     def logits_from(self, fwd_out: torch.Tensor) -> torch.Tensor:
-        """Last layer's forward message [E, C, M] -> logits [E, C] = bound · tanh(m[output_idx] / bound)."""
-        bound = self.cfg.tanh_bound
-        return bound * torch.tanh(fwd_out[..., self.cfg.output_idx] / bound)
+        """Last layer's forward message [E, C, M] -> logits [E, C] = bound · tanh(κ·m[output_idx] / bound)."""
+        return read_logits(self.cfg, fwd_out[..., self.cfg.output_idx])
 
     def error_message(self, logits: torch.Tensor, y_t: torch.Tensor) -> torch.Tensor:
         """e = softmax(ŷ) − onehot(y): the gradient of CE w.r.t. the clipped logits (inner batch 1).

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from vsml.engine.config import ConfigError, VSMLConfig
 from vsml.estimators.base import ShardableEstimator, clip_grad, grad_norm
 from vsml.engine.cell import _linear, lstm_micro_steps
-from vsml.engine.network import VSMLNetwork
+from vsml.engine.network import VSMLNetwork, read_logits
 
 
 @dataclass(frozen=True)
@@ -149,12 +149,14 @@ def teacher_update(w: torch.Tensor, x_t: torch.Tensor, e_t: torch.Tensor, alpha:
 
 
 def sgd_teacher(x: torch.Tensor, y: torch.Tensor, num_classes: int, w0: torch.Tensor, alpha: float,
-                decay: float = 0.0, clip: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                decay: float = 0.0, clip: float = 0.0, logit_scale: float = 1.0
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Run the online-SGD teacher of the module docstring.
 
     x [E, T, D], y [E, T], w0 [E, D, C] -> (w [E, T, D, C] the weight used at tick t,
     e [E, T, C] the error of example t, logits [E, T, C]).  ``decay`` / ``clip``: see
-    :func:`teacher_update` (CloneConfig.teacher_decay / teacher_clip).
+    :func:`teacher_update` (CloneConfig.teacher_decay / teacher_clip).  ``logit_scale``: κ of the
+    student's read-out (VSMLConfig.logit_scale); the teacher's logits are κ·mean_a w·x.
     """
     e_num, t_len, _ = x.shape
     w = w0
@@ -166,7 +168,7 @@ def sgd_teacher(x: torch.Tensor, y: torch.Tensor, num_classes: int, w0: torch.Te
             else:
                 w = w - alpha * x[:, t - 1, :, None] * es[-1][:, None, :]   # [E, D, C]
         ws.append(w)
-        z = (w * x[:, t, :, None]).mean(1)                                   # [E, C]
+        z = (w * x[:, t, :, None]).mean(1) * logit_scale                     # [E, C]
         zs.append(z)
         es.append(torch.softmax(z, -1) - F.one_hot(y[:, t], num_classes).to(z.dtype))
     return torch.stack(ws, 1), torch.stack(es, 1), torch.stack(zs, 1)
@@ -215,7 +217,8 @@ class CloneEstimator(ShardableEstimator):
         net, cfg = self.net, self.net.cfg
         e_num, t_len, d = x.shape
         st = net.init_state(e_num, d, num_classes, generator, theta.dtype, theta.device)
-        w_seq, e_seq, _ = sgd_teacher(x, y, num_classes, st.c[0][..., 0], self.cfg.alpha)
+        w_seq, e_seq, _ = sgd_teacher(x, y, num_classes, st.c[0][..., 0], self.cfg.alpha,
+                                      logit_scale=cfg.logit_scale)
         sl = slice(None) if episodes is None else episodes
         p = net.layer_params(theta)[0]
         h, c = st.h[0][sl], st.c[0][sl]
@@ -288,7 +291,6 @@ class CloneEstimator(ShardableEstimator):
         p_own = cc.own_error_prob(step)
         prm = net.layer_params(theta)[0]
         h, c, w, e_fed = k["h"].detach(), k["c"].detach(), k["w"], k["e"]
-        bound = cfg.tanh_bound
         total = x.new_zeros(())
         acc_s = acc_t = own = ce_sum = 0.0
         for t in range(t0, t1):
@@ -301,7 +303,7 @@ class CloneEstimator(ShardableEstimator):
             phi = _linear(h, prm.W_fwd, prm.b_fwd)[..., cfg.output_idx]     # [E, A, B]
             target = w * xt[:, :, None]
             total = total + (phi - target).square().mean() / (target.var() + 1e-3)
-            z_s = bound * torch.tanh(phi.mean(1) / bound)                   # the student's logits
+            z_s = read_logits(cfg, phi.mean(1))                             # the student's logits [E, B]
             if cc.ce_weight:
                 ce = F.cross_entropy(z_s, y[:, t])
                 total = total + cc.ce_weight * ce
@@ -309,7 +311,7 @@ class CloneEstimator(ShardableEstimator):
             with torch.no_grad():
                 onehot = F.one_hot(y[:, t], c_num).to(x.dtype)
                 z_s = z_s.detach()
-                z_t = target.mean(1)
+                z_t = target.mean(1) * cfg.logit_scale                     # the teacher's, same read-out
                 acc_s += (z_s.argmax(-1) == y[:, t]).float().mean().item()
                 acc_t += (z_t.argmax(-1) == y[:, t]).float().mean().item()
                 e_fed = torch.softmax(z_t, -1) - onehot

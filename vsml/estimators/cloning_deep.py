@@ -101,12 +101,13 @@ class TeacherStep:
 
 
 def mlp_sgd_step(ws: list[torch.Tensor], x_t: torch.Tensor, y_t: torch.Tensor, num_classes: int,
-                 alphas: list[float], gain: bool = True) -> TeacherStep:
+                 alphas: list[float], gain: bool = True, logit_scale: float = 1.0) -> TeacherStep:
     """One online-backprop step of the teacher in the module docstring (predict, then update).
 
     ws: per layer [E, A_k, B_k]; x_t [E, D]; y_t [E].  ``gain``: hidden units a_{k+1} = tanh(√A_k z_k)
     (the mean over a_k inputs rescaled to the usual 1/√fan-in scale, so hidden units are not stuck in
-    their linear range at ~0.01 of unit scale); False: tanh(z_k).
+    their linear range at ~0.01 of unit scale); False: tanh(z_k).  ``logit_scale``: κ of the student's
+    read-out (VSMLConfig.logit_scale); the teacher's logits are κ·z_{K-1}.
     """
     acts, gains = [x_t], []
     z = x_t
@@ -115,6 +116,7 @@ def mlp_sgd_step(ws: list[torch.Tensor], x_t: torch.Tensor, y_t: torch.Tensor, n
         if k < len(ws) - 1:
             gains.append(math.sqrt(w.shape[1]) if gain else 1.0)
             acts.append(torch.tanh(gains[k] * z))
+    z = z * logit_scale                                                   # the logits [E, C]
     err = torch.softmax(z, -1) - F.one_hot(y_t, num_classes).to(z.dtype)  # [E, C]
     scale = gains + [1.0]                                                 # hidden messages carry γ_k z_k
     fwd_t = [s * w * a[:, :, None] for s, w, a in zip(scale, ws, acts)]
@@ -169,7 +171,8 @@ class DeepCloneEstimator:
         if burn_in:
             with torch.no_grad():
                 for t in range(burn_in):                                  # the teacher learns alone
-                    ws = mlp_sgd_step(ws, x[:, t], y[:, t], num_classes, self.alphas).new_w
+                    ws = mlp_sgd_step(ws, x[:, t], y[:, t], num_classes, self.alphas,
+                                      logit_scale=cfg.logit_scale).new_w
             c = [torch.cat([w[..., None], ck[..., 1:]], -1) for w, ck in zip(ws, c)]   # [E, A, B, N]
             x, y = x[:, burn_in:], y[:, burn_in:]
             t_len = x.shape[1]
@@ -177,7 +180,7 @@ class DeepCloneEstimator:
         total, n_terms, logits_all = x.new_zeros(()), 0, []
         for t in range(t_len):
             with torch.no_grad():
-                tt = mlp_sgd_step(ws, x[:, t], y[:, t], num_classes, self.alphas)
+                tt = mlp_sgd_step(ws, x[:, t], y[:, t], num_classes, self.alphas, logit_scale=cfg.logit_scale)
             fwd = net.embed_input(x[:, t])                                 # [E, D, M]
             fwd_ins = []
             for k in range(k_num):                                        # forward sweep, no error input
@@ -282,11 +285,13 @@ class TeacherLearner:
         if not self.cfg.backward_pass:
             if self.cfg.num_layers != 1:
                 raise ConfigError("the forward-only teacher is the shallow one (one dense layer)")
-            _, _, logits = sgd_teacher(x, y, num_classes, ws[0], self.alphas[0])
+            _, _, logits = sgd_teacher(x, y, num_classes, ws[0], self.alphas[0],
+                                       logit_scale=self.cfg.logit_scale)
         else:
             out = []
             for t in range(t_len):
-                tt = mlp_sgd_step(ws, x[:, t], y[:, t], num_classes, self.alphas)
+                tt = mlp_sgd_step(ws, x[:, t], y[:, t], num_classes, self.alphas,
+                                  logit_scale=self.cfg.logit_scale)
                 out.append(tt.logits)
                 ws = tt.new_w
             logits = torch.stack(out, 1)                                  # [E, T, C]
