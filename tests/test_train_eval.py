@@ -219,16 +219,39 @@ def test_cloning_needs_vsml(capsys):
     assert "clone.steps > 0 needs learner=vsml" in capsys.readouterr().err
 
 
-def test_shipped_pretrained_learner_loads_by_name_and_learns(tmp_path, capsys):
+@pytest.mark.parametrize("name", ["mnist14-clone-es", "mnist14-clone-long", "mnist14-clone-k2"])
+def test_shipped_pretrained_learner_loads_by_name_and_learns(tmp_path, capsys, name):
+    from vsml.pretrained import HERE
+    assert (HERE / f"{name}.md").exists(), "every shipped learner has a model card"
     assert eval_cli.main(["--list-pretrained"]) == 0
-    assert "pretrained:mnist14-clone-es" in capsys.readouterr().out
+    assert f"pretrained:{name}" in capsys.readouterr().out
     out = tmp_path / "pre"
-    rc = eval_cli.main(["--checkpoint", "pretrained:mnist14-clone-es", "--tasks", "digits", "--episodes", "4",
+    rc = eval_cli.main(["--checkpoint", f"pretrained:{name}", "--tasks", "digits", "--episodes", "4",
                         "--length", "200", "--baselines", "", "--no-compile", "--out", str(out)])
     assert rc == 0
     acc = json.loads((out / "results.json").read_text())["digits"]["vsml"]["online_accuracy"]
     assert acc > 0.3, acc            # chance is 0.1: the frozen θ learns an unseen dataset online
     assert eval_cli.main(["--checkpoint", "pretrained:nope", "--episodes", "1", "--length", "2"]) == 2
+
+
+@pytest.mark.parametrize("name,preset", [("mnist14-clone-long", "clone-long-ce-mix"),
+                                         ("mnist14-clone-k2", "clone-long-k2")])
+def test_shipped_learner_config_is_its_presets(name, preset):
+    """The model card's one command (``--preset``) resolves to the config stored with the shipped θ (every
+    field that changes θ: the network incl. its logit scale, the cloning recipe, task, seed, start), and
+    the preset stops at the shipped step."""
+    import dataclasses
+    from vsml.pretrained import HERE
+    from vsml.training import presets
+    from vsml.training.config import config_from_dict
+    _, stored, meta = load_theta(HERE / f"{name}.safetensors")
+    got, want = config_from_dict(stored), presets.get(preset)
+    assert got.vsml == want.vsml
+    assert dataclasses.replace(got.clone, steps=0) == dataclasses.replace(want.clone, steps=0)
+    assert want.clone.steps == int(meta["step"])
+    for key in ("task", "seed", "lr", "estimator", "steps"):
+        assert getattr(got, key) == getattr(want, key), key
+    assert f"--preset {preset}" in (HERE / f"{name}.md").read_text()
 
 
 def test_missing_data_is_a_clear_error_and_creates_no_run(tmp_path, monkeypatch, capsys):

@@ -24,6 +24,14 @@ _CLONE_LONG = TrainConfig(
 _CLONE_LONG_CE = replace(_CLONE_LONG, name="clone-long-ce", init_from="runs/clone-long", seed=1,
                          clone=replace(_CLONE_LONG.clone, lr=1e-3, own_error_ramp=0, ce_weight=1.0))
 
+_CLONE_LONG_CE_MIX = replace(_CLONE_LONG_CE, name="clone-long-ce-mix", seed=2,
+                             task="mix:mnist+resize14+proj,mnist+resize14+proj+classes5,mnist+resize14+perm,teacher_mlp")
+# issue 15, stage 3: the read-out's logit scale κ = 2 and truncations of 200 from the shipped mnist14-clone-long
+_CLONE_LONG_K2 = replace(_CLONE_LONG_CE_MIX, name="clone-long-k2", seed=5,
+                         init_from="vsml/pretrained/mnist14-clone-long.safetensors",
+                         vsml=VSMLConfig(logit_scale=2.0), ckpt_every=50,
+                         clone=replace(_CLONE_LONG_CE_MIX.clone, truncation=200, steps=350))
+
 PRESETS: dict[str, tuple[str, TrainConfig]] = {
     "default": (
         "the README's main job (offline; its measured time is in the README): clone online SGD into θ on projected "
@@ -60,8 +68,12 @@ PRESETS: dict[str, tuple[str, TrainConfig]] = {
     "clone-long-ce-mix": (
         "issue 15, stage 2 on a diverse family (after --preset clone-long): as clone-long-ce on MNIST projections, "
         "5-class subsets, permutations and teacher_mlp (no Fashion-MNIST); produced pretrained:mnist14-clone-long",
-        replace(_CLONE_LONG_CE, name="clone-long-ce-mix", seed=2,
-                task="mix:mnist+resize14+proj,mnist+resize14+proj+classes5,mnist+resize14+perm,teacher_mlp")),
+        _CLONE_LONG_CE_MIX),
+    "clone-long-k2": (
+        "issue 15, stage 3 (from pretrained:mnist14-clone-long): the read-out's logit scale κ = 2 "
+        "(--vsml.logit_scale) and truncated BPTT of 200 on the clone-long-ce-mix objective and family; "
+        "produced pretrained:mnist14-clone-k2; needs --data_dir",
+        _CLONE_LONG_K2),
     "paper-mnist": (
         "the reference experiment (vsml.md §2.2): MNIST + projections, 1024 pairs, T=500, 10001 steps "
         "(GPU cluster scale)",
