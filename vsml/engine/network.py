@@ -15,7 +15,8 @@ against it).  Equations are those of ``shared/reference/vsml.md``:
   incoming messages frozen; then →m'_b = mean_a φ_ab and ←m'_a = mean_b ψ_ab;
 * boundaries (§1.4): pixel x_a in forward element ``input_idx``; logit
   ŷ_b = bound · tanh(κ·→m_b[output_idx] / bound) (κ = ``logit_scale``, 1 in the reference); error
-  e = softmax(ŷ) − onehot(y) in backward element ``error_idx`` and, with ``feed_label``, the label in element ``label_idx``;
+  e = softmax(ŷ) − onehot(y) in backward element ``error_idx`` and, with ``feed_label``, the label in
+  element ``label_idx``;
 * schedules (§1.5): forward-only (one sweep per example; e_t enters the last layer at tick t+1
   and moves back one layer per tick) or backward-pass (forward sweep, then a reverse sweep
   carrying e_t down, then the error is reset).
