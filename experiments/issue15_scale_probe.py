@@ -19,13 +19,28 @@ import torch.nn.functional as F
 
 from tasks import make_family
 from vsml.engine.cell import _linear, lstm_micro_steps
+from vsml.estimators.cloning import teacher_update
 from vsml.evaluation.load import load_learner
+
+
+def _forced_tick(net, p, x_t, y_t, h, c, w, e, c_num):
+    """One teacher-forced tick of the shallow student next to online SGD (α = 1): the student sees x_t and
+    the teacher's last error e; returns h', c', φ [E, A, B], the target w·x_t [E, A, B], and the teacher's
+    updated w and new error (its logits read out with the student's κ = ``logit_scale``)."""
+    cfg = net.cfg
+    bwd = x_t.new_zeros(x_t.shape[0], c_num, cfg.cell.msg)
+    if e is not None:
+        bwd[..., cfg.error_idx] = e
+    h, c = lstm_micro_steps(p, net.embed_input(x_t), bwd, h, c, cfg.micro_ticks)
+    phi = _linear(h, p.W_fwd, p.b_fwd)[..., cfg.output_idx]
+    tgt = w * x_t[:, :, None]
+    e = torch.softmax(tgt.mean(1) * cfg.logit_scale, -1) - F.one_hot(y_t, c_num).to(x_t.dtype)
+    return h, c, phi, tgt, teacher_update(w, x_t, e, 1.0), e
 
 
 @torch.no_grad()
 def probe(checkpoint, task, episodes, length, seed, data_dir, burn_ins=(0, 100, 300, 1000), window=30):
     _, net, theta, _ = load_learner(checkpoint, compile=False)
-    cfg = net.cfg
     p = net.layer_params(theta)[0]
     b = make_family(task, data_dir=data_dir).sample(episodes, length, seed=seed, split="train")
     x, y = b.x.reshape(episodes, length, -1), b.y.long()
@@ -39,19 +54,12 @@ def probe(checkpoint, task, episodes, length, seed, data_dir, burn_ins=(0, 100, 
     for t in range(length):
         if t in burn_ins:
             snaps[t] = (h.clone(), c.clone(), w.clone(), None if e is None else e.clone())
-        bwd = x.new_zeros(episodes, c_num, cfg.cell.msg)
-        if e is not None:
-            bwd[..., cfg.error_idx] = e
-        h, c = lstm_micro_steps(p, net.embed_input(x[:, t]), bwd, h, c, cfg.micro_ticks)
-        phi = _linear(h, p.W_fwd, p.b_fwd)[..., cfg.output_idx]
-        tgt = w * x[:, t, :, None]
+        h, c, phi, tgt, w_next, e = _forced_tick(net, p, x[:, t], y[:, t], h, c, w, e, c_num)
         rows.append((tgt.square().mean().sqrt().item(), phi.square().mean().sqrt().item(),
                      ((phi - tgt).square().mean() / (tgt.var() + 1e-3)).item(),
                      (torch.tanh(c).abs() > 0.95).float().mean().item(), c.abs().max().item(),
                      w.std().item()))
-        z = tgt.mean(1)
-        e = torch.softmax(z, -1) - F.one_hot(y[:, t], c_num).to(x.dtype)
-        w = w - x[:, t, :, None] * e[:, None, :]
+        w = w_next
     edges = [q for q in (0, 10, 30, 100, 300, 1000, 2000, 5000, 10000) if q < length] + [length]
     out = {"windows": []}
     print(f"{checkpoint} on {task} (train split, {episodes} episodes), teacher forcing, carried state:")
@@ -76,15 +84,8 @@ def probe(checkpoint, task, episodes, length, seed, data_dir, burn_ins=(0, 100, 
                 c0[..., 0] = w0
             hh, cc, ww, ee, acc = h0, c0, w0, e0, []
             for t in range(bi, bi + window):
-                bwd = x.new_zeros(episodes, c_num, cfg.cell.msg)
-                if ee is not None:
-                    bwd[..., cfg.error_idx] = ee
-                hh, cc = lstm_micro_steps(p, net.embed_input(x[:, t]), bwd, hh, cc, cfg.micro_ticks)
-                phi = _linear(hh, p.W_fwd, p.b_fwd)[..., cfg.output_idx]
-                tgt = ww * x[:, t, :, None]
+                hh, cc, phi, tgt, ww, ee = _forced_tick(net, p, x[:, t], y[:, t], hh, cc, ww, ee, c_num)
                 acc.append(((phi - tgt).square().mean() / (tgt.var() + 1e-3)).item())
-                ee = torch.softmax(tgt.mean(1), -1) - F.one_hot(y[:, t], c_num).to(x.dtype)
-                ww = ww - x[:, t, :, None] * ee[:, None, :]
             res[mode] = sum(acc) / len(acc)
         out["burn_in"].append({"B": bi, **res})
         print(f"    B={bi:<5} carried {res['carried']:.3f}   injected {res['injected']:.3f}")
