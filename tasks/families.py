@@ -70,6 +70,9 @@ class Augmentation:
         class_list: a fixed ordered class subset for every episode, relabelled by position (e.g. (5, 8, 1, 4, 2)
             maps class 5 to 0, 8 to 1, ...). Exclusive with ``classes``.
         resize: (h, w) to resize images to.
+        label_noise: the probability (``noise<percent>``, 1..99) that an example's label is replaced by a class
+            drawn uniformly from the episode's C classes (possibly the true one), independently per example and
+            episode: tasks with a Bayes error, whose learners must average over many examples (issue 15).
         fixed_seed: if set, the projection, pixel permutation and label permutation are drawn once from this
             seed and shared by every episode of every batch and split (the reference code's behaviour, vsml.md §8
             decision 4, made reproducible); class subsets stay per episode. ``None`` (default): per episode.
@@ -82,6 +85,7 @@ class Augmentation:
     classes: tuple[int, int] | None = None
     class_list: tuple[int, ...] | None = None
     resize: tuple[int, int] | None = None
+    label_noise: float = 0.0
     fixed_seed: int | None = None
 
     def suffix(self) -> str:
@@ -101,6 +105,8 @@ class Augmentation:
             parts.append("proj" if self.proj_dim is None else f"proj{self.proj_dim}")
         if self.labelperm:
             parts.append("labelperm")
+        if self.label_noise:
+            parts.append(f"noise{round(self.label_noise * 100)}")
         if self.fixed_seed is not None:
             parts.append(f"fixed{self.fixed_seed}")
         return "".join("+" + p for p in parts)
@@ -138,6 +144,8 @@ class SourceFamily(TaskFamily):
                 raise ValueError(f"resize target {aug.resize} must be positive")
         if aug.fixed_seed is not None and not (aug.proj or aug.perm or aug.labelperm):
             raise ValueError("fixed<seed> only applies to proj, perm or labelperm; none is given")
+        if not 0.0 <= aug.label_noise < 1.0:
+            raise ValueError(f"label noise must lie in [0, 1), got {aug.label_noise}")
         if aug.proj_dim is not None and aug.proj_dim < 1:
             raise ValueError(f"projection dimension must be positive, got {aug.proj_dim}")
         self.name = name or (source.name + aug.suffix())
@@ -269,6 +277,13 @@ class SourceFamily(TaskFamily):
             gen = torch_generator(*aug_key, "labelperm")
             lperm = random_permutations(n_draw, num_classes, gen).expand(e, num_classes)  # [E, C]
             y = pick(lperm).to(dev).gather(1, y)
+
+        # 9. label noise: per example, with probability p a uniformly drawn class (host draws [E, T] for all E)
+        if aug.label_noise:
+            gen = torch_generator(seed, split, "labelnoise")
+            flip = torch.rand(e, t, generator=gen) < aug.label_noise                    # [E, T]
+            rand_y = torch.randint(0, num_classes, (e, t), generator=gen)               # [E, T]
+            y = torch.where(pick(flip).to(dev), pick(rand_y).to(dev, y.dtype), y)
 
         info = {"split": split, "seed": int(seed), "source": src.name, "subset_size": k}
         if sel is not None:

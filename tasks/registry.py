@@ -223,6 +223,11 @@ def _parse_modifiers(tokens: list[str], spec: str) -> Augmentation:
         elif m := re.fullmatch(r"classes\[([\d,]+)\]", tok):
             put("classes", None, tok)
             fields["class_list"] = tuple(int(c) for c in m.group(1).split(",") if c)
+        elif m := re.fullmatch(r"noise(\d+)", tok):
+            pct = int(m.group(1))
+            if not 1 <= pct <= 99:
+                raise _bad(spec, f"label noise {tok!r} must be noise1 .. noise99 (percent of labels resampled)")
+            put("label_noise", pct / 100, tok)
         elif m := re.fullmatch(r"fixed(\d+)", tok):
             put("fixed_seed", int(m.group(1)), tok)
         elif m := re.fullmatch(r"resize(\d+)(?:x(\d+))?", tok):

@@ -5,6 +5,8 @@ Run: python -m pytest tests/test_cloning.py -q
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -130,6 +132,28 @@ def test_own_errors_are_the_meta_test_errors(logit_scale):
     torch.testing.assert_close(est._carry["e"], e[:, -1], atol=1e-5, rtol=1e-4)
     w = w0 - cfg.alpha * torch.einsum("etd,etc->edc", x, e)
     torch.testing.assert_close(est._carry["w"], w, atol=1e-4, rtol=1e-4)
+
+
+def test_teacher_can_integrate_its_own_errors():
+    """teacher_errors "own": the student is still fed its own (meta-test) errors, but the target is the
+    trajectory of online SGD on the same stream (sgd_teacher from the same w_0), whatever the student does."""
+    net, cfg, x, y, theta, c = _long_setup(truncation=12, own_error_max=1.0, teacher_errors="own")
+    net = VSMLNetwork(VSMLConfig(logit_scale=2.0))
+    est = CloneEstimator(net, cfg, seed=0)
+    est._start_block(x, y, c, 0, theta.dtype)
+    w0 = est._carry["w"].clone()
+    est.loss_long(theta, 0)
+    ws, es, _ = sgd_teacher(x, y, c, w0, cfg.alpha, logit_scale=2.0)
+    w_end = ws[:, -1] - cfg.alpha * x[:, -1, :, None] * es[:, -1, None, :]     # after the last example [E, D, C]
+    torch.testing.assert_close(est._carry["w"], w_end, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(est._carry["e"], es[:, -1], atol=1e-3)           # the fed error is the student's
+    fed = CloneEstimator(net, replace(cfg, teacher_errors="fed"), seed=0)
+    fed._start_block(x, y, c, 0, theta.dtype)
+    fed.loss_long(theta, 0)
+    torch.testing.assert_close(fed._carry["e"], est._carry["e"])
+    assert not torch.allclose(fed._carry["w"], est._carry["w"], atol=1e-3)
+    with pytest.raises(ConfigError):
+        CloneConfig(teacher_errors="teacher")
 
 
 def test_bounded_teachers():

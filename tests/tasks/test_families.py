@@ -213,6 +213,22 @@ def test_label_permutation_is_a_bijection_per_episode():
     assert len(set(maps)) > 1
 
 
+def test_label_noise_resamples_a_fraction_of_the_labels():
+    """noise<p>: each label is, with probability p, redrawn uniformly from the C classes; the inputs and the
+    other labels are untouched, every episode gets its own draws, and the spec round-trips."""
+    raw = make_family("digits+classes5").sample(8, 300, seed=9)
+    fam = make_family("digits+classes5+noise30")
+    assert fam.name == "digits+classes5+noise30" and make_family(fam.name).name == fam.name
+    noisy = fam.sample(8, 300, seed=9)
+    assert torch.equal(raw.x, noisy.x) and noisy.y.min() >= 0 and noisy.y.max() < 5
+    changed = (raw.y != noisy.y).float()                   # [E, T]
+    # P(changed) = p (1 - 1/C) = 0.24; 2400 labels: 4 standard deviations ≈ 0.035
+    assert abs(changed.mean().item() - 0.3 * 0.8) < 0.035
+    assert not torch.equal(changed[0], changed[1])
+    assert torch.equal(fam.sample(8, 300, seed=9).y, noisy.y)
+    assert not torch.equal(fam.sample(8, 300, seed=10).y, make_family("digits+classes5").sample(8, 300, seed=10).y)
+
+
 # ------------------------------------------------------------------------------------------------ resize
 
 
@@ -329,6 +345,8 @@ def test_spec_names_and_canonical_forms():
         ("mnist+classes11", "2..10"),
         ("mnist+classes1", "2..10"),
         ("mnist+classes[3,3]", "distinct"),
+        ("mnist+noise0", "noise1 .. noise99"),
+        ("mnist+noise100", "noise1 .. noise99"),
         ("teacher_linear+resize14", "resize needs image data"),
         ("teacher_linear[q=3]", "no parameter 'q'"),
         ("mix:", "empty element"),
