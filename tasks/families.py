@@ -27,6 +27,7 @@ episodes and ``sample(E, ..., episodes=r)`` equals the rows r of ``sample(E, ...
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -70,6 +71,10 @@ class Augmentation:
         class_list: a fixed ordered class subset for every episode, relabelled by position (e.g. (5, 8, 1, 4, 2)
             maps class 5 to 0, 8 to 1, ...). Exclusive with ``classes``.
         resize: (h, w) to resize images to.
+        affine: a per-episode brightness / contrast change of the normalised inputs, x ← s·x + b with
+            log s ~ U(log ½, log 2) and b ~ U(−1, 1) (one s, b per episode, before any permutation or
+            projection): the same images with the background at another value, as another dataset's
+            normalisation puts it (issue 15: Fashion-MNIST's background is at −0.81, MNIST's at −0.42).
         label_noise: the probability (``noise<percent>``, 1..99) that an example's label is replaced by a class
             drawn uniformly from the episode's C classes (possibly the true one), independently per example and
             episode: tasks with a Bayes error, whose learners must average over many examples (issue 15).
@@ -85,6 +90,7 @@ class Augmentation:
     classes: tuple[int, int] | None = None
     class_list: tuple[int, ...] | None = None
     resize: tuple[int, int] | None = None
+    affine: bool = False
     label_noise: float = 0.0
     fixed_seed: int | None = None
 
@@ -99,6 +105,8 @@ class Augmentation:
         if self.resize is not None:
             h, w = self.resize
             parts.append(f"resize{h}" if h == w else f"resize{h}x{w}")
+        if self.affine:
+            parts.append("affine")
         if self.perm:
             parts.append("perm")
         if self.proj:
@@ -142,8 +150,8 @@ class SourceFamily(TaskFamily):
                 raise ValueError(f"{source.name}: resize needs image data, but this source has no image shape")
             if min(aug.resize) < 1:
                 raise ValueError(f"resize target {aug.resize} must be positive")
-        if aug.fixed_seed is not None and not (aug.proj or aug.perm or aug.labelperm):
-            raise ValueError("fixed<seed> only applies to proj, perm or labelperm; none is given")
+        if aug.fixed_seed is not None and not (aug.proj or aug.perm or aug.labelperm or aug.affine):
+            raise ValueError("fixed<seed> only applies to proj, perm, labelperm or affine; none is given")
         if not 0.0 <= aug.label_noise < 1.0:
             raise ValueError(f"label noise must lie in [0, 1), got {aug.label_noise}")
         if aug.proj_dim is not None and aug.proj_dim < 1:
@@ -256,6 +264,13 @@ class SourceFamily(TaskFamily):
         fixed = aug.fixed_seed is not None
         aug_key: tuple = (aug.fixed_seed, "fixed") if fixed else (seed, split)
         n_draw = 1 if fixed else e
+
+        # 5b. per-episode brightness / contrast: x ← s·x + b, s, b [E] drawn on the host for all E
+        if aug.affine:
+            gen = torch_generator(*aug_key, "affine")
+            log_s = torch.empty(n_draw).uniform_(-math.log(2.0), math.log(2.0), generator=gen).expand(e)   # [E]
+            shift = torch.empty(n_draw).uniform_(-1.0, 1.0, generator=gen).expand(e)                       # [E]
+            x = x * pick(log_s.exp()).to(dev, x.dtype)[:, None, None] + pick(shift).to(dev, x.dtype)[:, None, None]
 
         # 6. per-episode feature permutation (host keys [E, D], this call's rows applied on the device)
         if aug.perm:

@@ -214,6 +214,8 @@ def _parse_modifiers(tokens: list[str], spec: str) -> Augmentation:
             put("perm", True, tok)
         elif tok == "labelperm":
             put("labelperm", True, tok)
+        elif tok == "affine":
+            put("affine", True, tok)
         elif m := re.fullmatch(r"classes(\d+)(?:-(\d+))?", tok):
             lo = int(m.group(1))
             hi = int(m.group(2)) if m.group(2) else lo

@@ -55,7 +55,7 @@ def test_es_initial_state_cpu_default_unchanged_and_pairs_split_invariant():
     assert not torch.equal(whole.c[0], default.c[0])                          # per-pair streams differ
 
 
-@pytest.mark.parametrize("spec", ["digits+classes3-5+perm+proj+labelperm", "digits+proj+noise25", "mix:digits+proj,digits+perm"])
+@pytest.mark.parametrize("spec", ["digits+classes3-5+perm+proj+labelperm", "digits+proj+noise25", "digits+affine+proj", "mix:digits+proj,digits+perm"])
 def test_sample_episode_subsets_equal_the_whole(spec):
     fam = make_family(spec)
     whole = sample_episodes(fam, 5, 4, 9, "train", episodes=range(5))

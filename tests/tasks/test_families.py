@@ -213,6 +213,30 @@ def test_label_permutation_is_a_bijection_per_episode():
     assert len(set(maps)) > 1
 
 
+def _fit_affine(xr: torch.Tensor, xa: torch.Tensor) -> tuple[float, float]:
+    """Least-squares (s, b) with xa ≈ s·xr + b, asserting the fit is exact."""
+    xr, xa = xr.reshape(-1), xa.reshape(-1)
+    s = ((xa - xa.mean()) * (xr - xr.mean())).sum() / (xr - xr.mean()).square().sum()
+    b = xa.mean() - s * xr.mean()
+    torch.testing.assert_close(xa, s * xr + b, atol=1e-4, rtol=1e-4)
+    return s.item(), b.item()
+
+
+def test_affine_is_one_brightness_and_contrast_per_episode():
+    """affine: x' = s·x + b with one (s, b) per episode, s in [½, 2], b in [−1, 1]; labels untouched."""
+    raw = make_family("digits").sample(6, 50, seed=4)
+    fam = make_family("digits+affine")
+    assert fam.name == "digits+affine" and make_family("digits+proj+affine").name == "digits+affine+proj"
+    b = fam.sample(6, 50, seed=4)
+    assert torch.equal(raw.y, b.y) and torch.equal(fam.sample(6, 50, seed=4).x, b.x)
+    params = [_fit_affine(raw.x[e], b.x[e]) for e in range(6)]
+    assert all(0.5 - 1e-4 <= s <= 2 + 1e-4 and -1 - 1e-4 <= off <= 1 + 1e-4 for s, off in params)
+    assert len({(round(s, 3), round(off, 3)) for s, off in params}) == 6
+    raw2, fixed = (make_family(spec).sample(2, 50, seed=4) for spec in ("digits", "digits+affine+fixed3"))
+    (s0, b0), (s1, b1) = (_fit_affine(raw2.x[e], fixed.x[e]) for e in range(2))
+    assert abs(s0 - s1) < 1e-4 and abs(b0 - b1) < 1e-4
+
+
 def test_label_noise_resamples_a_fraction_of_the_labels():
     """noise<p>: each label is, with probability p, redrawn uniformly from the C classes; the inputs and the
     other labels are untouched, every episode gets its own draws, and the spec round-trips."""
