@@ -76,7 +76,7 @@ class CloneConfig:
             (own_error_max > 0).  "fed" (default, DAgger): the error fed to the student, so the target is
             "SGD after the student's errors" -- a target that falls behind the student once the student
             predicts better than SGD would (its errors are small, the teacher learns little; issue 15
-            measured teacher accuracy 0.38 vs student 0.67 at ticks 1800-2000).  "own": the teacher's own
+            measured teacher accuracy 0.36 vs student 0.67 at ticks 1800-2000).  "own": the teacher's own
             error softmax(κ·mean_a w·x) − onehot, i.e. the target is the trajectory of online SGD on the same
             stream from the same initial weights; a perfect clone is fed exactly these errors, so both
             choices agree there.  Same as "fed" under teacher forcing.
