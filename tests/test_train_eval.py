@@ -283,6 +283,19 @@ def test_resume_long_horizon_cloning_mid_episode(tmp_path):
     assert torch.equal(a["theta"], b["theta"])
 
 
+def test_teacher_errors_and_new_task_modifiers_run_through_train(tmp_path):
+    """--clone.teacher_errors own and a family with the noise<p> / affine modifiers (issue 15) go through
+    train.py into config.json, and the option changes the cloning target (θ differs from the "fed" run)."""
+    extra = ["--eval.every", "0", "--steps", "0", "--clone.length", "9", "--clone.truncation", "3",
+             "--clone.own_error_max", "1", "--clone.steps", "3", "--task", "mix:digits+proj+noise20,digits+affine"]
+    own = _run(tmp_path, *extra, "--clone.teacher_errors", "own", name="own")
+    fed = _run(tmp_path, *extra, name="fed")
+    cfg = json.loads((own / "config.json").read_text())
+    assert cfg["clone"]["teacher_errors"] == "own" and cfg["task"] == "mix:digits+proj+noise20,digits+affine"
+    assert load_checkpoint(own)["config"]["clone"]["teacher_errors"] == "own"
+    assert not torch.equal(load_checkpoint(own)["theta"], load_checkpoint(fed)["theta"])
+
+
 def test_logit_scale_travels_from_train_to_eval(tmp_path, capsys):
     """--vsml.logit_scale (issue 15) is resolved into config.json and the checkpoint, and eval.py's learner
     reads out with it (its meta-test logits equal an unroll of a κ network, not of the κ = 1 one)."""
