@@ -19,14 +19,9 @@ backend.  θ trained under this script is only meaningful under it.
 """
 from __future__ import annotations
 
-import os
-import runpy
-import sys
-
 from vsml.engine import cell, network
 from vsml.engine.cell import _linear, micro_steps, readout_bwd, readout_fwd
 from vsml.estimators import cloning
-from vsml.evaluation import load
 
 XE_COL = 2        # the free backward-message column of W_r that carries x_a·e_b
 PHI_ROW = 2       # the free forward-output row whose φ is multiplied by x_a
@@ -68,17 +63,12 @@ def layer_update(p, fwd_in, bwd_in, h, c, micro_ticks, ln_eps):
 
 
 if __name__ == "__main__":
-    if len(sys.argv) < 2 or not os.path.isfile(sys.argv[1]):
-        sys.exit("usage: python experiments/issue15_bilinear_probe.py SCRIPT.py [its arguments]")
+    from issue15_probe_runner import run_script
+
     from vsml.engine.config import VSMLConfig
     assert VSMLConfig().output_idx == OUTPUT_IDX and readout_fwd is cell.readout_fwd
     cell.lstm_micro_steps = lstm_micro_steps
     cloning.lstm_micro_steps = lstm_micro_steps
     cloning._linear = cloning_linear
     network.layer_update = layer_update
-    _load = load.load_learner
-    load.load_learner = lambda path, device="cpu", compile=True, backend=None: _load(path, device, False, "torch")
-    script = sys.argv[1]
-    sys.argv = sys.argv[1:]
-    sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
-    runpy.run_path(script, run_name="__main__")
+    run_script("python experiments/issue15_bilinear_probe.py")

@@ -15,13 +15,10 @@ under this script with the same S.
 from __future__ import annotations
 
 import os
-import runpy
-import sys
 
 import torch
 
 import vsml.engine.cell as C
-import vsml.evaluation.load as L
 from vsml.engine.cell import GATE_F_OFFSET, GATE_I_OFFSET
 
 S = float(os.environ.get("H_BOUND", "1"))
@@ -35,13 +32,6 @@ def gates_to_state(gates, c, tanh=torch.tanh):
 
 
 if __name__ == "__main__":
-    if len(sys.argv) < 2 or not os.path.isfile(sys.argv[1]):
-        sys.exit("usage: H_BOUND=S python experiments/issue15_hbound_probe.py SCRIPT.py [its arguments] "
-                 "(SCRIPT: train.py or an experiments/ script)")
+    from issue15_probe_runner import run_script
     C.gates_to_state = gates_to_state
-    _load = L.load_learner
-    L.load_learner = lambda path, device="cpu", compile=True, backend=None: _load(path, device, False, "torch")
-    script = sys.argv[1]
-    sys.argv = sys.argv[1:]
-    sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
-    runpy.run_path(script, run_name="__main__")
+    run_script("H_BOUND=S python experiments/issue15_hbound_probe.py")
