@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from tasks import make_family
-from vsml.engine.cell import _linear, lstm_micro_steps
+from vsml.engine.cell import forward_phi, lstm_micro_steps
 from vsml.estimators.cloning import teacher_update
 from vsml.evaluation.load import load_learner
 
@@ -32,7 +32,7 @@ def _forced_tick(net, p, x_t, y_t, h, c, w, e, c_num):
     if e is not None:
         bwd[..., cfg.error_idx] = e
     h, c = lstm_micro_steps(p, net.embed_input(x_t), bwd, h, c, cfg.micro_ticks)
-    phi = _linear(h, p.W_fwd, p.b_fwd)[..., cfg.output_idx]
+    phi = forward_phi(p, h, x_t)[..., cfg.output_idx]
     tgt = w * x_t[:, :, None]
     e = torch.softmax(tgt.mean(1) * cfg.logit_scale, -1) - F.one_hot(y_t, c_num).to(x_t.dtype)
     return h, c, phi, tgt, teacher_update(w, x_t, e, 1.0), e

@@ -200,7 +200,7 @@ def flat_theta(p: CellParams, cfg: VSMLConfig) -> torch.Tensor:
     m = cfg.cell.msg
     w = p.W_f                                                     # [*b, 4N, M], the first field
     batch = w.shape[:-2]
-    last = p.ln_bwd_b if p.ln_bwd_b is not None else p.b_bwd     # the last field
+    last = p.b_xphi if p.bilinear else (p.ln_bwd_b if p.ln_bwd_b is not None else p.b_bwd)   # the last field
     intact = (w.stride(-1) == 1 and w.stride(-2) == 2 * m + HIDDEN and last.stride(-1) == 1
               and last.storage_offset() + last.shape[-1] - w.storage_offset() == size
               and last.untyped_storage().data_ptr() == w.untyped_storage().data_ptr()
@@ -213,6 +213,8 @@ def flat_theta(p: CellParams, cfg: VSMLConfig) -> torch.Tensor:
     parts = [W, p.beta, p.W_fwd, p.b_fwd, p.W_bwd, p.b_bwd]
     if p.ln_fwd_g is not None:
         parts += [p.ln_fwd_g, p.ln_fwd_b, p.ln_bwd_g, p.ln_bwd_b]
+    if p.bilinear:
+        parts += [p.W_xe, p.W_xphi, p.b_xphi]
     flat = torch.cat([t.reshape(*batch, -1) for t in parts], -1)  # [*b, P]
     return flat.reshape(-1, size)
 
@@ -226,7 +228,8 @@ def layer_update(cfg: VSMLConfig, p: CellParams, fwd_in: torch.Tensor, bwd_in: t
     mod = load(isa)
     th = flat_theta(p, cfg).contiguous()                           # [1 | E, P]
     return tuple(mod.layer_update(th, fwd_in.contiguous(), bwd_in.contiguous(), h.contiguous(),
-                                  c.contiguous(), cfg.micro_ticks, cfg.cell.layer_norm, cfg.cell.ln_eps))
+                                  c.contiguous(), cfg.micro_ticks, cfg.cell.layer_norm, cfg.cell.ln_eps,
+                                  cfg.cell.bilinear))
 
 
 def try_layer_update(cfg: VSMLConfig, p: CellParams, fwd_in: torch.Tensor, bwd_in: torch.Tensor,

@@ -11,12 +11,14 @@ from __future__ import annotations
 import torch
 
 
-def split_theta(vec, n=16, m=8, layer_norm=False):
+def split_theta(vec, n=16, m=8, layer_norm=False, bilinear=False):
     """Flat θ set -> dict, in the documented storage order."""
     sizes = [("W", (4 * n, 2 * m + n)), ("beta", (4 * n,)), ("W_fwd", (m, n)), ("b_fwd", (m,)),
              ("W_bwd", (m, n)), ("b_bwd", (m,))]
     if layer_norm:
         sizes += [("g_f", (m,)), ("o_f", (m,)), ("g_b", (m,)), ("o_b", (m,))]
+    if bilinear:
+        sizes += [("w_xe", (4 * n,)), ("W_xphi", (m, n)), ("b_xphi", (m,))]
     out, off = {}, 0
     for name, shape in sizes:
         cnt = 1
@@ -37,6 +39,8 @@ def ln(v, g, o, eps=1e-5):
 def sub_lstm_step(P, f, r, h, c, n):
     u = torch.cat([f, r, h])
     z = P["W"] @ u + P["beta"]
+    if "w_xe" in P:                                   # bilinear cell: + w_xe · x_a e_b
+        z = z + P["w_xe"] * (f[0] * r[0])
     i = torch.sigmoid(z[0:n] - 5)
     g = torch.tanh(z[n:2 * n])
     fg = torch.sigmoid(z[2 * n:3 * n] + 5)
@@ -46,8 +50,10 @@ def sub_lstm_step(P, f, r, h, c, n):
     return h2, c2
 
 
-def readouts(P, h, layer_norm):
+def readouts(P, h, layer_norm, x=None):
     phi = P["W_fwd"] @ h + P["b_fwd"]
+    if "W_xphi" in P:                                 # bilinear cell: + x_a (W_xφ h + b_xφ)
+        phi = phi + x * (P["W_xphi"] @ h + P["b_xphi"])
     psi = P["W_bwd"] @ h + P["b_bwd"]
     if layer_norm:
         phi = ln(phi, P["g_f"], P["o_f"])
@@ -66,18 +72,18 @@ def layer_update(P, fwd_in, bwd_in, H, C, micro, layer_norm, n, m):
             for _ in range(micro):
                 h, c = sub_lstm_step(P, fwd_in[a], bwd_in[b], h, c, n)
             H[a][b], C[a][b] = h, c
-            phis[a][b], psis[a][b] = readouts(P, h, layer_norm)
+            phis[a][b], psis[a][b] = readouts(P, h, layer_norm, fwd_in[a][0])
     fwd_out = [sum(phis[a][b] for a in range(A)) / A for b in range(B)]
     bwd_out = [sum(psis[a][b] for b in range(B)) / B for a in range(A)]
     return fwd_out, bwd_out
 
 
 def naive_episode(thetas, x, y, num_classes, h0, c0, *, micro=2, backward_pass=False, feed_label=False,
-                  layer_norm=False, n=16, m=8, bound=100.0):
+                  layer_norm=False, n=16, m=8, bound=100.0, bilinear=False):
     """One episode.  thetas: list of flat θ sets, one per layer (repeat the same for shared θ).
     x [T, D], y [T]; h0, c0: lists over layers of [A, B, N] initial states.  Returns logits [T, C]."""
     K = len(h0)
-    Ps = [split_theta(t, n, m, layer_norm) for t in thetas]
+    Ps = [split_theta(t, n, m, layer_norm, bilinear) for t in thetas]
     H = [[[h0[k][a, b].clone() for b in range(h0[k].shape[1])] for a in range(h0[k].shape[0])] for k in range(K)]
     C = [[[c0[k][a, b].clone() for b in range(c0[k].shape[1])] for a in range(c0[k].shape[0])] for k in range(K)]
     dt = x.dtype

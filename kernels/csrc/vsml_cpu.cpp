@@ -9,6 +9,10 @@
 //         c_ab = σ(f̃ + 5) c_ab + σ(ĩ − 5) tanh(g̃),   h_ab = σ(õ) tanh(c_ab)
 //     →m'_b = mean_a φ_ab,  ←m'_a = mean_b ψ_ab     φ = [LN](W_fwd h + b_fwd), ψ = [LN](W_bwd h + b_bwd)
 //
+// The bilinear cell (SubLSTMConfig.bilinear) adds, with x_a = fwd_in[a][0] and e_b = bwd_in[b][0],
+//     gates += w_xe x_a e_b   (fixed for all micro-ticks, folded into F[a] + R[b])
+//     φ_ab  += x_a (W_xφ h_ab + b_xφ)   (no LN: the kernel also accumulates Σ_a x_a h_ab and projects it once)
+//
 // Without LayerNorm the readouts are mean-then-project (§7.3): the kernel accumulates Σ_a h_ab and
 // Σ_b h_ab and projects the two means once.  With LayerNorm every φ_ab / ψ_ab is formed, normalised
 // and accumulated.  Both means are accumulated in-kernel; nothing of size [E, A, B, 4N] is ever stored.
@@ -231,6 +235,12 @@ struct Theta {
   alignas(64) float bo[2 * MAX_M];       // (b_fwd, b_bwd), (ln_fwd_g, ln_bwd_g), (ln_fwd_b, ln_bwd_b)
   alignas(64) float lng[2 * MAX_M];
   alignas(64) float lnb[2 * MAX_M];
+  alignas(64) float Wxe[G];              // bilinear: gate weights of x_a·e_b
+  alignas(64) float WxT[N][2 * MAX_M];   // bilinear, LN: WxT[n] = (W_xφ[:, n], 0)
+  alignas(64) float bx[2 * MAX_M];       // bilinear, LN: (b_xφ, 0)
+  bool bil;
+  const float* W_xphi;  // [M, N] (bilinear)
+  const float* b_xphi;  // [M]    (bilinear)
   const float* W_fwd;  // [M, N]
   const float* b_fwd;  // [M]
   const float* W_bwd;  // [M, N]
@@ -239,8 +249,8 @@ struct Theta {
 };
 
 // θ set layout (vsml/params.py): W [4N, 2M+N] | β [4N] | W_fwd [M, N] | b_fwd [M] | W_bwd [M, N] | b_bwd [M]
-// | (LN) ln_fwd_g, ln_fwd_b, ln_bwd_g, ln_bwd_b [M].
-void unpack_theta(const float* th, int M, bool ln, Theta& t) {
+// | (LN) ln_fwd_g, ln_fwd_b, ln_bwd_g, ln_bwd_b [M] | (bilinear) w_xe [4N], W_xφ [M, N], b_xφ [M].
+void unpack_theta(const float* th, int M, bool ln, bool bil, Theta& t) {
   const int cols = 2 * M + N;
   for (int k = 0; k < G; ++k) {
     const float* row = th + k * cols;
@@ -255,6 +265,20 @@ void unpack_theta(const float* th, int M, bool ln, Theta& t) {
   t.W_bwd = p; p += M * N;
   t.b_bwd = p; p += M;
   t.ln = ln ? p : nullptr;
+  if (ln) p += 4 * M;
+  t.bil = bil;
+  t.W_xphi = t.b_xphi = nullptr;
+  std::memset(t.WxT, 0, sizeof(t.WxT));
+  std::memset(t.bx, 0, sizeof(t.bx));
+  if (bil) {
+    std::memcpy(t.Wxe, p, sizeof(float) * G);
+    p += G;
+    t.W_xphi = p; p += M * N;
+    t.b_xphi = p;
+    for (int n = 0; n < N; ++n)
+      for (int m = 0; m < M; ++m) t.WxT[n][m] = t.W_xphi[m * N + n];
+    for (int m = 0; m < M; ++m) t.bx[m] = t.b_xphi[m];
+  }
   for (int n = 0; n < N; ++n)
     for (int m = 0; m < M; ++m) { t.WoT[n][m] = t.W_fwd[m * N + n]; t.WoT[n][M + m] = t.W_bwd[m * N + n]; }
   for (int m = 0; m < M; ++m) {
@@ -351,7 +375,7 @@ at::Tensor empty_big(at::IntArrayRef sizes, const at::TensorOptions& opt) {
 struct Layer {
   int64_t E, A, B;
   int M, ticks;
-  bool ln;
+  bool ln, bil;
   float eps;
 };
 
@@ -361,10 +385,11 @@ struct Layer {
 //   Fa [items' A, 4N] forward terms of the item's inputs; R [B, 4N] backward terms with β;
 //   h_in/c_in/h_out/c_out point at pair q0 of [.., N]; sum_b [B, N or M] this item's Σ_a;
 //   sum_a [items' A, N or M] the Σ_b of the item's inputs.
+//   Bilinear: xs [items' A] = x_a, es [B] = e_b; without LN sum_b is [B, 2N]: (Σ_a h_ab, Σ_a x_a h_ab).
 template <int P>
 inline void pairs_update(const Theta& t, const Layer& L, const float* Fa, const float* R, int64_t q0,
                          const float* h_in, const float* c_in, float* h_out, float* c_out,
-                         float* sum_b, float* sum_a) {
+                         float* sum_b, float* sum_a, const float* xs, const float* es) {
   alignas(64) float hl[P][N];        // h of the P pairs, in memory so its elements can be broadcast
   alignas(64) float fr[P][G];        // F[a] + R[b]: fixed for all micro-ticks
   int64_t ia[P], ib[P];
@@ -376,6 +401,10 @@ inline void pairs_update(const Theta& t, const Layer& L, const float* Fa, const 
     c[p] = vload(c_in + p * N);
     for (int g = 0; g < 4; ++g)
       vstore(fr[p] + g * N, vload(Fa + ia[p] * G + g * N) + vload(R + ib[p] * G + g * N));
+    if (t.bil) {                     // + w_xe x_a e_b
+      const V xe = vset(xs[ia[p]] * es[ib[p]]);
+      for (int g = 0; g < 4; ++g) vstore(fr[p] + g * N, fma(vload(t.Wxe + g * N), xe, vload(fr[p] + g * N)));
+    }
   }
   for (int tick = 0; tick < L.ticks; ++tick) {
     V acc[P][4];
@@ -401,16 +430,22 @@ inline void pairs_update(const Theta& t, const Layer& L, const float* Fa, const 
     vstore(h_out + p * N, hv);
     vstore(c_out + p * N, c[p]);
     if (!L.ln) {                     // mean-then-project: only Σ h is needed (§7.3)
-      float* sb = sum_b + ib[p] * N;
+      float* sb = sum_b + ib[p] * (L.bil ? 2 * N : N);
       float* sa = sum_a + ia[p] * N;
       vstore(sb, vload(sb) + hv);
       vstore(sa, vload(sa) + hv);
+      if (L.bil) vstore(sb + N, fma(vset(xs[ia[p]]), hv, vload(sb + N)));   // Σ_a x_a h_ab
     } else {                         // φ, ψ = LN(W_fwd h + b_fwd), LN(W_bwd h + b_bwd), then summed
       const int M = L.M;
       alignas(64) float z[2 * MAX_M];
       if (M == 8) {                  // the reference size: (φ, ψ) is one 16-lane vector, LN per 8-lane half
         V zv = vload(t.bo);
         for (int n = 0; n < N; ++n) zv = fma(vload(t.WoT[n]), vset(hl[p][n]), zv);
+        if (L.bil) {                 // φ += x_a (W_xφ h + b_xφ): the lower 8 lanes only
+          V zx = vload(t.bx);
+          for (int n = 0; n < N; ++n) zx = fma(vload(t.WxT[n]), vset(hl[p][n]), zx);
+          zv = fma(vset(xs[ia[p]]), zx, zv);
+        }
         V d = zv - sum8(zv) * vset(0.125f);
         V rstd = vrecip(vsqrt(sum8(d * d) * vset(0.125f) + vset(L.eps)));
         vstore(z, fma(d * rstd, vload(t.lng), vload(t.lnb)));
@@ -424,6 +459,14 @@ inline void pairs_update(const Theta& t, const Layer& L, const float* Fa, const 
         const float hn = hl[p][n];
         for (int m = 0; m < 2 * M; ++m) z[m] += t.WoT[n][m] * hn;
       }
+      if (L.bil) {
+        const float xa = xs[ia[p]];
+        for (int m = 0; m < M; ++m) {
+          float v = t.b_xphi[m];
+          for (int n = 0; n < N; ++n) v += t.W_xphi[m * N + n] * hl[p][n];
+          z[m] += xa * v;
+        }
+      }
       layer_norm(z, M, t.ln, t.ln + M, L.eps);
       layer_norm(z + M, M, t.ln + 2 * M, t.ln + 3 * M, L.eps);
       float* sb = sum_b + ib[p] * M;
@@ -435,7 +478,7 @@ inline void pairs_update(const Theta& t, const Layer& L, const float* Fa, const 
 
 std::vector<at::Tensor> layer_update(const at::Tensor& theta, const at::Tensor& fwd_in, const at::Tensor& bwd_in,
                                      const at::Tensor& h, const at::Tensor& c, int64_t micro_ticks,
-                                        bool layer_norm_on, double ln_eps) {
+                                        bool layer_norm_on, double ln_eps, bool bilinear) {
   TORCH_CHECK(theta.dim() == 2, "theta must be [1 or E, P]");
   TORCH_CHECK(fwd_in.dim() == 3 && bwd_in.dim() == 3 && h.dim() == 4 && c.dim() == 4,
               "expected fwd_in [E, A, M], bwd_in [E, B, M], h and c [E, A, B, N]");
@@ -449,13 +492,15 @@ std::vector<at::Tensor> layer_update(const at::Tensor& theta, const at::Tensor& 
   L.M = static_cast<int>(fwd_in.size(2));
   L.ticks = static_cast<int>(micro_ticks);
   L.ln = layer_norm_on;
+  L.bil = bilinear;
   L.eps = static_cast<float>(ln_eps);
   TORCH_CHECK(h.size(3) == N, "vsml_cpu: hidden size must be 16, got ", h.size(3));
   TORCH_CHECK(L.M >= 1 && L.M <= MAX_M, "vsml_cpu: message size must be in [1, 16], got ", L.M);
   TORCH_CHECK(c.sizes() == h.sizes(), "c must have h's shape");
   TORCH_CHECK(fwd_in.size(0) == L.E && fwd_in.size(1) == L.A, "fwd_in must be [E, A, M]");
   TORCH_CHECK(bwd_in.size(0) == L.E && bwd_in.size(1) == L.B && bwd_in.size(2) == L.M, "bwd_in must be [E, B, M]");
-  const int64_t P = (int64_t)G * (2 * L.M + N) + G + 2 * (L.M * N + L.M) + (L.ln ? 4 * L.M : 0);
+  const int64_t P = (int64_t)G * (2 * L.M + N) + G + 2 * (L.M * N + L.M) + (L.ln ? 4 * L.M : 0)
+                    + (L.bil ? G + L.M * N + L.M : 0);
   TORCH_CHECK(theta.size(1) == P, "theta has ", theta.size(1), " values per set, expected ", P);
   TORCH_CHECK(theta.size(0) == 1 || theta.size(0) == L.E, "theta must be [1, P] (shared) or [E, P]");
   TORCH_CHECK(micro_ticks >= 1, "micro_ticks must be >= 1");
@@ -463,6 +508,7 @@ std::vector<at::Tensor> layer_update(const at::Tensor& theta, const at::Tensor& 
   const int64_t E = L.E, A = L.A, B = L.B;
   const int M = L.M;
   const int64_t red = L.ln ? M : N;           // what the means accumulate: φ/ψ (LN) or h (no LN)
+  const int64_t redf = L.ln ? M : (L.bil ? 2 * N : N);   // the Σ_a of the forward side (+ Σ_a x_a h_ab)
   auto h_out = empty_big(h.sizes(), h.options());
   auto c_out = empty_big(c.sizes(), c.options());
   auto fwd_out = at::empty({E, B, M}, h.options());
@@ -474,7 +520,7 @@ std::vector<at::Tensor> layer_update(const at::Tensor& theta, const at::Tensor& 
   const int64_t nblk = std::min<int64_t>(A, std::max<int64_t>((16 + E - 1) / E, (A * B + 8191) / 8192));
   const int64_t a_per = (A + nblk - 1) / nblk;
   const int64_t items = E * nblk;
-  auto partial = at::zeros({items, B, red}, h.options());   // per-item Σ_a over its block
+  auto partial = at::zeros({items, B, redf}, h.options());   // per-item Σ_a over its block
 
   const float* th = theta.data_ptr<float>();
   const bool shared = theta.size(0) == 1;
@@ -493,20 +539,22 @@ std::vector<at::Tensor> layer_update(const at::Tensor& theta, const at::Tensor& 
   std::atomic<int64_t> next_item{0};
   auto worker = [&]() {
     Theta t;
-    std::vector<float> R(B * G), Fa(a_per * G), sum_a(a_per * red);
+    std::vector<float> R(B * G), Fa(a_per * G), sum_a(a_per * red), xs(L.bil ? a_per : 0), es(L.bil ? B : 0);
     int64_t loaded_e = -1;
     for (int64_t it = next_item++; it < items; it = next_item++) {
       const int64_t e = it / nblk, blk = it % nblk;
       const int64_t a0 = blk * a_per, a1 = std::min(A, a0 + a_per), na = a1 - a0;
       if (na <= 0) continue;
       if (e != loaded_e) {
-        unpack_theta(th + (shared ? 0 : e) * P, M, L.ln, t);
+        unpack_theta(th + (shared ? 0 : e) * P, M, L.ln, L.bil, t);
         for (int64_t b = 0; b < B; ++b) message_term(t.WrT, t.beta, bin + (e * B + b) * M, M, R.data() + b * G);
+        for (int64_t b = 0; b < (L.bil ? B : 0); ++b) es[b] = bin[(e * B + b) * M];
         loaded_e = e;
       }
       for (int64_t a = 0; a < na; ++a) message_term(t.WfT, nullptr, fin + (e * A + a0 + a) * M, M, Fa.data() + a * G);
+      for (int64_t a = 0; a < (L.bil ? na : 0); ++a) xs[a] = fin[(e * A + a0 + a) * M];
       std::fill(sum_a.begin(), sum_a.end(), 0.0f);
-      float* sum_b = part + it * B * red;
+      float* sum_b = part + it * B * redf;
       // the item's pairs are contiguous in h and c: [na·B, N] from pair (e, a0, 0)
       const int64_t off = (e * A + a0) * B * N, npairs = na * B;
       const float* hi = hin + off;
@@ -516,14 +564,14 @@ std::vector<at::Tensor> layer_update(const at::Tensor& theta, const at::Tensor& 
       int64_t q = 0;
       for (; q + 4 <= npairs; q += 4)
         pairs_update<4>(t, L, Fa.data(), R.data(), q, hi + q * N, ci + q * N, ho + q * N, co + q * N,
-                        sum_b, sum_a.data());
+                        sum_b, sum_a.data(), xs.data(), es.data());
       switch (npairs - q) {
         case 3: pairs_update<3>(t, L, Fa.data(), R.data(), q, hi + q * N, ci + q * N, ho + q * N, co + q * N,
-                                sum_b, sum_a.data()); break;
+                                sum_b, sum_a.data(), xs.data(), es.data()); break;
         case 2: pairs_update<2>(t, L, Fa.data(), R.data(), q, hi + q * N, ci + q * N, ho + q * N, co + q * N,
-                                sum_b, sum_a.data()); break;
+                                sum_b, sum_a.data(), xs.data(), es.data()); break;
         case 1: pairs_update<1>(t, L, Fa.data(), R.data(), q, hi + q * N, ci + q * N, ho + q * N, co + q * N,
-                                sum_b, sum_a.data()); break;
+                                sum_b, sum_a.data(), xs.data(), es.data()); break;
         default: break;
       }
       const float invB = 1.0f / static_cast<float>(B);
@@ -554,13 +602,16 @@ std::vector<at::Tensor> layer_update(const at::Tensor& theta, const at::Tensor& 
   const float invA = 1.0f / static_cast<float>(A);
   for (int64_t e = 0; e < E; ++e) {
     const float* tp = th + (shared ? 0 : e) * P;
+    float xmean = 0.f;                           // mean_a x_a (bilinear read-out bias)
+    for (int64_t a = 0; a < (L.bil ? A : 0); ++a) xmean += fin[(e * A + a) * M];
+    xmean *= invA;
     const float* W_fwd = tp + G * (2 * M + N) + G;
     const float* b_fwd = W_fwd + M * N;
     for (int64_t b = 0; b < B; ++b) {
-      float s[N > MAX_M ? N : MAX_M] = {0};
+      float s[2 * N > MAX_M ? 2 * N : MAX_M] = {0};
       for (int64_t blk = 0; blk < nblk; ++blk) {
-        const float* src = part + ((e * nblk + blk) * B + b) * red;
-        for (int64_t r = 0; r < red; ++r) s[r] += src[r];
+        const float* src = part + ((e * nblk + blk) * B + b) * redf;
+        for (int64_t r = 0; r < redf; ++r) s[r] += src[r];
       }
       float* dst = fo + (e * B + b) * M;
       if (!L.ln) {
@@ -568,6 +619,15 @@ std::vector<at::Tensor> layer_update(const at::Tensor& theta, const at::Tensor& 
           float v = 0.f;
           for (int n = 0; n < N; ++n) v += W_fwd[m * N + n] * s[n];
           dst[m] = v * invA + b_fwd[m];
+        }
+        if (L.bil) {                 // + W_xφ mean_a(x_a h_ab) + b_xφ mean_a x_a
+          const float* W_xphi = tp + P - M - M * N;
+          const float* b_xphi = tp + P - M;
+          for (int m = 0; m < M; ++m) {
+            float v = 0.f;
+            for (int n = 0; n < N; ++n) v += W_xphi[m * N + n] * s[N + n];
+            dst[m] += v * invA + b_xphi[m] * xmean;
+          }
         }
       } else {
         for (int m = 0; m < M; ++m) dst[m] = s[m] * invA;
@@ -587,6 +647,6 @@ int64_t isa_code() { return VSML_CPU_ISA; }
 
 TORCH_LIBRARY(VSML_NS, m) {
   m.def("layer_update(Tensor theta, Tensor fwd_in, Tensor bwd_in, Tensor h, Tensor c, int micro_ticks, "
-        "bool layer_norm, float ln_eps) -> Tensor[]", &layer_update);
+        "bool layer_norm, float ln_eps, bool bilinear) -> Tensor[]", &layer_update);
   m.def("isa_code() -> int", &isa_code);   // 512 (AVX-512), 2 (AVX2) or 0 (scalar)
 }

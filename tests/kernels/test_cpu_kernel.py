@@ -38,8 +38,8 @@ def kernel():
     return cpu_vsml.load()
 
 
-def _cfg(hidden=(), ln=False, bp=False, label=False, layerwise=False, micro=2, n=16, m=8):
-    return VSMLConfig(cell=SubLSTMConfig(layer_norm=ln, hidden=n, msg=m), hidden_sizes=hidden,
+def _cfg(hidden=(), ln=False, bp=False, label=False, layerwise=False, micro=2, n=16, m=8, bil=False):
+    return VSMLConfig(cell=SubLSTMConfig(layer_norm=ln, hidden=n, msg=m, bilinear=bil), hidden_sizes=hidden,
                       backward_pass=bp, feed_label=label, layerwise=layerwise, micro_ticks=micro)
 
 
@@ -67,11 +67,13 @@ LAYER_SHAPES = [(1, 1, 1), (2, 5, 3), (3, 7, 10), (1, 13, 33), (2, 3, 2)]
 @pytest.mark.parametrize("shape", LAYER_SHAPES, ids=str)
 @pytest.mark.parametrize("ln", [False, True], ids=["noLN", "LN"])
 @pytest.mark.parametrize("per_ep", [False, True], ids=["shared", "per-episode"])
-def test_layer_update_matches_eager(kernel, shape, ln, per_ep):
-    """One layer update (micro-steps, both readouts and means) equals vsml.engine.cell.layer_update."""
+@pytest.mark.parametrize("bil", [False, True], ids=["plain", "bilinear"])
+def test_layer_update_matches_eager(kernel, shape, ln, per_ep, bil):
+    """One layer update (micro-steps, both readouts and means) equals vsml.engine.cell.layer_update, also for
+    the bilinear cell (SubLSTMConfig.bilinear)."""
     e, a, b = shape
-    gen = torch.Generator().manual_seed(hash((shape, ln, per_ep)) % 2**31)
-    cfg = _cfg(ln=ln, micro=3 if per_ep else 2)
+    gen = torch.Generator().manual_seed(hash((shape, ln, per_ep, bil)) % 2**31)
+    cfg = _cfg(ln=ln, micro=3 if per_ep else 2, bil=bil)
     net = VSMLNetwork(cfg)
     p = net.layer_params(_theta(net, gen, e if per_ep else None))[0]
     fwd, bwd, h, c = _layer_inputs(gen, e, a, b)
@@ -86,8 +88,8 @@ def test_layer_update_matches_eager(kernel, shape, ln, per_ep):
 def test_message_size_other_than_8(kernel):
     """M is a runtime size of the kernel (any M <= 16)."""
     gen = torch.Generator().manual_seed(5)
-    for m, ln in ((3, False), (16, True)):
-        cfg = _cfg(ln=ln, m=m)
+    for m, ln, bil in ((3, False, False), (16, True, False), (3, False, True), (16, True, True), (5, True, True)):
+        cfg = _cfg(ln=ln, m=m, bil=bil)
         net = VSMLNetwork(cfg)
         p = net.layer_params(_theta(net, gen, 2))[0]
         fwd, bwd, h, c = _layer_inputs(gen, 2, 6, 5, m=m)
@@ -115,9 +117,10 @@ def test_extreme_preactivations_stay_finite(kernel):
 
 def test_work_items_threads_and_big_buffers(kernel):
     """Several work items per episode (partial Σ_a reduced afterwards), 1 vs 2 threads bit-identical, big
-    outputs from the kernel's buffer cache: a result that is still referenced is never overwritten."""
+    outputs from the kernel's buffer cache: a result that is still referenced is never overwritten.  The
+    bilinear cell (its Σ_a x_a h_ab goes through the same partial sums)."""
     gen = torch.Generator().manual_seed(7)
-    cfg = _cfg()
+    cfg = _cfg(bil=True)
     net = VSMLNetwork(cfg)
     p = net.layer_params(_theta(net, gen, 1))[0]
     fwd, bwd, h, c = _layer_inputs(gen, 1, 150, 70)          # 10,500 pairs: several items, 2 threads
@@ -158,6 +161,8 @@ UNROLL_CASES = [
     ((5,), 4, 2, True, True, False, False, True),
     ((3,), 6, 4, False, True, True, True, False),
 ]
+# the bilinear cell: (hidden, D, C, layer_norm, backward_pass, per_episode_theta)
+UNROLL_BILINEAR = [((), 7, 3, False, False, True), ((4,), 5, 3, True, True, False)]
 
 
 @pytest.mark.parametrize("hidden,d,c,ln,bp,label,layerwise,per_ep", UNROLL_CASES, ids=str)
@@ -271,15 +276,17 @@ def test_kernel_rejects_bad_inputs(kernel):
     fwd, bwd, h, c = _layer_inputs(gen, 2, 3, 4)
     op = kernel.layer_update
     with pytest.raises(RuntimeError, match="float32"):
-        op(th, fwd.double(), bwd, h, c, 2, False, 1e-5)
+        op(th, fwd.double(), bwd, h, c, 2, False, 1e-5, False)
     with pytest.raises(RuntimeError, match="hidden size must be 16"):
-        op(th, fwd, bwd, h[..., :8].contiguous(), c[..., :8].contiguous(), 2, False, 1e-5)
+        op(th, fwd, bwd, h[..., :8].contiguous(), c[..., :8].contiguous(), 2, False, 1e-5, False)
     with pytest.raises(RuntimeError, match="values per set"):
-        op(th[:, :-1].contiguous(), fwd, bwd, h, c, 2, False, 1e-5)
+        op(th[:, :-1].contiguous(), fwd, bwd, h, c, 2, False, 1e-5, False)
     with pytest.raises(RuntimeError, match="contiguous"):
-        op(th, fwd, bwd, h.transpose(1, 2), c, 2, False, 1e-5)
+        op(th, fwd, bwd, h.transpose(1, 2), c, 2, False, 1e-5, False)
     with pytest.raises(RuntimeError, match="bwd_in"):
-        op(th, fwd, bwd[:, :3].contiguous(), h, c, 2, False, 1e-5)
+        op(th, fwd, bwd[:, :3].contiguous(), h, c, 2, False, 1e-5, False)
+    with pytest.raises(RuntimeError, match="values per set"):      # a plain θ passed as a bilinear one
+        op(th, fwd, bwd, h, c, 2, False, 1e-5, True)
 
 
 @pytest.mark.slow
@@ -295,8 +302,8 @@ def test_portable_builds_match_eager(isa):
     assert ok, why
     assert cpu_vsml.load(isa).isa() == isa
     gen = torch.Generator().manual_seed(12)
-    for ln in (False, True):
-        cfg = _cfg(ln=ln)
+    for ln, bil in ((False, False), (True, False), (False, True), (True, True)):
+        cfg = _cfg(ln=ln, bil=bil)
         net = VSMLNetwork(cfg)
         p = net.layer_params(_theta(net, gen, 2))[0]
         fwd, bwd, h, c = _layer_inputs(gen, 2, 7, 10)
@@ -329,3 +336,22 @@ def test_auto_skips_a_portable_build(monkeypatch):
     monkeypatch.setenv("VSML_CPU_KERNEL", "on")
     with pytest.raises(AssertionError, match="must not run"):
         cpu_vsml.try_layer_update(*args)
+
+
+@pytest.mark.parametrize("hidden,d,c,ln,bp,per_ep", UNROLL_BILINEAR, ids=str)
+def test_unroll_bilinear_matches_eager(kernel, hidden, d, c, ln, bp, per_ep):
+    """The bilinear cell's online unroll through the CPU kernel (backend "cpu") equals the eager unroll."""
+    gen = torch.Generator().manual_seed(hash((hidden, d, c, ln, bp, per_ep)) % 2**31)
+    e, t = 3, 6
+    cfg = _cfg(hidden, ln, bp, bil=True)
+    eager, fast = VSMLNetwork(cfg), VSMLNetwork(cfg, backend="cpu")
+    theta = _theta(eager, gen, e if per_ep else None)
+    x, y = torch.randn(e, t, d, generator=gen), torch.randint(0, c, (e, t), generator=gen)
+    st = eager.init_state(e, d, c, gen)
+    with torch.no_grad():
+        ref = eager.unroll(theta, x, y, c, state=st.clone())
+        out = fast.unroll(theta, x, y, c, state=st.clone())
+    assert fast.no_grad_backend(theta) == "cpu" and fast._chunk_fn is None
+    torch.testing.assert_close(out.logits, ref.logits, **TOL)
+    for k in range(cfg.num_layers):
+        torch.testing.assert_close(out.state.h[k], ref.state.h[k], **TOL)

@@ -88,9 +88,18 @@ def micro_steps(W_h: torch.Tensor, input_terms: tuple[torch.Tensor, ...], h: tor
     return h, c
 
 
+def bilinear_gate_term(p: CellParams, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+    """The bilinear cell's update path (``SubLSTMConfig.bilinear``): w_xe · x_a e_b.
+
+    x [E, a] (forward element 0 of the inputs), e [E, B] (backward element 0)  ->  [E, a, B, 4N]."""
+    w = p.W_xe if p.W_xe.dim() == 1 else p.W_xe[:, None, None, :]   # [4N] or [E, 1, 1, 4N]
+    return (x[:, :, None] * e[:, None, :])[..., None] * w           # [E, a, B, 4N]
+
+
 def lstm_micro_steps(p: CellParams, fwd_in: torch.Tensor, bwd_in: torch.Tensor, h: torch.Tensor,
                      c: torch.Tensor, micro_ticks: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``micro_ticks`` sub-LSTM steps of every pair of a dense layer with frozen messages (§1.2-1.3).
+    """``micro_ticks`` sub-LSTM steps of every pair of a dense layer with frozen messages (§1.2-1.3); the bilinear
+    cell adds w_xe·x_a e_b to the gates (:func:`bilinear_gate_term`).
 
     fwd_in [E, A, M], bwd_in [E, B, M], h, c [E, A, B, N]  ->  h', c' [E, A, B, N]
     (The no-grad compiled path computes the same in ``_chunk_update``.)
@@ -98,15 +107,38 @@ def lstm_micro_steps(p: CellParams, fwd_in: torch.Tensor, bwd_in: torch.Tensor, 
     f_term = _linear(fwd_in, p.W_f)                         # [E, A, 4N]
     r_term = _linear(bwd_in, p.W_r, p.beta)                 # [E, B, 4N]  (β folded in)
     x_term = f_term[:, :, None, :] + r_term[:, None, :, :]  # [E, A, B, 4N], fixed for all micro-ticks
+    if p.bilinear:
+        x_term = x_term + bilinear_gate_term(p, fwd_in[..., 0], bwd_in[..., 0])
     return micro_steps(p.W_h, (x_term,), h, c, micro_ticks)
 
 
-def readout_fwd(p: CellParams, h: torch.Tensor, ln_eps: float) -> torch.Tensor:
-    """Forward message sent on: →m'_b = mean_a φ_ab, φ = [LN](W_fwd h + b_fwd).  h [E, A, B, N] -> [E, B, M]."""
-    if p.ln_fwd_g is None:
-        return _linear(h.mean(1), p.W_fwd, p.b_fwd)         # mean-then-project, [E, B, M]
+def _bilinear_needs_x(p: CellParams, x: torch.Tensor | None) -> None:
+    if p.bilinear and x is None:
+        raise ValueError("the bilinear cell's forward read-out needs the layer input x [E, A] (forward element 0)")
+
+
+def forward_phi(p: CellParams, h: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
+    """Every sub-LSTM's forward output before LayerNorm: φ_ab = W_fwd h_ab + b_fwd, plus x_a·(W_xφ h_ab + b_xφ)
+    in the bilinear cell.  h [E, A, B, N], x [E, A] (forward element 0 of the inputs)  ->  φ [E, A, B, M]."""
     phi = _linear(h, p.W_fwd, p.b_fwd)                      # [E, A, B, M]
-    return _layer_norm(phi, p.ln_fwd_g, p.ln_fwd_b, ln_eps).mean(1)
+    if p.bilinear:
+        _bilinear_needs_x(p, x)
+        phi = phi + x[:, :, None, None] * _linear(h, p.W_xphi, p.b_xphi)
+    return phi
+
+
+def readout_fwd(p: CellParams, h: torch.Tensor, ln_eps: float, x: torch.Tensor | None = None) -> torch.Tensor:
+    """Forward message sent on: →m'_b = mean_a φ_ab, φ = [LN](:func:`forward_phi`).  h [E, A, B, N], x [E, A]
+    (bilinear cell only)  ->  [E, B, M].  Without LayerNorm it is mean-then-project (§7.3); the bilinear
+    term likewise: mean_a x_a(W_xφ h_ab + b_xφ) = W_xφ mean_a(x_a h_ab) + b_xφ mean_a x_a."""
+    if p.ln_fwd_g is None:
+        out = _linear(h.mean(1), p.W_fwd, p.b_fwd)          # mean-then-project, [E, B, M]
+        if p.bilinear:
+            _bilinear_needs_x(p, x)
+            xh = (x[:, :, None, None] * h).mean(1)          # [E, B, N]
+            out = out + _linear(xh, p.W_xphi) + _expand_to_grid(p.b_xphi, 3) * x.mean(1)[:, None, None]
+        return out
+    return _layer_norm(forward_phi(p, h, x), p.ln_fwd_g, p.ln_fwd_b, ln_eps).mean(1)
 
 
 def readout_bwd(p: CellParams, h: torch.Tensor, ln_eps: float) -> torch.Tensor:
@@ -124,27 +156,32 @@ def layer_update(p: CellParams, fwd_in: torch.Tensor, bwd_in: torch.Tensor, h: t
     Returns h', c' [E, A, B, N], →m' [E, B, M] (mean over a) and ←m' [E, A, M] (mean over b).
     """
     h, c = lstm_micro_steps(p, fwd_in, bwd_in, h, c, micro_ticks)
-    return h, c, readout_fwd(p, h, ln_eps), readout_bwd(p, h, ln_eps)
+    return h, c, readout_fwd(p, h, ln_eps, fwd_in[..., 0]), readout_bwd(p, h, ln_eps)
 
 
 def _chunk_update(p: CellParams, f_term: torch.Tensor, r_term: torch.Tensor, h: torch.Tensor, c: torch.Tensor,
-                  micro_ticks: int, ln_eps: float):
+                  micro_ticks: int, ln_eps: float, x: torch.Tensor | None = None, e: torch.Tensor | None = None):
     """The compiled kernel of the no-grad path: micro-steps and readouts of a chunk of inputs a.
 
     Same arithmetic as ``lstm_micro_steps`` + readouts, except that the message terms are broadcast
     inside every micro-step (never materialised) and tanh is written through σ (one exp), so the
     compiler fuses everything after the h-matmul into one pass over the chunk.
 
-    f_term [E, a, 4N] (this chunk's forward-message term), r_term [E, B, 4N] (with β), h, c [E, a, B, N].
-    Returns h', c', the chunk's *sum* over a of φ [E, B, M] (the caller divides by A) and the
-    chunk's ←m' [E, a, M].  Sized so the [E, a, B, 4N] gates stay in cache.
+    f_term [E, a, 4N] (this chunk's forward-message term), r_term [E, B, 4N] (with β), h, c [E, a, B, N];
+    bilinear cell only: x [E, a] (this chunk's forward element 0), e [E, B] (backward element 0).
+    Returns h', c', the chunk's *sum* over a of φ [E, B, M] (the caller divides by A and, without LayerNorm,
+    adds b_fwd) and the chunk's ←m' [E, a, M].  Sized so the [E, a, B, 4N] gates stay in cache.
     """
     f4, r4 = f_term[:, :, None, :], r_term[:, None, :, :]    # [E, a, 1, 4N], [E, 1, B, 4N]
-    h, c = micro_steps(p.W_h, (f4, r4), h, c, micro_ticks, tanh_via_sigmoid)   # gates [E, a, B, 4N]
+    terms = (f4, r4) if not p.bilinear else (f4, r4, bilinear_gate_term(p, x, e))
+    h, c = micro_steps(p.W_h, terms, h, c, micro_ticks, tanh_via_sigmoid)   # gates [E, a, B, 4N]
     if p.ln_fwd_g is None:
         fwd_sum = _linear(h.sum(1), p.W_fwd)                 # [E, B, M]  (bias added by the caller)
+        if p.bilinear:                                       # Σ_a x_a(W_xφ h_ab + b_xφ)
+            fwd_sum = fwd_sum + _linear((x[:, :, None, None] * h).sum(1), p.W_xphi) \
+                + _expand_to_grid(p.b_xphi, 3) * x.sum(1)[:, None, None]
         bwd_out = _linear(h.mean(2), p.W_bwd, p.b_bwd)       # [E, a, M]
     else:
-        fwd_sum = _layer_norm(_linear(h, p.W_fwd, p.b_fwd), p.ln_fwd_g, p.ln_fwd_b, ln_eps).sum(1)
+        fwd_sum = _layer_norm(forward_phi(p, h, x), p.ln_fwd_g, p.ln_fwd_b, ln_eps).sum(1)
         bwd_out = _layer_norm(_linear(h, p.W_bwd, p.b_bwd), p.ln_bwd_g, p.ln_bwd_b, ln_eps).mean(2)
     return h, c, fwd_sum, bwd_out

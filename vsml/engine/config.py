@@ -34,6 +34,13 @@ class SubLSTMConfig:
         layer_norm: LayerNorm over the M message dims of both readouts (eps ``ln_eps``).
         init_rand_proportion: fraction of the cell dims drawn at random per episode (§1.6).
         ln_eps: LayerNorm epsilon.
+        bilinear: two multiplicative paths in the cell (not in the reference; issue 15, RESULTS.md "The bilinear
+            cell").  With x_a = →m_a[0] (the input side's forward element 0, the pixel in the first layer) and
+            e_b = ←m_b[0] (the backward element 0, the error at the last layer):
+              gates += w_xe · x_a e_b                       (w_xe ∈ R^4N: SGD's x·e update as a direct input)
+              φ_ab  += x_a · (W_xφ h_ab + b_xφ)             (W_xφ ∈ R^{M×N}, b_xφ ∈ R^M: a w·x read-out)
+            θ gains 4N + M·N + M values (W_xe, W_xphi, b_xphi, stored last).  A plain θ loaded into a bilinear
+            config gets zeros there, which is the same learner (``vsml.engine.params.extend_theta``).
     """
 
     hidden: int = 16
@@ -41,6 +48,7 @@ class SubLSTMConfig:
     layer_norm: bool = False
     init_rand_proportion: float = 0.5
     ln_eps: float = 1e-5
+    bilinear: bool = False
 
     def __post_init__(self) -> None:
         _check(self.hidden >= 1, f"SubLSTMConfig.hidden must be >= 1, got {self.hidden}")
@@ -248,6 +256,12 @@ class VSMLConfig:
             _check(0 <= v < m, f"VSMLConfig.{name}={v} must index a message element in [0, {m})")
         _check(self.error_idx != self.label_idx,
                "VSMLConfig.error_idx and label_idx must differ (both live in the backward message)")
+        if self.cell.bilinear:
+            _check(self.input_idx == 0 and self.error_idx == 0,
+                   f"the bilinear cell multiplies forward element 0 by backward element 0; set input_idx=0 and "
+                   f"error_idx=0 (got {self.input_idx}, {self.error_idx}) or cell.bilinear=False")
+            _check(not self.conv, "the bilinear cell is implemented for dense VSML layers only; drop --vsml.conv "
+                   "or set --vsml.cell.bilinear false")
 
     @property
     def num_layers(self) -> int:

@@ -158,9 +158,11 @@ class VSMLNetwork:
         e, a, b, _ = h.shape
         f_term = _linear(fwd_in, p.W_f)                         # [E, A, 4N]
         r_term = _linear(bwd_in, p.W_r, p.beta)                 # [E, B, 4N]
+        xs, es = (fwd_in[..., 0], bwd_in[..., 0]) if p.bilinear else (None, None)   # [E, A], [E, B]
         step = chunk_inputs(e, a, b, self.cfg.cell.hidden, h.device)
         if step >= a:
-            h2, c2, fsum, bwd_out = self._chunk_fn(p, f_term, r_term, h, c, self.cfg.micro_ticks, self.cfg.cell.ln_eps)
+            h2, c2, fsum, bwd_out = self._chunk_fn(p, f_term, r_term, h, c, self.cfg.micro_ticks, self.cfg.cell.ln_eps,
+                                                   xs, es)
         else:
             h2, c2 = torch.empty_like(h), torch.empty_like(c)
             bwd_out = h.new_empty(e, a, self.cfg.cell.msg)
@@ -168,7 +170,8 @@ class VSMLNetwork:
             for a0 in range(0, a, step):
                 a1 = min(a, a0 + step)
                 hh, cc, fs, bo = self._chunk_fn(p, f_term[:, a0:a1], r_term, h[:, a0:a1], c[:, a0:a1],
-                                                self.cfg.micro_ticks, self.cfg.cell.ln_eps)
+                                                self.cfg.micro_ticks, self.cfg.cell.ln_eps,
+                                                None if xs is None else xs[:, a0:a1], es)
                 h2[:, a0:a1], c2[:, a0:a1], bwd_out[:, a0:a1] = hh, cc, bo
                 fsum = fsum + fs
         fwd_out = fsum / a                                      # mean over a, [E, B, M]

@@ -10,8 +10,9 @@
     W_bwd  [M, N]       backward readout ψ = W_bwd h' + b_bwd
     b_bwd  [M]
     (LayerNorm only) ln_fwd_g, ln_fwd_b, ln_bwd_g, ln_bwd_b   [M] each
+    (bilinear only)  W_xe [4N], W_xphi [M, N], b_xphi [M]     (SubLSTMConfig.bilinear)
 
-With N=16, M=8: 2048 + 64 + 128 + 8 + 128 + 8 = 2384 values (2416 with LayerNorm).
+With N=16, M=8: 2048 + 64 + 128 + 8 + 128 + 8 = 2384 values (2416 with LayerNorm, +200 bilinear).
 
 Shapes of a full θ tensor:
     shared θ        [L, P]      (one set per layer group; L = 1, or K when layerwise)
@@ -43,6 +44,8 @@ def param_shapes(cell: SubLSTMConfig) -> list[tuple[str, tuple[int, ...]]]:
     ]
     if cell.layer_norm:
         shapes += [("ln_fwd_g", (m,)), ("ln_fwd_b", (m,)), ("ln_bwd_g", (m,)), ("ln_bwd_b", (m,))]
+    if cell.bilinear:
+        shapes += [("W_xe", (4 * n,)), ("W_xphi", (m, n)), ("b_xphi", (m,))]
     return shapes
 
 
@@ -54,13 +57,16 @@ def theta_size(cell: SubLSTMConfig) -> int:
 def init_theta(cfg: VSMLConfig, generator: torch.Generator | None = None,
                dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> torch.Tensor:
     """Reference initialisation (vsml.md §1.2): weights TN(0, 1/√fan_in) cut at ±2σ, biases 0,
-    LayerNorm scale 1 and offset 0.  Returns θ of shape [L, P]."""
+    LayerNorm scale 1 and offset 0.  Returns θ of shape [L, P].  The bilinear weights W_xe (one more input
+    column of W) and W_xphi (one more read-out) are drawn like W and W_fwd: TN(0, 1/√(2M+N)), TN(0, 1/√N)."""
+    fan_in = {"W_xe": 2 * cfg.cell.msg + cfg.cell.hidden}
     sets = []
     for _ in range(cfg.num_theta_sets):
         parts = []
         for name, shape in param_shapes(cfg.cell):
             if name.startswith("W"):
-                parts.append(truncated_normal(shape, 1.0 / math.sqrt(shape[1]), generator, dtype, device).flatten())
+                std = 1.0 / math.sqrt(fan_in.get(name, shape[-1]))
+                parts.append(truncated_normal(shape, std, generator, dtype, device).flatten())
             elif name.endswith("_g"):
                 parts.append(torch.ones(shape, dtype=dtype, device=device))
             else:
@@ -91,6 +97,13 @@ class CellParams:
     ln_fwd_b: torch.Tensor | None = None
     ln_bwd_g: torch.Tensor | None = None
     ln_bwd_b: torch.Tensor | None = None
+    W_xe: torch.Tensor | None = None     # [*b, 4N]     bilinear only: gate weights of x_a·e_b
+    W_xphi: torch.Tensor | None = None   # [*b, M, N]   bilinear only: φ += x_a·(W_xphi h + b_xphi)
+    b_xphi: torch.Tensor | None = None   # [*b, M]
+
+    @property
+    def bilinear(self) -> bool:
+        return self.W_xe is not None
 
     @property
     def per_episode(self) -> bool:
@@ -111,6 +124,22 @@ def unflatten(theta_set: torch.Tensor, cell: SubLSTMConfig) -> CellParams:
     return CellParams(W_f=W[..., :m], W_r=W[..., m:2 * m], W_h=W[..., 2 * m:], **out)
 
 
+def extend_theta(theta: torch.Tensor, cell: SubLSTMConfig) -> torch.Tensor:
+    """θ of the same cell without its bilinear paths ``[..., P₀]`` -> ``[..., P]`` for ``cell`` (bilinear),
+    the new values W_xe, W_xphi, b_xphi set to 0: with them at zero the bilinear cell computes exactly what the
+    plain one does, so a trained learner can be continued with the extra paths.  Returns θ unchanged when it
+    already has the size of ``cell``."""
+    p = theta_size(cell)
+    if not cell.bilinear or theta.shape[-1] == p:
+        return theta
+    import dataclasses
+    p0 = theta_size(dataclasses.replace(cell, bilinear=False))
+    if theta.shape[-1] != p0:
+        raise ValueError(f"θ has {theta.shape[-1]} values per set; a bilinear cell needs {p} (or {p0} for a plain "
+                         f"θ, extended with zeros)")
+    return torch.cat([theta, theta.new_zeros(*theta.shape[:-1], p - p0)], -1)
+
+
 def check_theta(theta: torch.Tensor, cfg: VSMLConfig, num_episodes: int | None = None) -> None:
     """Raise a clear error when θ does not fit the config (shape, dtype)."""
     p, l = theta_size(cfg.cell), cfg.num_theta_sets
@@ -125,4 +154,5 @@ def check_theta(theta: torch.Tensor, cfg: VSMLConfig, num_episodes: int | None =
         want += f", E={num_episodes})" if num_episodes is not None else ")"
         raise ValueError(f"θ has shape {list(theta.shape)} but this config needs {want}; "
                          f"L={l} θ sets (layerwise={cfg.layerwise}), |θ|={p} "
-                         f"(layer_norm={cfg.cell.layer_norm}, N={cfg.cell.hidden}, M={cfg.cell.msg})")
+                         f"(layer_norm={cfg.cell.layer_norm}, bilinear={cfg.cell.bilinear}, N={cfg.cell.hidden}, "
+                         f"M={cfg.cell.msg})")

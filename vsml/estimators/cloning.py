@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from vsml.engine.config import ConfigError, VSMLConfig
 from vsml.estimators.base import ShardableEstimator, clip_grad, grad_norm
-from vsml.engine.cell import _linear, lstm_micro_steps
+from vsml.engine.cell import forward_phi, lstm_micro_steps
 from vsml.engine.network import VSMLNetwork, read_logits
 
 
@@ -240,7 +240,7 @@ class CloneEstimator(ShardableEstimator):
             if t > 0:
                 bwd[..., cfg.error_idx] = e_seq[sl, t - 1]
             h, c = lstm_micro_steps(p, fwd, bwd, h, c, cfg.micro_ticks)
-            phi = _linear(h, p.W_fwd, p.b_fwd)[..., cfg.output_idx]          # [E', A, B]
+            phi = forward_phi(p, h, x[sl, t])[..., cfg.output_idx]          # [E', A, B]
             target = w_seq[:, t] * x[:, t, :, None]                          # [E, A, B]
             if episodes is None:
                 total = total + (phi - target).square().mean() / (target.var() + 1e-3)
@@ -312,7 +312,7 @@ class CloneEstimator(ShardableEstimator):
             if e_fed is not None:
                 bwd[..., cfg.error_idx] = e_fed
             h, c = lstm_micro_steps(prm, fwd, bwd, h, c, cfg.micro_ticks)
-            phi = _linear(h, prm.W_fwd, prm.b_fwd)[..., cfg.output_idx]     # [E, A, B]
+            phi = forward_phi(prm, h, xt)[..., cfg.output_idx]             # [E, A, B]
             target = w * xt[:, :, None]
             total = total + (phi - target).square().mean() / (target.var() + 1e-3)
             z_s = read_logits(cfg, phi.mean(1))                             # the student's logits [E, B]

@@ -64,7 +64,7 @@ import torch.nn.functional as F
 from vsml.estimators.base import EpisodeBatchEstimator, Problem, clip_grad, grad_norm, register
 from vsml.estimators.cloning import CloneConfig, CloneEstimator, prepare_clone_batch
 from vsml.engine.config import ConfigError, VSMLConfig
-from vsml.engine.cell import _linear, lstm_micro_steps
+from vsml.engine.cell import _linear, forward_phi, lstm_micro_steps
 from vsml.engine.state import EpisodeOutput
 from vsml.engine.network import VSMLNetwork
 
@@ -188,7 +188,7 @@ class DeepCloneEstimator:
                 fwd_ins.append(fwd)
                 zero = x.new_zeros(e_num, h[k].shape[2], cfg.cell.msg)    # [E, B_k, M]
                 h[k], c[k] = lstm_micro_steps(p, fwd, zero, h[k], c[k], cfg.micro_ticks)
-                phi = _linear(h[k], p.W_fwd, p.b_fwd)                     # [E, A_k, B_k, M]
+                phi = forward_phi(p, h[k], fwd[..., 0])                   # [E, A_k, B_k, M]
                 total = total + _rel_mse(phi[..., cfg.output_idx], tt.fwd_target[k])
                 n_terms += 1
                 fwd = phi.mean(1)                                         # [E, B_k, M]
@@ -198,7 +198,7 @@ class DeepCloneEstimator:
             for k in range(k_num - 1, -1, -1):                            # reverse sweep
                 p = params[k]
                 h[k], c[k] = lstm_micro_steps(p, fwd_ins[k], msg, h[k], c[k], cfg.micro_ticks)
-                phi = _linear(h[k], p.W_fwd, p.b_fwd)
+                phi = forward_phi(p, h[k], fwd_ins[k][..., 0])
                 total = total + _rel_mse(phi[..., cfg.output_idx], tt.post_target[k])
                 n_terms += 1
                 if k > 0:
@@ -369,7 +369,7 @@ def teacher_forced_drift(net: VSMLNetwork, theta: torch.Tensor, alphas: list[flo
             if t > 0:
                 bwd[..., cfg.error_idx] = err[:, t - 1]
             h, c = lstm_micro_steps(p, net.embed_input(x[:, t]), bwd, h, c, cfg.micro_ticks)
-            out.append(net.logits_from(readout_fwd(p, h, cfg.cell.ln_eps)))
+            out.append(net.logits_from(readout_fwd(p, h, cfg.cell.ln_eps, x[:, t])))
         logits = torch.stack(out, 1)                                      # [E, T, C]
     # logits centred over classes first: a shift common to all classes changes neither softmax nor argmax
     lc, tc = logits - logits.mean(-1, keepdim=True), teacher.logits - teacher.logits.mean(-1, keepdim=True)

@@ -154,6 +154,12 @@ def load_init_theta(cfg) -> torch.Tensor:
         p = p / "theta.safetensors"
     theta = load_theta(p)[0] if p.suffix == ".safetensors" else load_checkpoint(p)["theta"]
     want = tuple(build_learner(cfg).init_theta().shape)
+    if cfg.learner == "vsml" and cfg.vsml.cell.bilinear and tuple(theta.shape) != want:
+        from vsml.engine.params import extend_theta
+        try:                                # a plain θ: the bilinear paths start at zero (the same learner)
+            theta = extend_theta(theta, cfg.vsml.cell)
+        except ValueError:
+            pass                            # reported below
     if tuple(theta.shape) != want:
         raise CheckpointError(f"--init_from {src}: its θ has shape {list(theta.shape)} but this config "
                               f"({cfg.learner}) needs {list(want)}; pass a θ trained with the same learner "
