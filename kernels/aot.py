@@ -12,6 +12,7 @@ register count and spills of the result (``ptxas -v``), which is how the default
     python -m kernels.aot --kernel v1,v2 --maxnreg 168      # register cap (Triton's maxnreg; 0 = none)
     python -m kernels.aot --kernel v2 --rows 64,128 --num-warps 4,8 --precision tf32x3,ieee
     python -m kernels.aot --kernel v1,v2 --loops            # + the dots of the TTGIR per loop nest
+    python -m kernels.aot --kernel v1,v2 --bilinear         # the bilinear cell (SubLSTMConfig.bilinear)
 
 Must run *without* TRITON_INTERPRET=1 (the interpreter replaces the kernel object); the function
 :func:`compile_kernel` raises a clear error otherwise.
@@ -45,7 +46,8 @@ _V2_TYPES = {
 
 def default_constexprs(**over) -> dict:
     c = dict(N=16, M=8, NP=16, MP=16, BA=16, BR=16, BC=16, BX=128, MICRO=2, BACKWARD=False, LAYER_NORM=False,
-             FEED_LABEL=False, IN_IDX=0, OUT_IDX=1, ERR_IDX=0, LBL_IDX=1, USE_DOT=True, PRECISION="ieee")
+             FEED_LABEL=False, IN_IDX=0, OUT_IDX=1, ERR_IDX=0, LBL_IDX=1, USE_DOT=True, PRECISION="ieee",
+             BILINEAR=False)
     c.update(over)
     return c
 
@@ -53,11 +55,12 @@ def default_constexprs(**over) -> dict:
 def default_constexprs_v2(kernel: str = "episode", **over) -> dict:
     """Constexprs of a v2 kernel at the paper's cell (N=16, M=8) and a 784->10 layer: ROWS=64 (the GPU
     default), TAP = TBP = 16, BR = 32."""
-    ln = bool(over.get("LAYER_NORM", False))
-    c = dict(N=16, M=8, NP=16, MP=16, RW=16 if not ln else 16, ROWS=64, TAP=16, TBP=16, BR=32, BC=16, MICRO=2,
+    c = dict(N=16, M=8, NP=16, MP=16, ROWS=64, TAP=16, TBP=16, BR=32, BC=16, MICRO=2,
              BACKWARD=False, LAYER_NORM=False, FEED_LABEL=False, IN_IDX=0, OUT_IDX=1, ERR_IDX=0, LBL_IDX=1,
-             PRECISION="tf32x3", FAST=True)
+             PRECISION="tf32x3", FAST=True, BILINEAR=False)
     c.update(over)
+    # partial-sum width as the host's _launch sets it: MP for per-pair read-outs (LayerNorm or bilinear), else NP
+    c.setdefault("RW", c["MP"] if (c["LAYER_NORM"] or c["BILINEAR"]) else c["NP"])
     from .vsml_fused_v2 import vsml_v2_episode_kernel, vsml_v2_finish_kernel, vsml_v2_layer_kernel
     fn = {"episode": vsml_v2_episode_kernel, "layer": vsml_v2_layer_kernel,
           "finish": vsml_v2_finish_kernel}[kernel]
@@ -336,6 +339,7 @@ class AotArgs:
     maxnreg: int = -1                 # register cap per thread; -1: none for v1, the v2 default tile's (168); 0: none
     backward_pass: bool = False
     layer_norm: bool = False
+    bilinear: bool = False            # the bilinear cell (constexpr BILINEAR)
     sass: bool = False                # also count HMMA / HGMMA / MUFU in the SASS (nvdisasm)
     loops: bool = False               # print the TTGIR loop nest with its dots
     roofline: bool = False            # print the executed-FLOP counts per example (no compile) and exit
@@ -384,7 +388,8 @@ def main(argv: list[str] | None = None) -> None:
                 for ba in (int(v) for v in args.block_a.split(",")):
                     for nw in (int(v) for v in warps_v1.split(",")):
                         r = compile_kernel(args.arch, nw, cap_v1, args.sass, BA=ba, PRECISION=prec,
-                                           BACKWARD=args.backward_pass, LAYER_NORM=args.layer_norm)
+                                           BACKWARD=args.backward_pass, LAYER_NORM=args.layer_norm,
+                                           BILINEAR=args.bilinear)
                         print(_fmt(r, f"v1 {prec} BA={ba}"), flush=True)
                         loops.append((f"v1 {prec} BA={ba} warps={nw}", r["ttgir"]))
         elif kern == "v2":
@@ -396,7 +401,7 @@ def main(argv: list[str] | None = None) -> None:
                                                       or rows != int(args.rows.split(",")[0])):
                                 continue          # the reduction kernel has no dots of its own tiling
                             over = dict(PRECISION=prec, ROWS=rows, LAYER_NORM=args.layer_norm,
-                                        BACKWARD=args.backward_pass)
+                                        BACKWARD=args.backward_pass, BILINEAR=args.bilinear)
                             r = compile_kernel_v2(which, args.arch, nw, 1, cap_v2, args.sass, **over)
                             print(_fmt(r, f"v2-{which} {prec} rows={rows}"), flush=True)
                             loops.append((f"v2-{which} {prec} rows={rows} warps={nw}", r["ttgir"]))

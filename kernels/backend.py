@@ -84,8 +84,6 @@ def _fused_why_not(cfg: VSMLConfig | None) -> str | None:
         return "the fused kernel covers dense VSML layers only (this config has conv layers)"
     if cfg.bwd_reset:
         return "the fused kernel does not implement VSMLConfig.bwd_reset"
-    if cfg.cell.bilinear:
-        return "the fused kernels do not implement the bilinear cell (SubLSTMConfig.bilinear) yet"
     if cfg.cell.hidden > vsml_fused.MAX_HIDDEN or cfg.cell.msg > vsml_fused.MAX_MSG:
         return (f"the fused kernel supports hidden <= {vsml_fused.MAX_HIDDEN} and msg <= {vsml_fused.MAX_MSG}, "
                 f"got N={cfg.cell.hidden}, M={cfg.cell.msg}")

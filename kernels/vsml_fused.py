@@ -14,6 +14,10 @@ Design, limits, roofline and precision notes: ``kernels/README.md``.  In short:
 * Gates = F[a] + R[b] + h W_h^T: F = fwd_in W_f^T once per a-tile, R = bwd_in W_r^T + β once per layer
   update (in scratch), four [BA, N] x [N, N] gate dots per micro-step (``tl.dot``, or a broadcast-sum
   fallback with ``use_dot=False``).  Sizes are padded to powers of two (>= 16 for tl.dot), masked.
+* The bilinear cell (``SubLSTMConfig.bilinear``, constexpr ``BILINEAR``): with x_a = fwd_in[a, 0] (loaded
+  once per a-tile) and e_b = bwd_in[b, 0] (one scalar per b), the frozen gate term gains w_xe · x_a e_b
+  before the micro-steps, and the per-pair forward read-out φ gains x_a (W_xφ h + b_xφ) before LayerNorm.
+  Without it the kernel compiles to the plain code.
 * Messages live in a small per-episode scratch (slot 0 = embedded x_t, slot k = output of layer k-1,
   slot K -> logits; plus R) and in the state's ``bwd`` buffer.  Mean over a: load-add-store into the
   output slot per (a-tile, b); mean over b: a register accumulator per a-tile.  ``tl.debug_barrier()``
@@ -134,13 +138,17 @@ if HAS_TRITON:
         return h, c
 
     @triton.jit
-    def _readout(h, w_t, bias, ln_g, ln_b, ln_eps, rmask, M: tl.constexpr, MP: tl.constexpr,
-                 LAYER_NORM: tl.constexpr, USE_DOT: tl.constexpr, PRECISION: tl.constexpr):
-        """φ = [LN](h W^T + b) per row [R, MP]; padded message columns and rows outside rmask are 0."""
+    def _readout(h, w_t, bias, extra, ln_g, ln_b, ln_eps, rmask, M: tl.constexpr, MP: tl.constexpr,
+                 LAYER_NORM: tl.constexpr, EXTRA: tl.constexpr, USE_DOT: tl.constexpr, PRECISION: tl.constexpr):
+        """φ = [LN](h W^T + b [+ extra]) per row [R, MP]; padded message columns and rows outside rmask are 0.
+        ``extra`` [R, MP] (only with the constexpr EXTRA; pass 0.0 otherwise) is added before LayerNorm: the
+        bilinear cell's x_a (W_xφ h + b_xφ)."""
         if USE_DOT:
             v = tl.dot(h, w_t, input_precision=PRECISION) + bias[None, :]
         else:
             v = tl.sum(h[:, :, None] * w_t[None, :, :], axis=1) + bias[None, :]
+        if EXTRA:
+            v = v + extra
         if LAYER_NORM:
             mm = (tl.arange(0, MP) < M)[None, :]
             mu = tl.sum(tl.where(mm, v, 0.0), axis=1) / M
@@ -153,10 +161,13 @@ if HAS_TRITON:
     def _layer_update(e, k, meta_ptr, th, h_ptr, c_ptr, bwd_ptr, scr, rbuf, write_fwd, write_bwd, ln_eps,
                       N: tl.constexpr, M: tl.constexpr, NP: tl.constexpr, MP: tl.constexpr,
                       BA: tl.constexpr, BR: tl.constexpr, MICRO: tl.constexpr,
-                      LAYER_NORM: tl.constexpr, USE_DOT: tl.constexpr, PRECISION: tl.constexpr):
+                      LAYER_NORM: tl.constexpr, BILINEAR: tl.constexpr, USE_DOT: tl.constexpr,
+                      PRECISION: tl.constexpr):
         """One update of dense layer k of episode e: MICRO micro-steps of every (a, b) pair with the
         incoming messages frozen; then, if asked, the forward message mean_a φ into the scratch slot of
         layer k+1 and the backward message mean_b ψ into the backward-message slot of layer k-1.
+        BILINEAR (the bilinear cell): gates += w_xe · x_a e_b and φ += x_a (W_xφ h + b_xφ), with
+        x_a = fwd_in[a, 0] and e_b = bwd_in[b, 0].
 
         Tiles are BA consecutive inputs a (the rows of every tl.dot) for one output b; the loop runs
         over a-tiles (outer) and over b = 0..B-1 (inner, runtime), so no lane is wasted on padding b
@@ -187,6 +198,11 @@ if HAS_TRITON:
         OFF_WB: tl.constexpr = OFF_BF + M
         OFF_BB: tl.constexpr = OFF_WB + M * N
         OFF_LN: tl.constexpr = OFF_BB + M
+        # bilinear values, stored last (after the LayerNorm values when there are any): W_xe [4N], W_xphi [M, N],
+        # b_xphi [M]
+        OFF_XE: tl.constexpr = OFF_LN + 4 * M * LAYER_NORM
+        OFF_XPHI: tl.constexpr = OFF_XE + 4 * N
+        OFF_BXPHI: tl.constexpr = OFF_XPHI + M * N
         G4: tl.constexpr = 4 * N
 
         offs_n = tl.arange(0, NP)
@@ -241,6 +257,15 @@ if HAS_TRITON:
         lnf_b = tl.load(w + OFF_LN + 1 * M + offs_m, mask=ln_mask, other=0.0)
         lnb_g = tl.load(w + OFF_LN + 2 * M + offs_m, mask=ln_mask, other=0.0)
         lnb_b = tl.load(w + OFF_LN + 3 * M + offs_m, mask=ln_mask, other=0.0)
+        if BILINEAR:
+            # w_xe per gate block g: [NP], element n = W_xe[g*N + n]
+            xe_i = tl.load(w + OFF_XE + 0 * N + offs_n, mask=nmask, other=0.0)
+            xe_g = tl.load(w + OFF_XE + 1 * N + offs_n, mask=nmask, other=0.0)
+            xe_f = tl.load(w + OFF_XE + 2 * N + offs_n, mask=nmask, other=0.0)
+            xe_o = tl.load(w + OFF_XE + 3 * N + offs_n, mask=nmask, other=0.0)
+            # W_xphi^T: [NP, MP], element (n, m) = W_xphi[m, n]; b_xphi [MP]
+            wx_t = tl.load(w + OFF_XPHI + ro_ptrs, mask=ro_mask, other=0.0)
+            bx = tl.load(w + OFF_BXPHI + offs_m, mask=mmask, other=0.0)
 
         offs_a = tl.arange(0, BA)
         inv_a = 1.0 / A.to(tl.float32)
@@ -251,6 +276,8 @@ if HAS_TRITON:
             fin = tl.load(fwd_in + a[:, None] * M + offs_m[None, :],
                           mask=amask[:, None] & mmask[None, :], other=0.0)          # [BA, MP]
             f_i, f_g, f_f, f_o = _mm4(fin, wf_i, wf_g, wf_f, wf_o, USE_DOT, PRECISION)  # [BA, NP] each
+            if BILINEAR:
+                xa = tl.load(fwd_in + a * M, mask=amask, other=0.0)                # [BA]: x_a = fwd_in[a, 0]
             row_ptrs = a.to(tl.int64)[:, None] * (B * N) + offs_n[None, :]       # pair (a, 0)
             s_mask = amask[:, None] & nmask[None, :]
             acc_b = tl.zeros([BA, MP], dtype=tl.float32)
@@ -262,21 +289,36 @@ if HAS_TRITON:
                 s_ptrs = row_ptrs + b * N
                 h = tl.load(h_base + s_ptrs, mask=s_mask, other=0.0)
                 c = tl.load(c_base + s_ptrs, mask=s_mask, other=0.0)
-                h, c = _cell(h, c, f_i + r_i[None, :], f_g + r_g[None, :], f_f + r_f[None, :],
-                             f_o + r_o[None, :], wh_i, wh_g, wh_f, wh_o, MICRO, USE_DOT, PRECISION)
+                # frozen message terms F[a] + R[b] (+ w_xe x_a e_b): [BA, NP] per gate
+                x_i = f_i + r_i[None, :]
+                x_g = f_g + r_g[None, :]
+                x_f = f_f + r_f[None, :]
+                x_o = f_o + r_o[None, :]
+                if BILINEAR:
+                    eb = tl.load(bwd_in + b * M)                                   # scalar: e_b = bwd_in[b, 0]
+                    xe = (xa * eb)[:, None]                                        # [BA, 1]: x_a e_b
+                    x_i += xe * xe_i[None, :]
+                    x_g += xe * xe_g[None, :]
+                    x_f += xe * xe_f[None, :]
+                    x_o += xe * xe_o[None, :]
+                h, c = _cell(h, c, x_i, x_g, x_f, x_o, wh_i, wh_g, wh_f, wh_o, MICRO, USE_DOT, PRECISION)
                 tl.store(h_base + s_ptrs, h, mask=s_mask)
                 tl.store(c_base + s_ptrs, c, mask=s_mask)
                 if do_fwd:
-                    phi = _readout(h, wo_f, bo_f, lnf_g, lnf_b, ln_eps, amask, M, MP, LAYER_NORM,
-                                   USE_DOT, PRECISION)                             # [BA, MP]
+                    if BILINEAR:   # x_a (W_xφ h + b_xφ): [BA, NP] x [NP, MP] -> [BA, MP], added before LN
+                        xphi = xa[:, None] * (_mm(h, wx_t, USE_DOT, PRECISION) + bx[None, :])
+                    else:
+                        xphi = 0.0
+                    phi = _readout(h, wo_f, bo_f, xphi, lnf_g, lnf_b, ln_eps, amask, M, MP, LAYER_NORM,
+                                   BILINEAR, USE_DOT, PRECISION)                   # [BA, MP]
                     part = tl.sum(phi, axis=0) * inv_a                             # [MP]
                     # mean over a: accumulated across a-tiles in the output slot (barrier per a-tile)
                     o_ptrs = fwd_out + b * M + offs_m
                     prev = tl.load(o_ptrs, mask=mmask & (at > 0), other=0.0)
                     tl.store(o_ptrs, prev + part, mask=mmask)
                 if do_bwd:
-                    acc_b += _readout(h, wo_b, bo_b, lnb_g, lnb_b, ln_eps, amask, M, MP, LAYER_NORM,
-                                      USE_DOT, PRECISION)                          # mean over b
+                    acc_b += _readout(h, wo_b, bo_b, 0.0, lnb_g, lnb_b, ln_eps, amask, M, MP, LAYER_NORM,
+                                      False, USE_DOT, PRECISION)                   # mean over b
             if do_bwd:
                 tl.store(bwd_out + a[:, None] * M + offs_m[None, :], acc_b * inv_b,
                          mask=amask[:, None] & mmask[None, :])
@@ -290,7 +332,7 @@ if HAS_TRITON:
         BA: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr, BX: tl.constexpr,
         MICRO: tl.constexpr, BACKWARD: tl.constexpr, LAYER_NORM: tl.constexpr, FEED_LABEL: tl.constexpr,
         IN_IDX: tl.constexpr, OUT_IDX: tl.constexpr, ERR_IDX: tl.constexpr, LBL_IDX: tl.constexpr,
-        USE_DOT: tl.constexpr, PRECISION: tl.constexpr,
+        USE_DOT: tl.constexpr, PRECISION: tl.constexpr, BILINEAR: tl.constexpr,
     ):
         """One program = one episode, all T ticks.  See the module docstring and kernels/README.md."""
         e = tl.program_id(0).to(tl.int64)
@@ -324,7 +366,7 @@ if HAS_TRITON:
                 # backward-pass mode only the reverse sweep sends backward messages
                 wb = 0 if BACKWARD else k
                 _layer_update(e, k, meta_ptr, th, h_ptr, c_ptr, bwd_ptr, scr, rbuf, 1, wb, ln_eps,
-                              N, M, NP, MP, BA, BR, MICRO, LAYER_NORM, USE_DOT, PRECISION)
+                              N, M, NP, MP, BA, BR, MICRO, LAYER_NORM, BILINEAR, USE_DOT, PRECISION)
                 tl.debug_barrier()
 
             # ---- logits, loss, error message (e, λ·y) into the last layer's backward input ----
@@ -353,7 +395,7 @@ if HAS_TRITON:
                 for kk in range(K):
                     k2 = K - 1 - kk
                     _layer_update(e, k2, meta_ptr, th, h_ptr, c_ptr, bwd_ptr, scr, rbuf, 0, k2, ln_eps,
-                                  N, M, NP, MP, BA, BR, MICRO, LAYER_NORM, USE_DOT, PRECISION)
+                                  N, M, NP, MP, BA, BR, MICRO, LAYER_NORM, BILINEAR, USE_DOT, PRECISION)
                     tl.debug_barrier()
                 # error reset after the sweep
                 tl.store(e_ptrs, tl.zeros([BC, MP], dtype=tl.float32), mask=e_mask)
@@ -541,7 +583,7 @@ def fused_episode(cfg: VSMLConfig, theta: torch.Tensor, x: torch.Tensor, y: torc
             MICRO=cfg.micro_ticks, BACKWARD=bool(cfg.backward_pass), LAYER_NORM=bool(cfg.cell.layer_norm),
             FEED_LABEL=bool(cfg.feed_label), IN_IDX=cfg.input_idx, OUT_IDX=cfg.output_idx,
             ERR_IDX=cfg.error_idx, LBL_IDX=cfg.label_idx, USE_DOT=bool(use_dot), PRECISION=precision,
-            num_warps=num_warps,
+            BILINEAR=bool(cfg.cell.bilinear), num_warps=num_warps,
         )
 
     hs, cs, bwds = [], [], []

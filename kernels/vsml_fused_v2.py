@@ -26,6 +26,11 @@ kernel="v2")``, ``kernels.backend.unroll(..., kernel="v2")``).  v1 stays untouch
   one-hot factor is exact in TF32, so two passes, h_hi and h_lo, keep fp32 accuracy) and projects the
   [·, N] sums with fp32 FMAs.  With LayerNorm the per-pair φ/ψ are computed (a [ROWS, N] · [N, M] dot
   each) and then reduced the same way.
+* **The bilinear cell** (``SubLSTMConfig.bilinear``, constexpr ``BILINEAR``; off: the plain code).  Per
+  tile, x_a = fwd_in[a, 0] (layer 1: the pixel x_t[a]) and e_b = bwd_in[b, 0] are gathered per row and
+  w_xe · x_a e_b joins the frozen term X before the micro-steps.  Both read-outs are then per pair (as
+  with LayerNorm): φ_ab = W_fwd h + b_fwd + x_a (W_xφ h + b_xφ) [LN] and ψ_ab = W_bwd h + b_bwd [LN]
+  (two more [ROWS, N] · [N, M] dots), reduced by the same one-hot sums, so RW = MP.
 * **Cheaper transcendentals** (``FAST``, on only when compiled for a GPU): 2^x by ``ex2.approx.ftz.f32``
   and 1/x by ``rcp.approx.ftz.f32`` (inline PTX); σ(ĩ−5)·tanh(g̃) and σ(õ)·tanh(c') each take one
   reciprocal of a product: 5 ex2 + 3 rcp per element and micro-step (v1: 5 exp + 5 IEEE-ish divisions).
@@ -159,6 +164,15 @@ if HAS_TRITON:
         r = tl.where(ax < 0.05, small, big)
         return tl.where(x < 0, -r, r)
 
+    @triton.jit
+    def _gather_x0(x_row, fin, a, k, valid, M: tl.constexpr, IN_IDX: tl.constexpr):
+        """Bilinear cell: x_a = fwd_in[a, 0] for every row's input a [ROWS] (0 on invalid rows).  Layer 1 (k == 0)
+        reads the example x_row[a] (element 0 of its embedded input is the pixel iff IN_IDX == 0), later layers
+        their forward-input slot fin [A, M]."""
+        first = (a * 0 + k) == 0                      # [ROWS] (a scalar bool mask is not portable)
+        xa = tl.load(fin + a * M, mask=valid & (~first), other=0.0)
+        return tl.where(first, tl.load(x_row + a, mask=valid & first & (IN_IDX == 0), other=0.0), xa)
+
     # ------------------------------------------------------------------------------------------
     # one layer update of one program: (e, s) owns a-groups [s*GP, (s+1)*GP) of layer k
 
@@ -167,8 +181,11 @@ if HAS_TRITON:
                      write_fwd, write_bwd, ln_eps,
                      N: tl.constexpr, M: tl.constexpr, NP: tl.constexpr, MP: tl.constexpr, RW: tl.constexpr,
                      ROWS: tl.constexpr, TAP: tl.constexpr, TBP: tl.constexpr, BR: tl.constexpr,
-                     MICRO: tl.constexpr, LAYER_NORM: tl.constexpr, IN_IDX: tl.constexpr,
+                     MICRO: tl.constexpr, LAYER_NORM: tl.constexpr, BILINEAR: tl.constexpr, IN_IDX: tl.constexpr,
                      PRECISION: tl.constexpr, FAST: tl.constexpr):
+        """The tiles of layer k owned by program s (see the module docstring).  Read-outs: mean-then-project
+        (Σ h, RW = NP) for the plain cell; per pair (RW = MP) with LayerNorm or the bilinear cell (BILINEAR:
+        gates += w_xe · x_a e_b, φ += x_a (W_xφ h + b_xφ), x_a = fwd_in[a, 0], e_b = bwd_in[b, 0])."""
         mrow = meta_ptr + k * 12
         A64 = tl.load(mrow + 0)
         B64 = tl.load(mrow + 1)
@@ -201,6 +218,12 @@ if HAS_TRITON:
         OFF_WB: tl.constexpr = OFF_BF + M
         OFF_BB: tl.constexpr = OFF_WB + M * N
         OFF_LN: tl.constexpr = OFF_BB + M
+        # bilinear values, stored last (after the LayerNorm values when there are any): W_xe [4N], W_xphi [M, N],
+        # b_xphi [M]
+        OFF_XE: tl.constexpr = OFF_LN + 4 * M * LAYER_NORM
+        OFF_XPHI: tl.constexpr = OFF_XE + 4 * N
+        OFF_BXPHI: tl.constexpr = OFF_XPHI + M * N
+        PAIRWISE: tl.constexpr = LAYER_NORM or BILINEAR   # per-pair read-outs (else mean-then-project)
         G4: tl.constexpr = 4 * NP
 
         offs_m = tl.arange(0, MP)
@@ -267,13 +290,19 @@ if HAS_TRITON:
         wo_b = tl.load(w + OFF_WB + ro_ptrs, mask=ro_mask, other=0.0)
         bo_f = tl.load(w + OFF_BF + offs_m, mask=mmask, other=0.0)
         bo_b = tl.load(w + OFF_BB + offs_m, mask=mmask, other=0.0)
-        if LAYER_NORM:
+        if PAIRWISE:
             wof_hi, wof_lo = _wsplit(wo_f, PRECISION)
             wob_hi, wob_lo = _wsplit(wo_b, PRECISION)
+        if LAYER_NORM:
             lnf_g = tl.load(w + OFF_LN + 0 * M + offs_m, mask=mmask, other=0.0)
             lnf_b = tl.load(w + OFF_LN + 1 * M + offs_m, mask=mmask, other=0.0)
             lnb_g = tl.load(w + OFF_LN + 2 * M + offs_m, mask=mmask, other=0.0)
             lnb_b = tl.load(w + OFF_LN + 3 * M + offs_m, mask=mmask, other=0.0)
+        if BILINEAR:
+            wxe = tl.load(w + OFF_XE + wrow, mask=gcol_ok, other=0.0)            # [G4]: w_xe[g*N + n] at g*NP + n
+            wxp = tl.load(w + OFF_XPHI + ro_ptrs, mask=ro_mask, other=0.0)       # [NP, MP]: (n, m) = W_xphi[m, n]
+            wxp_hi, wxp_lo = _wsplit(wxp, PRECISION)
+            bxp = tl.load(w + OFF_BXPHI + offs_m, mask=mmask, other=0.0)         # [MP]: b_xphi
 
         offs_row = tl.arange(0, ROWS)
         offs_ta = tl.arange(0, TAP)
@@ -304,6 +333,10 @@ if HAS_TRITON:
                 c = tl.load(c_base + s_ptrs, mask=s_mask, other=0.0)
                 x_t = (tl.load(fbuf + a[:, None] * G4 + offs_g[None, :], mask=valid[:, None], other=0.0)
                        + tl.load(rbuf + b[:, None] * G4 + offs_g[None, :], mask=valid[:, None], other=0.0))
+                if BILINEAR:
+                    xa = _gather_x0(x_ptr + (e * T + t) * D, scr + fin_off, a, k, valid, M, IN_IDX)   # [ROWS]
+                    eb = tl.load(bwd_in + b * M, mask=valid, other=0.0)            # [ROWS]: e_b = bwd_in[b, 0]
+                    x_t += (xa * eb)[:, None] * wxe[None, :]                       # [ROWS, 4NP]: w_xe x_a e_b
                 for _ in tl.static_range(MICRO):
                     gates = _mma(h, wh_hi, wh_lo, x_t, PRECISION)                  # [ROWS, 4NP]
                     g4 = tl.permute(tl.reshape(gates, [ROWS, 2, 2, NP]), (0, 3, 1, 2))
@@ -325,14 +358,21 @@ if HAS_TRITON:
                 tl.store(h_base + s_ptrs, h, mask=s_mask)
                 tl.store(c_base + s_ptrs, c, mask=s_mask)
                 if do_fwd:
-                    if LAYER_NORM:
+                    if PAIRWISE:
                         v = _mma(h, wof_hi, wof_lo, tl.zeros([ROWS, MP], dtype=tl.float32) + bo_f[None, :],
-                                 PRECISION)
-                        mu = tl.sum(tl.where(mmask[None, :], v, 0.0), axis=1) / M
-                        dv = tl.where(mmask[None, :], v - mu[:, None], 0.0)
-                        var = tl.sum(dv * dv, axis=1) / M
-                        red = dv * tl.rsqrt(var + ln_eps)[:, None] * lnf_g[None, :] + lnf_b[None, :]
-                        red = tl.where(valid[:, None], red, 0.0)
+                                 PRECISION)                                             # [ROWS, MP]
+                        if BILINEAR:   # φ += x_a (W_xφ h + b_xφ): [ROWS, NP] x [NP, MP], before LayerNorm
+                            vx = _mma(h, wxp_hi, wxp_lo, tl.zeros([ROWS, MP], dtype=tl.float32) + bxp[None, :],
+                                      PRECISION)                                        # [ROWS, MP]
+                            # x_a gathered again rather than kept live across the micro-steps (registers)
+                            xa = _gather_x0(x_ptr + (e * T + t) * D, scr + fin_off, a, k, valid, M, IN_IDX)
+                            v = v + xa[:, None] * vx
+                        if LAYER_NORM:
+                            mu = tl.sum(tl.where(mmask[None, :], v, 0.0), axis=1) / M
+                            dv = tl.where(mmask[None, :], v - mu[:, None], 0.0)
+                            var = tl.sum(dv * dv, axis=1) / M
+                            v = dv * tl.rsqrt(var + ln_eps)[:, None] * lnf_g[None, :] + lnf_b[None, :]
+                        red = tl.where(valid[:, None], v, 0.0)
                     else:
                         red = h
                     # Σ over the tile's inputs a, per output b: one-hot [TBP, ROWS] @ [ROWS, RW]
@@ -344,14 +384,15 @@ if HAS_TRITON:
                     tl.store(p_ptrs, prev + part, mask=p_mask)
                     tl.debug_barrier()
                 if do_bwd:
-                    if LAYER_NORM:
+                    if PAIRWISE:
                         v = _mma(h, wob_hi, wob_lo, tl.zeros([ROWS, MP], dtype=tl.float32) + bo_b[None, :],
-                                 PRECISION)
-                        mu = tl.sum(tl.where(mmask[None, :], v, 0.0), axis=1) / M
-                        dv = tl.where(mmask[None, :], v - mu[:, None], 0.0)
-                        var = tl.sum(dv * dv, axis=1) / M
-                        redb = dv * tl.rsqrt(var + ln_eps)[:, None] * lnb_g[None, :] + lnb_b[None, :]
-                        redb = tl.where(valid[:, None], redb, 0.0)
+                                 PRECISION)                                             # [ROWS, MP]
+                        if LAYER_NORM:
+                            mu = tl.sum(tl.where(mmask[None, :], v, 0.0), axis=1) / M
+                            dv = tl.where(mmask[None, :], v - mu[:, None], 0.0)
+                            var = tl.sum(dv * dv, axis=1) / M
+                            v = dv * tl.rsqrt(var + ln_eps)[:, None] * lnb_g[None, :] + lnb_b[None, :]
+                        redb = tl.where(valid[:, None], v, 0.0)
                     else:
                         redb = h
                     # Σ over the tile's outputs b, per input a: one-hot [TAP, ROWS] @ [ROWS, RW]
@@ -359,7 +400,7 @@ if HAS_TRITON:
                     acc_b = _onehot_mma(pa, redb, acc_b, PRECISION)
             if do_bwd:
                 mean_b = acc_b * inv_b
-                if LAYER_NORM:
+                if PAIRWISE:
                     out_b = mean_b                                                  # [TAP, MP]
                 else:   # mean-then-project in fp32 FMAs: [TAP, NP] x [NP, MP]
                     out_b = tl.sum(mean_b[:, :, None] * wo_b[None, :, :], axis=1) + bo_b[None, :]
@@ -371,9 +412,10 @@ if HAS_TRITON:
     def _layer_finish(e, S, k, K, t, T, C, meta_ptr, th, bwd_ptr, scr, p_off, p_stride, logits_ptr, loss_ptr,
                       y_ptr, write_fwd, zero_err, tanh_bound, logit_scale,
                       N: tl.constexpr, M: tl.constexpr, NP: tl.constexpr, MP: tl.constexpr, RW: tl.constexpr,
-                      BR: tl.constexpr, BC: tl.constexpr, LAYER_NORM: tl.constexpr, FEED_LABEL: tl.constexpr,
-                      OUT_IDX: tl.constexpr, ERR_IDX: tl.constexpr, LBL_IDX: tl.constexpr):
-        """After layer k's tiles: forward message mean_a = Σ_s partials / A (projected without LN) into
+                      BR: tl.constexpr, BC: tl.constexpr, LAYER_NORM: tl.constexpr, BILINEAR: tl.constexpr,
+                      FEED_LABEL: tl.constexpr, OUT_IDX: tl.constexpr, ERR_IDX: tl.constexpr, LBL_IDX: tl.constexpr):
+        """After layer k's tiles: forward message mean_a = Σ_s partials / A (projected unless the partials are
+        per-pair read-outs: LayerNorm or the bilinear cell) into
         layer k+1's input slot, or, for the last layer, logits, loss and the error message.  With
         ``zero_err`` (after a reverse sweep): reset the last layer's incoming error to 0."""
         WROW: tl.constexpr = 2 * M + N
@@ -409,8 +451,8 @@ if HAS_TRITON:
                     acc += tl.load(scr + p_off + s * p_stride + rows[:, None] * RW + offs_q[None, :],
                                    mask=rmask[:, None], other=0.0)
                 mean = acc * inv_a
-                if LAYER_NORM:
-                    msg = mean
+                if LAYER_NORM or BILINEAR:
+                    msg = mean                                                     # [BR, MP]
                 else:
                     msg = tl.sum(mean[:, :, None] * wo_f[None, :, :], axis=1) + bo_f[None, :]
                 if is_last:
@@ -450,7 +492,7 @@ if HAS_TRITON:
         ROWS: tl.constexpr, TAP: tl.constexpr, TBP: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr,
         MICRO: tl.constexpr, BACKWARD: tl.constexpr, LAYER_NORM: tl.constexpr, FEED_LABEL: tl.constexpr,
         IN_IDX: tl.constexpr, OUT_IDX: tl.constexpr, ERR_IDX: tl.constexpr, LBL_IDX: tl.constexpr,
-        PRECISION: tl.constexpr, FAST: tl.constexpr,
+        PRECISION: tl.constexpr, FAST: tl.constexpr, BILINEAR: tl.constexpr,
     ):
         """split_a = 1: one program per episode, all T ticks in one launch."""
         e = tl.program_id(0).to(tl.int64)
@@ -461,10 +503,11 @@ if HAS_TRITON:
                 wb = 0 if BACKWARD else k
                 _layer_tiles(e, 0, 1, k, t, T, D, x_ptr, meta_ptr, th, h_ptr, c_ptr, bwd_ptr, scr, f_off, r_off,
                              p_off, 1, wb, ln_eps, N, M, NP, MP, RW, ROWS, TAP, TBP, BR, MICRO, LAYER_NORM,
-                             IN_IDX, PRECISION, FAST)
+                             BILINEAR, IN_IDX, PRECISION, FAST)
                 tl.debug_barrier()
                 _layer_finish(e, 1, k, K, t, T, C, meta_ptr, th, bwd_ptr, scr, p_off, 0, logits_ptr, loss_ptr,
-                              y_ptr, 1, 0, tanh_bound, logit_scale, N, M, NP, MP, RW, BR, BC, LAYER_NORM, FEED_LABEL,
+                              y_ptr, 1, 0, tanh_bound, logit_scale, N, M, NP, MP, RW, BR, BC, LAYER_NORM, BILINEAR,
+                              FEED_LABEL,
                               OUT_IDX, ERR_IDX, LBL_IDX)
                 tl.debug_barrier()
             if BACKWARD:
@@ -472,10 +515,11 @@ if HAS_TRITON:
                     k2 = K - 1 - kk
                     _layer_tiles(e, 0, 1, k2, t, T, D, x_ptr, meta_ptr, th, h_ptr, c_ptr, bwd_ptr, scr, f_off,
                                  r_off, p_off, 0, k2, ln_eps, N, M, NP, MP, RW, ROWS, TAP, TBP, BR, MICRO,
-                                 LAYER_NORM, IN_IDX, PRECISION, FAST)
+                                 LAYER_NORM, BILINEAR, IN_IDX, PRECISION, FAST)
                     tl.debug_barrier()
                 _layer_finish(e, 1, 0, K, t, T, C, meta_ptr, th, bwd_ptr, scr, p_off, 0, logits_ptr, loss_ptr,
-                              y_ptr, 0, 1, tanh_bound, logit_scale, N, M, NP, MP, RW, BR, BC, LAYER_NORM, FEED_LABEL,
+                              y_ptr, 0, 1, tanh_bound, logit_scale, N, M, NP, MP, RW, BR, BC, LAYER_NORM, BILINEAR,
+                              FEED_LABEL,
                               OUT_IDX, ERR_IDX, LBL_IDX)
                 tl.debug_barrier()
 
@@ -487,7 +531,7 @@ if HAS_TRITON:
         N: tl.constexpr, M: tl.constexpr, NP: tl.constexpr, MP: tl.constexpr, RW: tl.constexpr,
         ROWS: tl.constexpr, TAP: tl.constexpr, TBP: tl.constexpr, BR: tl.constexpr,
         MICRO: tl.constexpr, LAYER_NORM: tl.constexpr, IN_IDX: tl.constexpr,
-        PRECISION: tl.constexpr, FAST: tl.constexpr,
+        PRECISION: tl.constexpr, FAST: tl.constexpr, BILINEAR: tl.constexpr,
     ):
         """split_a = S > 1: grid (E, S); program (e, s) updates its a-groups of layer k, writes its forward
         partial sums and the complete backward messages of its inputs."""
@@ -498,7 +542,7 @@ if HAS_TRITON:
         scr = scr_ptr + e * scr_estride
         _layer_tiles(e, s, S, k, t, T, D, x_ptr, meta_ptr, th, h_ptr, c_ptr, bwd_ptr, scr, f_off,
                      r_off + s * r_stride, p_off + s * p_stride, write_fwd, write_bwd, ln_eps,
-                     N, M, NP, MP, RW, ROWS, TAP, TBP, BR, MICRO, LAYER_NORM, IN_IDX, PRECISION, FAST)
+                     N, M, NP, MP, RW, ROWS, TAP, TBP, BR, MICRO, LAYER_NORM, BILINEAR, IN_IDX, PRECISION, FAST)
 
     @triton.jit
     def vsml_v2_finish_kernel(
@@ -506,14 +550,15 @@ if HAS_TRITON:
         S, k, K, t, T, C, write_fwd, zero_err, theta_estride, scr_estride, p_off, p_stride, tanh_bound, logit_scale,
         N: tl.constexpr, M: tl.constexpr, NP: tl.constexpr, MP: tl.constexpr, RW: tl.constexpr,
         BR: tl.constexpr, BC: tl.constexpr, LAYER_NORM: tl.constexpr, FEED_LABEL: tl.constexpr,
-        OUT_IDX: tl.constexpr, ERR_IDX: tl.constexpr, LBL_IDX: tl.constexpr,
+        OUT_IDX: tl.constexpr, ERR_IDX: tl.constexpr, LBL_IDX: tl.constexpr, BILINEAR: tl.constexpr,
     ):
         """split_a = S > 1: grid (E,); reduce the S partial sums of layer k (second phase)."""
         e = tl.program_id(0).to(tl.int64)
         th = theta_ptr + e * theta_estride
         scr = scr_ptr + e * scr_estride
         _layer_finish(e, S, k, K, t, T, C, meta_ptr, th, bwd_ptr, scr, p_off, p_stride, logits_ptr, loss_ptr,
-                      y_ptr, write_fwd, zero_err, tanh_bound, logit_scale, N, M, NP, MP, RW, BR, BC, LAYER_NORM, FEED_LABEL,
+                      y_ptr, write_fwd, zero_err, tanh_bound, logit_scale, N, M, NP, MP, RW, BR, BC, LAYER_NORM, BILINEAR,
+                              FEED_LABEL,
                       OUT_IDX, ERR_IDX, LBL_IDX)
 
 
@@ -646,7 +691,7 @@ def _tuned(cfg, theta, x, y, state, dims, precision, split_a):
     ``triton.autotune`` (fixed constexpr configs) does not fit; this does the same job explicitly."""
     e = x.shape[0]
     key = (tuple(dims), e, cfg.cell.hidden, cfg.cell.msg, cfg.micro_ticks, bool(cfg.backward_pass),
-           bool(cfg.cell.layer_norm), theta.dim(), precision, split_a, x.device.index)
+           bool(cfg.cell.layer_norm), bool(cfg.cell.bilinear), theta.dim(), precision, split_a, x.device.index)
     if key in _TUNED:
         return _TUNED[key]
     from triton.testing import do_bench
@@ -682,7 +727,8 @@ def _launch(cfg, theta, x, y, h_flat, c_flat, bwd_flat, logits, loss, dims, d, n
     k_layers = len(dims)
     np_ = max(_next_pow2(n), 16)
     mp = max(_next_pow2(m), 16)
-    rw = mp if cfg.cell.layer_norm else np_
+    # partial-sum width: Σ h (NP) for mean-then-project, per-pair read-outs (MP) with LayerNorm or bilinear
+    rw = mp if (cfg.cell.layer_norm or cfg.cell.bilinear) else np_
     g4 = 4 * np_
     tiling, tap, tbp = layer_tiling(dims, rows)
     a_max = max(a for a, _ in dims)
@@ -718,7 +764,7 @@ def _launch(cfg, theta, x, y, h_flat, c_flat, bwd_flat, logits, loss, dims, d, n
     theta_estride = l_sets * p_size if theta.dim() == 3 else 0
     fast = not INTERPRET
     common = dict(N=n, M=m, NP=np_, MP=mp, RW=rw)
-    flags = dict(LAYER_NORM=bool(cfg.cell.layer_norm), PRECISION=precision)
+    flags = dict(LAYER_NORM=bool(cfg.cell.layer_norm), PRECISION=precision, BILINEAR=bool(cfg.cell.bilinear))
     out_flags = dict(FEED_LABEL=bool(cfg.feed_label), OUT_IDX=cfg.output_idx, ERR_IDX=cfg.error_idx,
                      LBL_IDX=cfg.label_idx)
     launch = dict(num_warps=num_warps, num_stages=num_stages)
@@ -735,7 +781,8 @@ def _launch(cfg, theta, x, y, h_flat, c_flat, bwd_flat, logits, loss, dims, d, n
     # split A: per tick and layer, grid (E, S) for the tiles, then grid (E,) for the reduction
     lay = dict(**common, ROWS=rows, TAP=tap, TBP=tbp, BR=br, MICRO=cfg.micro_ticks, **flags,
                IN_IDX=cfg.input_idx, FAST=fast, **launch)
-    fin = dict(**common, BR=br, BC=bc, LAYER_NORM=bool(cfg.cell.layer_norm), **out_flags, **launch)
+    fin = dict(**common, BR=br, BC=bc, LAYER_NORM=bool(cfg.cell.layer_norm), BILINEAR=bool(cfg.cell.bilinear),
+               **out_flags, **launch)
 
     def tiles(t, k, write_fwd, write_bwd):
         vsml_v2_layer_kernel[(e, s_prog)](

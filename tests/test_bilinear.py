@@ -142,9 +142,13 @@ def test_config_errors():
         VSMLConfig(cell=SubLSTMConfig(bilinear=True), input_idx=2)
 
 
-def test_fused_kernel_refuses_the_bilinear_cell():
+def test_fused_kernels_accept_the_bilinear_cell():
+    """Both fused kernels implement the bilinear cell (tests/kernels/test_fused*.py check them against the torch
+    path), so the dispatch no longer refuses it for dense configs."""
     from kernels.backend import _fused_why_not
-    assert "bilinear" in _fused_why_not(VSMLConfig(cell=SubLSTMConfig(bilinear=True)))
+    assert _fused_why_not(VSMLConfig(cell=SubLSTMConfig(bilinear=True))) is None
+    assert _fused_why_not(VSMLConfig(cell=SubLSTMConfig(bilinear=True, layer_norm=True), hidden_sizes=(3,),
+                                     backward_pass=True, layerwise=True)) is None
 
 
 def test_bilinear_through_train_and_eval(tmp_path):

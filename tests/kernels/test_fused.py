@@ -128,6 +128,18 @@ CASES = {
     # the read-out's logit scale κ (VSMLConfig.logit_scale), both schedules
     "K1-fwd-logit-scale-2.5": (dict(logit_scale=2.5, t=5, seed=12), dict()),
     "K2-bwdpass-logit-scale-0.5": (dict(hidden=(3,), bp=True, label=True, logit_scale=0.5, t=3, seed=13), dict()),
+    # the bilinear cell (SubLSTMConfig.bilinear): gates += w_xe x_a e_b, φ += x_a (W_xφ h + b_xφ) before LN;
+    # θ's bilinear values (stored last, after LN's) are random, x_a and the incoming e_b are non-zero
+    "bilinear-K1-fwd-sharedθ": (dict(cell=SubLSTMConfig(bilinear=True), t=3, seed=14), dict()),
+    "bilinear-K1-fwd-episodeθ-LN-label": (
+        dict(cell=SubLSTMConfig(bilinear=True, layer_norm=True), per_ep=True, label=True, t=3, seed=15), dict()),
+    "bilinear-K2-bwdpass-sharedθ": (dict(cell=SubLSTMConfig(bilinear=True), hidden=(3,), bp=True, t=3, seed=16),
+                                    dict()),
+    "bilinear-K2-bwdpass-episodeθ-LN-layerwise-nodot-tiles": (
+        dict(cell=SubLSTMConfig(bilinear=True, layer_norm=True), hidden=(3,), bp=True, per_ep=True, layerwise=True,
+             t=2, seed=17), dict(use_dot=False, block_a=2)),
+    "bilinear-K2-fwd-dot-3atiles-D37": (dict(cell=SubLSTMConfig(bilinear=True), hidden=(3,), d=37, t=2, seed=18),
+                                        dict(block_a=16)),
 }
 
 
@@ -191,6 +203,29 @@ def test_backend_unroll_matches_torch_backend():
     more = kb.unroll(net, theta, x, y, state=out.state, backend="triton")
     more_ref = net.unroll(theta, x, y, state=ref.state)
     torch.testing.assert_close(more.logits, more_ref.logits, atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.parametrize("kernel", ["v1", "v2"])
+def test_bilinear_cell_through_the_dispatch(kernel):
+    """VSMLNetwork(cfg with cell.bilinear, backend="triton") runs the fused kernel (counted by KERNEL_CALLS) and
+    matches backend="torch" (the dispatch no longer refuses the bilinear cell)."""
+    cfg = VSMLConfig(cell=SubLSTMConfig(bilinear=True), hidden_sizes=(3,), feed_label=True)
+    assert kb._fused_why_not(cfg) is None
+    net = VSMLNetwork(cfg, backend="torch")
+    g = torch.Generator().manual_seed(19)
+    theta = net.init_theta(g)
+    theta = (theta + 0.3 * torch.randn(theta.shape, generator=g)).to(DEVICE)
+    x, y = torch.randn(2, 3, 5, generator=g).to(DEVICE), torch.randint(0, 3, (2, 3), generator=g).to(DEVICE)
+    ref = net.unroll(theta, x, y, num_classes=3, generator=torch.Generator().manual_seed(1))
+    before = kb.KERNEL_CALLS[kernel]
+    out = VSMLNetwork(cfg, backend="triton", kernel=kernel).unroll(theta, x, y, num_classes=3,
+                                                                   generator=torch.Generator().manual_seed(1))
+    assert kb.KERNEL_CALLS[kernel] == before + 1, f"kernel {kernel} did not run"
+    atol, rtol = (ATOL, RTOL) if vsml_fused.INTERPRET or kernel == "v1" else (1e-4, 1e-3)   # GPU v2: tf32x3
+    torch.testing.assert_close(out.logits, ref.logits, atol=atol, rtol=rtol)
+    torch.testing.assert_close(out.loss, ref.loss, atol=atol, rtol=rtol)
+    for a, b in zip(out.state.h + out.state.c + out.state.bwd, ref.state.h + ref.state.c + ref.state.bwd):
+        torch.testing.assert_close(a, b, atol=atol, rtol=rtol)
 
 
 def test_resolve_backend(monkeypatch):
@@ -297,6 +332,7 @@ def test_compiles_for_sm90_without_gpu():
     the kernel (backward pass + LayerNorm + label: every branch) for sm_90 in a clean subprocess."""
     code = ("from kernels.aot import compile_kernel;"
             "r = compile_kernel(90, 4, BACKWARD=True, LAYER_NORM=True, FEED_LABEL=True);"
+            "r = compile_kernel(90, 4, BACKWARD=True, LAYER_NORM=True, BILINEAR=True);"   # the bilinear cell
             "print('OK', r)")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
@@ -311,10 +347,10 @@ def test_compiles_for_sm90_without_gpu():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("precision,atol", [("ieee", 1e-5), ("tf32x3", 1e-4), ("tf32", 5e-2)])
-@pytest.mark.parametrize("hidden,bp", [((), False), ((32,), True)])
-def test_gpu_mnist_sized(precision, atol, hidden, bp):
-    net, theta, x, y, state = make_case(hidden=hidden, bp=bp, per_ep=True, ln=bool(hidden), e=4, t=20, d=784,
-                                        c=10)
+@pytest.mark.parametrize("hidden,bp,bil", [((), False, False), ((32,), True, False), ((32,), True, True)])
+def test_gpu_mnist_sized(precision, atol, hidden, bp, bil):
+    cell = SubLSTMConfig(layer_norm=bool(hidden), bilinear=bil)
+    net, theta, x, y, state = make_case(hidden=hidden, bp=bp, per_ep=True, cell=cell, e=4, t=20, d=784, c=10)
     ref = net.unroll(theta, x, y, state=state.clone())
     res = fused_episode(net.cfg, theta, x, y, state, precision=precision)
     torch.testing.assert_close(res.logits, ref.logits, atol=atol, rtol=atol * 10)

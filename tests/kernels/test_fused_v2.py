@@ -106,6 +106,19 @@ CASES = {
     "K1-fwd-logit-scale-2.5": (dict(logit_scale=2.5, t=5, seed=12), {}),
     "split2-K2-bwdpass-logit-scale-0.5": (dict(hidden=(3,), bp=True, label=True, logit_scale=0.5, t=3, seed=13),
                                           dict(split_a=2)),
+    # the bilinear cell (SubLSTMConfig.bilinear): w_xe x_a e_b in the frozen term X; per-pair read-outs
+    # φ = W_fwd h + b_fwd + x_a (W_xφ h + b_xφ) [LN] and ψ (RW = MP) reduced by the one-hot sums
+    "bilinear-K1-fwd-sharedθ": (dict(cell=SubLSTMConfig(bilinear=True), t=3, seed=14), {}),
+    "bilinear-K1-fwd-episodeθ-LN-label": (
+        dict(cell=SubLSTMConfig(bilinear=True, layer_norm=True), per_ep=True, label=True, t=3, seed=15), {}),
+    "bilinear-K2-bwdpass-sharedθ": (dict(cell=SubLSTMConfig(bilinear=True), hidden=(3,), bp=True, t=3, seed=16), {}),
+    # layer 1 reads x_a from x_t, layer 2 from its input slot; 16-pair tiles (8 a-groups of 5 inputs over A = 37
+    # split over 2 programs) and the B > rows output chunks (C = 20)
+    "bilinear-split2-K2-fwd-episodeθ-LN-layerwise-D37-C20-rows16": (
+        dict(cell=SubLSTMConfig(bilinear=True, layer_norm=True), hidden=(3,), per_ep=True, layerwise=True, d=37,
+             c=20, t=2, seed=17), dict(split_a=2, block_a=16)),
+    "bilinear-tf32x3-K2-bwdpass-split2": (dict(cell=SubLSTMConfig(bilinear=True), hidden=(3,), bp=True, t=2, seed=18),
+                                          {"precision": "tf32x3", "split_a": 2}),
 }
 
 
@@ -287,6 +300,8 @@ def test_v2_compiles_for_sm90_with_tensor_cores_no_spills():
         "print('DEFAULT', r['registers'], r['spill_bytes'], r['ptx_wgmma'], r['ptx_mma'])\n"
         "r = c('finish', 90, nw, ns, cap, LAYER_NORM=True, FEED_LABEL=True)\n"
         "r = c('episode', 90, nw, ns, cap, ROWS=rows, BACKWARD=True, LAYER_NORM=True, FEED_LABEL=True)\n"
+        "r = c('episode', 90, nw, ns, cap, ROWS=rows, BILINEAR=True)\n"              # the bilinear cell
+        "r = c('finish', 90, nw, ns, cap, BILINEAR=True)\n"
         "print('OK')\n")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
@@ -306,10 +321,11 @@ def test_v2_compiles_for_sm90_with_tensor_cores_no_spills():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("precision,atol", [("ieee", 1e-5), ("tf32x3", 1e-4), ("tf32", 5e-2)])
-@pytest.mark.parametrize("hidden,bp,split", [((), False, None), ((32,), True, None), ((), False, 4)])
-def test_gpu_v2_mnist_sized(precision, atol, hidden, bp, split):
-    net, theta, x, y, state = make_case(hidden=hidden, bp=bp, per_ep=True, ln=bool(hidden), e=4, t=20, d=784,
-                                        c=10)
+@pytest.mark.parametrize("hidden,bp,split,bil", [((), False, None, False), ((32,), True, None, False),
+                                                ((), False, 4, False), ((32,), True, None, True), ((), False, 4, True)])
+def test_gpu_v2_mnist_sized(precision, atol, hidden, bp, split, bil):
+    cell = SubLSTMConfig(layer_norm=bool(hidden), bilinear=bil)
+    net, theta, x, y, state = make_case(hidden=hidden, bp=bp, per_ep=True, cell=cell, e=4, t=20, d=784, c=10)
     ref = net.unroll(theta, x, y, state=state.clone())
     res = fused_episode_v2(net.cfg, theta, x, y, state, precision=precision, split_a=split)
     torch.testing.assert_close(res.logits, ref.logits, atol=atol, rtol=atol * 10)
