@@ -4,6 +4,7 @@
     python -m kernels.bench --backends compile,cpu --repeats 3   # CPU: compiled path vs C++ kernel, best of 3
     python -m kernels.bench --episodes 1,16 --steps 20        # quick CPU check
     python -m kernels.bench --backends triton --episodes 64,1024,2048 --steps 100   # GPU, kernel only
+    python -m kernels.bench --bilinear true --nets 196-10 --episodes 16     # the bilinear cell (issue 15)
 
 Every backend runs the public entry points: ``VSMLNetwork(cfg).unroll`` (torch eager),
 ``VSMLNetwork(cfg, compile=True).unroll`` with the CPU kernel switched off (torch.compile chunks) and on
@@ -177,6 +178,7 @@ class BenchArgs:
     threads: int | None = None        # torch intra-op threads (default: torch's)
     backward_pass: bool = False       # backward-pass schedule (2 sweeps)
     layer_norm: bool = False
+    bilinear: bool = False            # the bilinear cell (SubLSTMConfig.bilinear); FLOP columns stay the plain nominal
     kernel: str = "v1"                # fused kernel version for backend triton: v1 or v2
 
 
@@ -206,7 +208,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"float32 peak measured in this run: {peak:,.1f} GFLOP/s (torch.mm {n}x{n}, best of 5"
           f"{', TF32 off' if gpu else ''})")
     print(f"schedule: {'backward-pass' if args.backward_pass else 'forward-only'}, micro_ticks 2, "
-          f"layer_norm {args.layer_norm}, per-episode θ; up to {args.steps} timed examples per cell, "
+          f"layer_norm {args.layer_norm}, bilinear {args.bilinear}, per-episode θ; up to {args.steps} timed examples per cell, "
           f"chunks of {chunk}{'' if math.isinf(budget) else f', budget {budget:g} s per cell'}"
           f"{'; timed by process CPU seconds (rates per core-second)' if args.clock == 'cpu' else ''}\n")
     rep = max(1, args.repeats)
@@ -216,7 +218,7 @@ def main(argv: list[str] | None = None) -> None:
     notes, es_lines, goal_lines = [], [], []
     for spec in args.nets.split(","):
         d, hidden, c = parse_net(spec)
-        cfg = VSMLConfig(cell=SubLSTMConfig(layer_norm=args.layer_norm), hidden_sizes=hidden,
+        cfg = VSMLConfig(cell=SubLSTMConfig(layer_norm=args.layer_norm, bilinear=args.bilinear), hidden_sizes=hidden,
                          backward_pass=args.backward_pass)
         pairs = sum(a * b for a, b in cfg.layer_dims(d, c))
         usteps_per_example = pairs * cfg.micro_ticks * (2 if cfg.backward_pass else 1)
@@ -252,7 +254,7 @@ def main(argv: list[str] | None = None) -> None:
                       f"{100 * gf / peak:.1f}% | {speed} | {timed} |"
                       + (f" {min(r for r, _ in runs):,.0f}–{rate:,.0f} |" if rep > 1 else ""), flush=True)
                 ref = JAX_CPU_REFERENCE.get(spec)
-                if (ref and not gpu and e >= 16 and not cfg.backward_pass and not args.layer_norm
+                if (ref and not gpu and e >= 16 and not cfg.backward_pass and not args.layer_norm and not args.bilinear
                         and be in ("compile", "cpu") and args.clock == "wall"):
                     goal_lines.append(f"{label}, {spec}, E={e}: {rate / ref:.2f}x the {JAX_CPU_REFERENCE_SOURCE}: "
                                       f"{ref:.0f} examples/s (issue #2 asks for 2x; only meaningful on that "

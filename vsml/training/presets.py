@@ -32,6 +32,19 @@ _CLONE_LONG_K2 = replace(_CLONE_LONG_CE_MIX, name="clone-long-k2", seed=5,
                          vsml=VSMLConfig(logit_scale=2.0), ckpt_every=50,
                          clone=replace(_CLONE_LONG_CE_MIX.clone, truncation=200, steps=350))
 
+# issue 15, the bilinear cell (SubLSTMConfig.bilinear) from scratch: short-episode cloning of online SGD, then the
+# clone-long-k2 objective and family (clone-long's stage-1 cloning made the bilinear clone worse: RESULTS.md)
+_BIL = VSMLConfig(logit_scale=2.0, cell=SubLSTMConfig(bilinear=True))
+_CLONE_BIL = TrainConfig(name="clone-bil", task="mnist+resize14+proj", vsml=_BIL, clone=CloneConfig(steps=600),
+                         es=ESConfig(pairs=32), episode_length=100, steps=0, seed=3, ckpt_every=100,
+                         eval=EvalConfig(tasks="fashion_mnist+resize14;mnist+resize14", every=0, episodes=16,
+                                         length=2000, baselines="sgd,adam"))
+_CLONE_BIL_K2 = replace(_CLONE_LONG_K2, name="clone-bil-k2", init_from="runs/clone-bil", vsml=_BIL, seed=5,
+                        clone=replace(_CLONE_LONG_K2.clone, steps=700))
+# the bilinear paths added to the shipped mnist14-clone-k2 (they start at zero: the same learner), its recipe again
+_CLONE_K2_BIL = replace(_CLONE_LONG_K2, name="clone-k2-bil", init_from="vsml/pretrained/mnist14-clone-k2.safetensors",
+                        vsml=_BIL)
+
 PRESETS: dict[str, tuple[str, TrainConfig]] = {
     "default": (
         "the README's main job (offline; its measured time is in the README): clone online SGD into θ on projected "
@@ -76,6 +89,18 @@ PRESETS: dict[str, tuple[str, TrainConfig]] = {
         "(--vsml.logit_scale) and truncated BPTT of 200 on the clone-long-ce-mix objective and family; "
         "produced pretrained:mnist14-clone-k2; needs --data_dir",
         _CLONE_LONG_K2),
+    "clone-bil": (
+        "issue 15, the bilinear cell (--vsml.cell.bilinear) from scratch, stage 0: 600 steps of short-episode cloning "
+        "of online SGD on projected 14x14 MNIST, κ = 2 (~8 min on one core); needs --data_dir",
+        _CLONE_BIL),
+    "clone-bil-k2": (
+        "issue 15, the bilinear cell, stage 1 (after --preset clone-bil): the clone-long-k2 objective and family "
+        "(cloning + online cross-entropy on 2000-example episodes, truncations of 200, the 4-member mix), 700 steps",
+        _CLONE_BIL_K2),
+    "clone-k2-bil": (
+        "issue 15: the bilinear paths added to pretrained:mnist14-clone-k2 (starting at zero, i.e. the same learner), "
+        "then its recipe again (clone-long-k2, 350 steps)",
+        _CLONE_K2_BIL),
     "paper-mnist": (
         "the reference experiment (vsml.md §2.2): MNIST + projections, 1024 pairs, T=500, 10001 steps "
         "(GPU cluster scale)",
