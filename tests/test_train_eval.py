@@ -219,7 +219,7 @@ def test_cloning_needs_vsml(capsys):
     assert "clone.steps > 0 needs learner=vsml" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("name", ["mnist14-clone-es", "mnist14-clone-long", "mnist14-clone-k2"])
+@pytest.mark.parametrize("name", ["mnist14-clone-es", "mnist14-clone-long", "mnist14-clone-k2", "mnist14-bilinear"])
 def test_shipped_pretrained_learner_loads_by_name_and_learns(tmp_path, capsys, name):
     from vsml.pretrained import HERE
     assert (HERE / f"{name}.md").exists(), "every shipped learner has a model card"
@@ -235,7 +235,7 @@ def test_shipped_pretrained_learner_loads_by_name_and_learns(tmp_path, capsys, n
 
 
 @pytest.mark.parametrize("name,preset", [("mnist14-clone-long", "clone-long-ce-mix"),
-                                         ("mnist14-clone-k2", "clone-long-k2")])
+                                         ("mnist14-clone-k2", "clone-long-k2"), ("mnist14-bilinear", "clone-bil-k2")])
 def test_shipped_learner_config_is_its_presets(name, preset):
     """The model card's one command (``--preset``) resolves to the config stored with the shipped θ (every
     field that changes θ: the network incl. its logit scale, the cloning recipe, task, seed, start), and
