@@ -98,7 +98,7 @@ def test_zero_bilinear_parameters_are_the_plain_learner():
 @pytest.mark.parametrize("ln,per_ep", [(False, False), (False, True), (True, False)])
 def test_compiled_chunks_match_eager(monkeypatch, ln, per_ep):
     """The torch.compile'd no-grad path (chunked over inputs a) equals the eager one to float32 rounding."""
-    import vsml.engine.network as network
+    from vsml.engine import network
     monkeypatch.setenv("VSML_CPU_KERNEL", "off")
     monkeypatch.setattr(network, "CHUNK_PAIRS", 2 * 3 * 2)       # E·B = 6 -> chunks of 2 inputs of 5
     gen = torch.Generator().manual_seed(2)

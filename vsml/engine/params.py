@@ -21,6 +21,7 @@ Shapes of a full θ tensor:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -132,7 +133,6 @@ def extend_theta(theta: torch.Tensor, cell: SubLSTMConfig) -> torch.Tensor:
     p = theta_size(cell)
     if not cell.bilinear or theta.shape[-1] == p:
         return theta
-    import dataclasses
     p0 = theta_size(dataclasses.replace(cell, bilinear=False))
     if theta.shape[-1] != p0:
         raise ValueError(f"θ has {theta.shape[-1]} values per set; a bilinear cell needs {p} (or {p0} for a plain "
