@@ -176,6 +176,15 @@ if HAS_TRITON:
     # ------------------------------------------------------------------------------------------
     # one layer update of one program: (e, s) owns a-groups [s*GP, (s+1)*GP) of layer k
 
+    @triton.jit
+    def _ln_rows(v, g, b, mmask, ln_eps, M: tl.constexpr):
+        """LayerNorm of every row of v [ROWS, MP] over its M message columns (biased variance, haiku's); the
+        padded columns stay 0 before the scale and shift g, b [MP]."""
+        mu = tl.sum(tl.where(mmask[None, :], v, 0.0), axis=1) / M
+        dv = tl.where(mmask[None, :], v - mu[:, None], 0.0)
+        var = tl.sum(dv * dv, axis=1) / M
+        return dv * tl.rsqrt(var + ln_eps)[:, None] * g[None, :] + b[None, :]
+
     @triton.jit(noinline=True)
     def _layer_tiles(e, s, S, k, t, T, D, x_ptr, meta_ptr, th, h_ptr, c_ptr, bwd_ptr, scr, f_off, r_off, p_off,
                      write_fwd, write_bwd, ln_eps,
@@ -368,10 +377,7 @@ if HAS_TRITON:
                             xa = _gather_x0(x_ptr + (e * T + t) * D, scr + fin_off, a, k, valid, M, IN_IDX)
                             v = v + xa[:, None] * vx
                         if LAYER_NORM:
-                            mu = tl.sum(tl.where(mmask[None, :], v, 0.0), axis=1) / M
-                            dv = tl.where(mmask[None, :], v - mu[:, None], 0.0)
-                            var = tl.sum(dv * dv, axis=1) / M
-                            v = dv * tl.rsqrt(var + ln_eps)[:, None] * lnf_g[None, :] + lnf_b[None, :]
+                            v = _ln_rows(v, lnf_g, lnf_b, mmask, ln_eps, M)
                         red = tl.where(valid[:, None], v, 0.0)
                     else:
                         red = h
@@ -388,10 +394,7 @@ if HAS_TRITON:
                         v = _mma(h, wob_hi, wob_lo, tl.zeros([ROWS, MP], dtype=tl.float32) + bo_b[None, :],
                                  PRECISION)                                             # [ROWS, MP]
                         if LAYER_NORM:
-                            mu = tl.sum(tl.where(mmask[None, :], v, 0.0), axis=1) / M
-                            dv = tl.where(mmask[None, :], v - mu[:, None], 0.0)
-                            var = tl.sum(dv * dv, axis=1) / M
-                            v = dv * tl.rsqrt(var + ln_eps)[:, None] * lnb_g[None, :] + lnb_b[None, :]
+                            v = _ln_rows(v, lnb_g, lnb_b, mmask, ln_eps, M)
                         redb = tl.where(valid[:, None], v, 0.0)
                     else:
                         redb = h

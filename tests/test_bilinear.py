@@ -151,7 +151,7 @@ def test_fused_kernels_accept_the_bilinear_cell():
                                      backward_pass=True, layerwise=True)) is None
 
 
-def test_bilinear_through_train_and_eval(tmp_path):
+def test_bilinear_through_train_and_eval(tmp_path, capsys):
     """--vsml.cell.bilinear from a plain shipped θ: the θ is extended with zeros (the same learner at step 0),
     the config travels into config.json and the checkpoint, cloning changes the bilinear values, and eval.py
     meta-tests the run with the bilinear network."""
@@ -161,6 +161,7 @@ def test_bilinear_through_train_and_eval(tmp_path):
                          "--vsml.cell.bilinear", "true", "--init_from", "pretrained:mnist14-clone-k2",
                          "--vsml.logit_scale", "2", "--eval.every", "0", "--steps", "0", "--clone.steps", "2"])
     assert rc == 0
+    assert "start at zero" in capsys.readouterr().err          # the extension of a plain θ is announced
     rd = tmp_path / "b"
     assert json.loads((rd / "config.json").read_text())["vsml"]["cell"]["bilinear"] is True
     ck = load_checkpoint(rd)

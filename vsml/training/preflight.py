@@ -11,6 +11,7 @@ is written.  ``train.py`` / ``eval.py`` turn them into ``error: ...`` and exit c
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -160,6 +161,9 @@ def load_init_theta(cfg) -> torch.Tensor:
             theta = extend_theta(theta, cfg.vsml.cell)
         except ValueError:
             pass                            # reported below
+        else:
+            print(f"[vsml] --init_from {src}: a plain-cell θ; the bilinear paths (w_xe, W_xphi, b_xphi) start at "
+                  f"zero, i.e. the same learner", file=sys.stderr)
     if tuple(theta.shape) != want:
         raise CheckpointError(f"--init_from {src}: its θ has shape {list(theta.shape)} but this config "
                               f"({cfg.learner}) needs {list(want)}; pass a θ trained with the same learner "
