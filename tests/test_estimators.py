@@ -33,6 +33,7 @@ V1 = Path(__file__).resolve().parent / "data" / "ckpt_v1"
 def _cfg(**kw) -> TrainConfig:
     """The tiny preset on 4x4 digits: every estimator's section small enough to run in a second."""
     base_cfg = get("tiny")
+    kw.setdefault("bptt", dataclasses.replace(base_cfg.bptt, truncation=3))
     return dataclasses.replace(
         base_cfg, task="digits+resize4+proj", meta_batch=2, episode_length=8,
         clone=dataclasses.replace(base_cfg.clone, steps=0),
@@ -50,12 +51,12 @@ def _problem(cfg: TrainConfig) -> Problem:
 def test_registry_names_are_the_configs_estimator_choices():
     import typing
     choices = typing.get_args(typing.get_type_hints(TrainConfig)["estimator"])
-    assert set(names()) == set(choices) == {"es", "pes", "tes", "bptt", "bmg", "clone"}
+    assert set(names()) == set(choices) == {"es", "pes", "tes", "bptt", "tbptt", "bmg", "clone"}
     with pytest.raises(ValueError, match="unknown estimator 'nope'"):
         build("nope", _cfg(), None)
 
 
-@pytest.mark.parametrize("name", ["es", "pes", "tes", "bptt", "bmg", "clone"])
+@pytest.mark.parametrize("name", ["es", "pes", "tes", "bptt", "tbptt", "bmg", "clone"])
 def test_every_estimator_runs_behind_the_protocol_and_its_state_round_trips(tmp_path, name):
     cfg = _cfg()
     problem = _problem(cfg)
@@ -75,6 +76,8 @@ def test_every_estimator_runs_behind_the_protocol_and_its_state_round_trips(tmp_
     assert torch.equal(g1, g2) and m1 == m2
     if name in ("pes", "tes"):
         assert saved["has_inner"] and saved["t"] == 3
+    elif name == "tbptt":
+        assert saved["pos"] == 3 and m1["window_start"] == 3.0
     else:
         assert saved == {} and state is None
 
@@ -181,5 +184,39 @@ def test_distribute_estimator_shards_replicates_or_refuses():
         distribute_estimator(build("pes", cfg, problem), two)
     assert not hasattr(deep.inner, "partial")          # deep cloning is not a CloneEstimator with a broken partial
     from vsml.estimators.base import capabilities
-    assert {n: capabilities(n).distributed for n in ("es", "bptt", "clone", "pes", "tes", "bmg")} == {
-        "es": "shard", "bptt": "shard", "clone": "shard", "pes": "refuse", "tes": "refuse", "bmg": "refuse"}
+    assert {n: capabilities(n).distributed for n in ("es", "bptt", "clone", "pes", "tes", "bmg", "tbptt")} == {
+        "es": "shard", "bptt": "shard", "clone": "shard", "pes": "refuse", "tes": "refuse", "bmg": "refuse",
+        "tbptt": "refuse"}
+
+
+def test_tbptt_windows_add_up_to_truncated_bptt():
+    """One episode of 8 ticks in windows of 3: the tbptt steps' gradients at a fixed θ, weighted by their
+    window's share of the episode, sum to truncated BPTT's gradient of the whole episode; then new episodes."""
+    cfg = _cfg(bptt=BPTTConfig(truncation=3, clip_grad_norm=0.0))
+    problem = _problem(cfg)
+    theta = problem.learner.init_theta(torch.Generator().manual_seed(0))
+    want, m_bptt, _ = build("bptt", cfg, problem).step(theta, None, 0)
+    est = build("tbptt", cfg, problem)
+    state, total, starts, loss = None, torch.zeros_like(theta), [], 0.0
+    for s, k in zip(range(3), (3, 3, 2)):
+        g, m, state = est.step(theta, state, s)
+        total += g * k / 8
+        loss += m["loss"] * k / 8
+        starts.append(m["window_start"])
+    assert starts == [0.0, 3.0, 6.0]
+    torch.testing.assert_close(total, want, rtol=1e-4, atol=1e-6)
+    assert loss == pytest.approx(m_bptt["loss"], rel=1e-5)
+    _, m, state = est.step(theta, state, 3)                 # used up: step 3's batch starts
+    assert m["window_start"] == 0.0 and state["pos"] == 3
+    b3 = problem.batch(cfg.meta_batch, cfg.episode_length, 3)
+    assert torch.equal(state["x"], b3.x.reshape(state["x"].shape))
+
+
+def test_tbptt_needs_a_window_shorter_than_the_episode(tmp_path, capsys):
+    from vsml.engine.config import ConfigError
+    with pytest.raises(ConfigError, match="0 < bptt.truncation < episode_length"):
+        _cfg(estimator="tbptt", bptt=BPTTConfig(truncation=8))
+    with pytest.raises(SystemExit) as exc:
+        train_cli.main(["--preset", "tiny", "--estimator", "tbptt", "--out_dir", str(tmp_path), "--name", "x"])
+    assert exc.value.code == 2 and "0 < bptt.truncation < episode_length" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

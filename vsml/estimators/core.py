@@ -8,6 +8,8 @@ cross-entropy (vsml.md §2.1) (:class:`vsml.estimators.base.BatchEstimator`); re
 * :class:`ESEstimator` — antithetic ES (vsml.md §2.2) over a population evaluated in one batched
   ``learner.unroll`` with per-episode θ.
 * :class:`BPTTEstimator` — (truncated, checkpointed) backprop (vsml.md §2.3), clipped.
+* :class:`CarriedBPTTEstimator` (``tbptt``) — online truncated BPTT over long episodes: one window per
+  meta-step, the learner's state carried from step to step (issue 15).
 * :func:`make_optimizer` — Adam(W) on θ.
 """
 
@@ -22,11 +24,12 @@ import torch
 from tasks.base import derive_seed
 from vsml.estimators.base import (EpisodeBatchEstimator, Problem, ShardableEstimator, clip_grad, grad_norm,
                                   register)
-from vsml.estimators.bptt import BPTTConfig, bptt_gradient
+from vsml.estimators.bptt import BPTTConfig, bptt_gradient, unroll_chunked
 from vsml.estimators.es import ESConfig, es_ask, es_tell, pair_seed
-from vsml.learners.base import is_meta_trainable, state_generator, state_index, state_repeat_interleave
+from vsml.learners.base import (is_meta_trainable, state_detach, state_generator, state_index,
+                                state_repeat_interleave, tree_flatten)
 
-__all__ = ["BPTTEstimator", "ESEstimator", "make_optimizer", "per_episode_init_state", "state_seed"]
+__all__ = ["BPTTEstimator", "CarriedBPTTEstimator", "ESEstimator", "make_optimizer", "per_episode_init_state", "state_seed"]
 
 
 def state_seed(seed: int, step: int, index: int) -> int:
@@ -235,6 +238,94 @@ def _build_bptt(cfg: Any, problem: Problem) -> EpisodeBatchEstimator:
     """(Truncated) BPTT: meta_batch episodes of episode_length per meta-step."""
     est = BPTTEstimator(problem.learner, cfg.bptt, seed=cfg.seed)
     return EpisodeBatchEstimator(est, problem, cfg.meta_batch, cfg.episode_length, loss_metric="loss")
+
+
+class CarriedBPTTEstimator:
+    """Online truncated BPTT over long episodes (``--estimator tbptt``).
+
+    ``meta_batch`` episodes of ``episode_length`` T are drawn (:meth:`Problem.batch` of the step that
+    starts them) and unrolled ``bptt.truncation`` = K ticks per meta-step; the learner's state at the end of
+    a window is carried (detached) into the next meta-step, so θ is updated every K ticks instead of once
+    per episode (``bptt``: the gradients of all ceil(T / K) windows are summed into one update).  New
+    episodes start when the carried ones are used up.  Meta-step s minimises the window's mean online CE
+
+        L_s(θ) = 1/(E·K) Σ_e Σ_{t ∈ [t_s, t_s + K)} CE(ŷ_{e,t}, y_{e,t})       (vsml.md §2.1 on one window)
+
+    with ∇_θ through the window only (the carried state is a constant), clipped to ``bptt.clip_grad_norm``.
+    The carried episodes, position and state go into every checkpoint (:meth:`state_dict`), so a resumed
+    run continues bit for bit.  Initial states: ``pair_seed(seed, s, -1)`` as in :class:`BPTTEstimator`.
+    One process (no sharding).
+    """
+
+    loss_metric = "loss"
+
+    def __init__(self, learner: Any, cfg: BPTTConfig, problem: Problem, episodes: int, length: int, seed: int = 0):
+        _check_meta_trainable(learner, "CarriedBPTTEstimator")
+        if not 0 < cfg.truncation < length:
+            raise ValueError(f"estimator tbptt needs 0 < bptt.truncation < episode_length (one window per "
+                             f"meta-step), got truncation={cfg.truncation}, episode_length={length}; use "
+                             "--estimator bptt for whole episodes")
+        self.learner, self.cfg, self.problem = learner, cfg, problem
+        self.episodes, self.length, self.seed = episodes, length, int(seed)
+
+    def init(self, theta: torch.Tensor) -> None:
+        return None
+
+    def _start(self, theta: torch.Tensor, step: int) -> dict:
+        b = self.problem.batch(self.episodes, self.length, step)
+        x = _check_batch(b.x, b.y)                                          # [E, T, D]
+        gen = state_generator(self.learner, pair_seed(self.seed, step, -1), theta.device)
+        st = self.learner.init_state(x.shape[0], x.shape[2], b.num_classes, gen, theta.dtype, theta.device)
+        return {"x": x, "y": b.y, "num_classes": int(b.num_classes), "pos": 0, "state": st}
+
+    def step(self, theta: torch.Tensor, state: dict | None, step: int) -> tuple[torch.Tensor, dict, dict]:
+        if state is None or state["pos"] >= state["x"].shape[1]:
+            state = self._start(theta, step)
+        x, y, c_num, t0 = state["x"], state["y"], state["num_classes"], state["pos"]
+        t1 = min(x.shape[1], t0 + self.cfg.truncation)
+        th = theta.detach().clone().requires_grad_(True)
+        with torch.enable_grad():
+            loss_sum, n_correct, new = unroll_chunked(self.learner, th, x[:, t0:t1], y[:, t0:t1], c_num,
+                                                      state_detach(state["state"]), self.cfg.checkpoint_chunk)
+            denom = float(x.shape[0] * (t1 - t0))
+            (grad,) = torch.autograd.grad(loss_sum / denom, th, allow_unused=True)
+        grad = torch.zeros_like(th) if grad is None else grad.detach()
+        loss = float(loss_sum.detach()) / denom
+        norm = grad_norm(grad)
+        nonfinite = not (math.isfinite(loss) and math.isfinite(norm))
+        if nonfinite:                  # a zero step; the carried state is dropped and new episodes start
+            grad, norm = torch.zeros_like(grad), float("nan")
+        clipped = not nonfinite and self.cfg.clip_grad_norm > 0 and norm > self.cfg.clip_grad_norm
+        if clipped:
+            grad = clip_grad(grad, self.cfg.clip_grad_norm)
+        state = dict(state, pos=x.shape[1] if nonfinite else t1, state=state_detach(new))
+        return grad, {"loss": loss, "accuracy": float(n_correct) / denom, "grad_norm": norm,
+                      "clipped": float(clipped), "nonfinite": float(nonfinite), "window_start": float(t0)}, state
+
+    def state_dict(self, state: dict | None) -> dict:
+        if state is None:
+            return {}
+        leaves, _ = tree_flatten(state["state"])
+        return {"x": state["x"].cpu(), "y": state["y"].cpu(), "num_classes": state["num_classes"],
+                "pos": int(state["pos"]), "leaves": [t.detach().cpu().clone() for t in leaves]}
+
+    def load_state_dict(self, theta: torch.Tensor, d: dict) -> dict | None:
+        if not d:
+            return None
+        x = d["x"].to(theta.device)
+        tmpl = self.learner.init_state(x.shape[0], x.shape[2], d["num_classes"], torch.Generator().manual_seed(0),
+                                       theta.dtype, theta.device)
+        leaves, rebuild = tree_flatten(tmpl)
+        if len(leaves) != len(d["leaves"]) or any(a.shape != b.shape for a, b in zip(leaves, d["leaves"])):
+            raise ValueError("the carried tbptt state does not fit this learner config")
+        return {"x": x, "y": d["y"].to(theta.device), "num_classes": d["num_classes"], "pos": d["pos"],
+                "state": rebuild([t.to(theta.device) for t in d["leaves"]])}
+
+
+@register("tbptt", why="its episodes are carried from step to step on one process")
+def _build_tbptt(cfg: Any, problem: Problem) -> CarriedBPTTEstimator:
+    """Online truncated BPTT: meta_batch episodes of episode_length, one bptt.truncation window per meta-step."""
+    return CarriedBPTTEstimator(problem.learner, cfg.bptt, problem, cfg.meta_batch, cfg.episode_length, seed=cfg.seed)
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
 """Load a trained learner from a run directory, a ``.pt`` checkpoint, a θ ``.safetensors`` file or
-``pretrained:NAME`` (used by ``eval.py``, deep-cloning comparisons and the studies)."""
+``pretrained:NAME`` or a hand-built ``analytic:NAME`` θ (vsml/engine/analytic.py) (used by ``eval.py``, deep-cloning comparisons and the studies)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ def load_learner(path: str, device: str = "cpu", compile: bool = True, backend: 
     from vsml.training.checkpoint import CheckpointError, load_checkpoint, load_theta
     from vsml.training.config import config_from_dict
     from vsml.learners.registry import build_learner
+    if path.startswith("analytic:"):
+        return _load_analytic(path, device, compile, backend)
     if path.startswith("pretrained:"):
         from vsml.pretrained import path as pretrained_path
         path = str(pretrained_path(path.split(":", 1)[1]))
@@ -36,3 +38,14 @@ def load_learner(path: str, device: str = "cpu", compile: bool = True, backend: 
     if tuple(theta.shape) != want:
         raise CheckpointError(f"{path}: θ has shape {list(theta.shape)} but its config ({cfg.learner}) needs {list(want)}")
     return cfg.learner, learner, theta.to(device=device, dtype=torch.float32), cfg_dict
+
+
+def _load_analytic(spec: str, device: str, compile: bool, backend: str | None):
+    """``analytic:sgd[...]``: the hand-built θ in its default learner config (vsml/engine/analytic.py)."""
+    from vsml.engine.analytic import DEFAULT_CONFIG, analytic_theta
+    from vsml.learners.registry import build_learner
+    from vsml.training.config import TrainConfig
+    cfg = TrainConfig(name=spec, vsml=DEFAULT_CONFIG, device=device,
+                      backend=backend or ("auto" if compile else "torch"))
+    theta = analytic_theta(spec, cfg.vsml)
+    return "vsml", build_learner(cfg), theta.to(device), cfg.to_dict()

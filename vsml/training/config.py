@@ -77,7 +77,7 @@ class TrainConfig:
     vsml: VSMLConfig = field(default_factory=VSMLConfig)
     badger: BadgerConfig = field(default_factory=BadgerConfig)   # Micro-Badger (vsml/learners/badger.py)
     metarnn: MetaRNNConfig = field(default_factory=MetaRNNConfig)   # learner=metarnn (vsml/learners/baselines.py)
-    estimator: Literal["es", "bptt", "pes", "tes", "bmg", "clone"] = "es"   # tes: truncated ES; bmg: bootstrapped
+    estimator: Literal["es", "bptt", "tbptt", "pes", "tes", "bmg", "clone"] = "es"   # tes: truncated ES; bmg: bootstrapped; tbptt: one BPTT window per step, state carried
     es: ESConfig = field(default_factory=ESConfig)
     pes: PESConfig = field(default_factory=lambda: PESConfig(particles=32, truncation=20, horizon=100))
     bptt: BPTTConfig = field(default_factory=BPTTConfig)
@@ -127,6 +127,10 @@ class TrainConfig:
             raise ConfigError(f"lr must be a positive number, got {self.lr}")
         if self.weight_decay < 0:
             raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.estimator == "tbptt" and not 0 < self.bptt.truncation < self.episode_length:
+            raise ConfigError(f"estimator=tbptt runs one bptt.truncation window of each episode per meta-step: it "
+                              f"needs 0 < bptt.truncation < episode_length, got {self.bptt.truncation} and "
+                              f"{self.episode_length} (use --estimator bptt for whole episodes)")
         if self.estimator == "bmg" and self.episode_length < self.bmg.episode_length:
             raise ConfigError(f"estimator=bmg needs episode_length >= bmg.k_steps + bmg.l_steps + bmg.probe = "
                               f"{self.bmg.episode_length}, got {self.episode_length}")
@@ -146,7 +150,7 @@ class TrainConfig:
     def resolved_lr(self) -> float:
         if self.lr is not None:
             return self.lr
-        return {"bptt": 1e-3, "bmg": 1e-3, "clone": self.clone.lr}.get(self.estimator, 0.025)
+        return {"bptt": 1e-3, "tbptt": 1e-3, "bmg": 1e-3, "clone": self.clone.lr}.get(self.estimator, 0.025)
 
     @property
     def phases(self) -> tuple[Phase, ...]:

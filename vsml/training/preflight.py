@@ -137,12 +137,21 @@ def preflight(cfg, *, resume: str | None = None) -> Preflight:
 
 
 def load_init_theta(cfg) -> torch.Tensor:
-    """θ of ``cfg.init_from`` (a θ file, run directory, checkpoint or ``pretrained:NAME``), shape-checked."""
+    """θ of ``cfg.init_from`` (a θ file, run directory, checkpoint, ``pretrained:NAME`` or a hand-built
+    ``analytic:NAME``, vsml/engine/analytic.py), shape-checked."""
     from pathlib import Path
 
     from vsml.learners.registry import build_learner
     from vsml.training.checkpoint import CheckpointError, load_checkpoint, load_theta
     src = cfg.init_from
+    if src.startswith("analytic:"):
+        if cfg.learner != "vsml":
+            raise ConfigError(f"--init_from {src} builds a VSML θ; it needs --learner vsml (got {cfg.learner})")
+        from vsml.engine.analytic import analytic_theta
+        try:
+            return analytic_theta(src, cfg.vsml)
+        except ConfigError as exc:
+            raise ConfigError(f"--init_from {exc}") from None
     if src.startswith("pretrained:"):
         from vsml.pretrained import path as pretrained_path
         try:

@@ -1,0 +1,121 @@
+"""The hand-built online-SGD θ (vsml/engine/analytic.py): the VSML network with it *is* online SGD on a
+linear softmax classifier (eager PyTorch and the C++ kernel), its config errors, and the product paths
+``eval.py --checkpoint analytic:sgd`` and ``train.py --init_from analytic:sgd``."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import eval as eval_cli
+import train as train_cli
+from vsml.engine.analytic import DEFAULT_CONFIG, analytic_theta, parse_spec, sgd_theta
+from vsml.engine.config import ConfigError, VSMLConfig
+from vsml.engine.network import VSMLNetwork
+from vsml.training.checkpoint import load_checkpoint
+
+
+def _online_sgd(x, y, c_num, alpha, kappa, bound):
+    """Reference: w ← w − α x_t e_t from w = 0, logits bound·tanh(κ·mean_a x_a w_ab / bound).  x [E, T, D]."""
+    e_num, t_len, d = x.shape
+    w = torch.zeros(e_num, d, c_num, dtype=torch.float64)
+    out = []
+    for t in range(t_len):
+        xt = x[:, t].double()
+        z = bound * torch.tanh(kappa * (xt[:, :, None] * w).mean(1) / bound)           # [E, C]
+        out.append(z)
+        e = torch.softmax(z, -1) - F.one_hot(y[:, t], c_num).double()
+        w = w - alpha * xt[:, :, None] * e[:, None, :]
+    return torch.stack(out, 1)                                                       # [E, T, C]
+
+
+def _episode(seed=0, e_num=3, t_len=40, d=7, c_num=4):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(e_num, t_len, d, generator=g)
+    y = torch.randint(0, c_num, (e_num, t_len), generator=g)
+    return x, y, c_num
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_sgd_theta_is_online_sgd(backend):
+    if backend == "cpu":
+        from kernels.backend import _cpu_why_not
+        if _cpu_why_not(DEFAULT_CONFIG, torch.device("cpu"), build=True):
+            pytest.skip("the C++ kernel cannot be built here")
+    x, y, c_num = _episode()
+    alpha, eps = 0.7, 1e-3                      # small ε: tanh(ε w)/ε = w to ~1e-5 at these weights
+    net = VSMLNetwork(DEFAULT_CONFIG, backend=backend)
+    theta = sgd_theta(DEFAULT_CONFIG, alpha=alpha, eps=eps)
+    with torch.no_grad():
+        out = net.unroll(theta, x, y, c_num, generator=torch.Generator().manual_seed(1))
+    ref = _online_sgd(x, y, c_num, alpha, DEFAULT_CONFIG.logit_scale, DEFAULT_CONFIG.tanh_bound)
+    assert ref[:, -1].abs().max() > 1.0                      # the classifier has learned something
+    torch.testing.assert_close(out.logits.double(), ref, rtol=2e-3, atol=2e-3)
+    # the forward-only schedule feeds e_{t-1} next to x_t: the same θ is no learner there
+    fwd_only = dataclasses.replace(DEFAULT_CONFIG, backward_pass=False)
+    with pytest.raises(ConfigError, match="backward-pass schedule"):
+        sgd_theta(fwd_only)
+
+
+def test_alpha_is_the_sgd_step_and_eps_only_the_tanh_range():
+    x, y, c_num = _episode(seed=3, t_len=25)
+    net = VSMLNetwork(DEFAULT_CONFIG, backend="torch")
+    with torch.no_grad():
+        a = net.unroll(sgd_theta(DEFAULT_CONFIG, 2.0, 1e-3), x, y, c_num).logits
+        b = net.unroll(sgd_theta(DEFAULT_CONFIG, 2.0, 3e-3), x, y, c_num).logits
+        c = net.unroll(sgd_theta(DEFAULT_CONFIG, 1.0, 1e-3), x, y, c_num).logits
+    torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
+    assert (a - c).abs().max() > 0.1
+
+
+def test_config_and_spec_errors():
+    with pytest.raises(ConfigError, match="bilinear cell.*|backward-pass schedule"):
+        sgd_theta(VSMLConfig())
+    with pytest.raises(ConfigError, match="one dense layer"):
+        sgd_theta(dataclasses.replace(DEFAULT_CONFIG, hidden_sizes=(8,)))
+    with pytest.raises(ConfigError, match="unknown analytic learner"):
+        parse_spec("analytic:adam")
+    with pytest.raises(ConfigError, match="unknown option 'lr'"):
+        parse_spec("analytic:sgd[lr=1]")
+    with pytest.raises(ConfigError, match="not a number"):
+        parse_spec("analytic:sgd[alpha=x]")
+    with pytest.raises(ConfigError, match="alpha > 0"):
+        analytic_theta("analytic:sgd[alpha=0]", DEFAULT_CONFIG)
+    assert parse_spec("analytic:sgd[alpha=2, eps=0.005]") == ("sgd", {"alpha": 2.0, "eps": 0.005})
+
+
+def test_eval_cli_evaluates_analytic_sgd(tmp_path):
+    out = tmp_path / "ev"
+    rc = eval_cli.main(["--checkpoint", "analytic:sgd", "--tasks", "digits+resize4", "--episodes", "4",
+                        "--length", "120", "--baselines", "", "--out", str(out)])
+    assert rc == 0
+    res = json.loads((out / "results.json").read_text())["digits+resize4"]
+    (row,) = res.values()
+    acc = row["online_accuracy"]
+    assert 0.3 < acc <= 1.0                                   # it learns (chance is 0.1)
+
+
+TINY = ["--preset", "tiny", "--log.progress", "false", "--eval.every", "0", "--clone.steps", "0"]
+NEEDS = ["--vsml.backward_pass", "true", "--vsml.cell.bilinear", "true", "--vsml.logit_scale", "2"]
+
+
+def test_train_cli_starts_from_analytic_sgd(tmp_path):
+    rc = train_cli.main([*TINY, *NEEDS, "--out_dir", str(tmp_path), "--name", "a", "--init_from",
+                         "analytic:sgd[alpha=1.5]", "--estimator", "tbptt", "--meta_batch", "2",
+                         "--episode_length", "6", "--bptt.truncation", "3", "--steps", "2", "--lr", "1e-12"])
+    assert rc == 0
+    theta = load_checkpoint(tmp_path / "a")["theta"]
+    want = sgd_theta(DEFAULT_CONFIG, alpha=1.5)
+    torch.testing.assert_close(theta, want, rtol=0, atol=1e-9)     # lr 1e-12: θ is still the analytic one
+
+
+def test_train_cli_analytic_needs_its_schedule(tmp_path, capsys):
+    rc = train_cli.main([*TINY, "--out_dir", str(tmp_path), "--name", "b", "--init_from", "analytic:sgd"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "backward-pass schedule (--vsml.backward_pass true)" in err and "bilinear" in err
+    assert not (tmp_path / "b").exists()
