@@ -97,6 +97,7 @@ def test_eval_cli_evaluates_analytic_sgd(tmp_path):
     (row,) = res.values()
     acc = row["online_accuracy"]
     assert 0.3 < acc <= 1.0                                   # it learns (chance is 0.1)
+    assert eval_cli.main(["--checkpoint", "analytic:adam", "--episodes", "1", "--length", "2"]) == 2
 
 
 TINY = ["--preset", "tiny", "--log.progress", "false", "--eval.every", "0", "--clone.steps", "0"]

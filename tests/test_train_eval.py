@@ -223,7 +223,8 @@ def test_cloning_needs_vsml(capsys):
     assert "clone.steps > 0 needs learner=vsml" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("name", ["mnist14-clone-es", "mnist14-clone-long", "mnist14-clone-k2", "mnist14-bilinear"])
+@pytest.mark.parametrize("name", ["mnist14-clone-es", "mnist14-clone-long", "mnist14-clone-k2", "mnist14-bilinear",
+                                  "mnist14-sgd-bptt"])
 def test_shipped_pretrained_learner_loads_by_name_and_learns(tmp_path, capsys, name):
     from vsml.pretrained import HERE
     assert (HERE / f"{name}.md").exists(), "every shipped learner has a model card"
@@ -239,7 +240,8 @@ def test_shipped_pretrained_learner_loads_by_name_and_learns(tmp_path, capsys, n
 
 
 @pytest.mark.parametrize("name,preset", [("mnist14-clone-long", "clone-long-ce-mix"),
-                                         ("mnist14-clone-k2", "clone-long-k2"), ("mnist14-bilinear", "clone-bil-k2")])
+                                         ("mnist14-clone-k2", "clone-long-k2"), ("mnist14-bilinear", "clone-bil-k2"),
+                                         ("mnist14-sgd-bptt", "sgd-bptt")])
 def test_shipped_learner_config_is_its_presets(name, preset):
     """The model card's one command (``--preset``) resolves to the config stored with the shipped θ (every
     field that changes θ: the network incl. its logit scale, the cloning recipe, task, seed, start), and
@@ -252,8 +254,11 @@ def test_shipped_learner_config_is_its_presets(name, preset):
     got, want = config_from_dict(stored), presets.get(preset)
     assert got.vsml == want.vsml
     assert dataclasses.replace(got.clone, steps=0) == dataclasses.replace(want.clone, steps=0)
-    assert want.clone.steps == int(meta["step"])
-    for key in ("task", "seed", "lr", "estimator", "steps"):
+    assert want.total_steps == int(meta["step"])
+    keys = ["task", "seed", "lr", "estimator", "steps"]
+    if want.steps:                      # meta-trained after (or without) cloning: what the estimator saw
+        keys += ["init_from", "episode_length", "meta_batch", "bptt"]
+    for key in keys:
         assert getattr(got, key) == getattr(want, key), key
     assert f"--preset {preset}" in (HERE / f"{name}.md").read_text()
 

@@ -12,6 +12,7 @@ from vsml.estimators.es import ESConfig
 from vsml.training.config import EvalConfig, LogConfig, TrainConfig
 
 _LN = VSMLConfig(cell=SubLSTMConfig(layer_norm=True))
+SGD_BPTT_STEPS = 30         # the shipped step of pretrained:mnist14-sgd-bptt (chosen on validation)
 
 # issue 15's long-horizon cloning recipe: stage 1 (clone-long), then stage 2 adds the online cross-entropy
 _CLONE_LONG = TrainConfig(
@@ -44,6 +45,18 @@ _CLONE_BIL_K2 = replace(_CLONE_LONG_K2, name="clone-bil-k2", init_from="runs/clo
 # the bilinear paths added to the shipped mnist14-clone-k2 (they start at zero: the same learner), its recipe again
 _CLONE_K2_BIL = replace(_CLONE_LONG_K2, name="clone-k2-bil", init_from="vsml/pretrained/mnist14-clone-k2.safetensors",
                         vsml=_BIL)
+
+# issue 15, eighth session: online SGD written into θ (vsml/engine/analytic.py), then full-horizon BPTT of the online
+# cross-entropy over 2000-example episodes of the clone-long-k2 family (truncated windows shorten the horizon the
+# meta-gradient sees and make the learner plateau: RESULTS.md)
+_SGD_BPTT = TrainConfig(
+    name="sgd-bptt", estimator="bptt", init_from="analytic:sgd", lr=1e-4, seed=5, steps=SGD_BPTT_STEPS,
+    vsml=VSMLConfig(logit_scale=2.0, backward_pass=True, cell=SubLSTMConfig(bilinear=True)),
+    task=_CLONE_LONG_CE_MIX.task, episode_length=2000, meta_batch=4,
+    bptt=BPTTConfig(truncation=0, checkpoint_chunk=25), ckpt_every=10, keep_checkpoints=True,
+    log=LogConfig(every=1, progress=False),
+    eval=EvalConfig(tasks="fashion_mnist+resize14;mnist+resize14", every=0, episodes=16, length=2000,
+                    baselines="sgd,adam"))
 
 PRESETS: dict[str, tuple[str, TrainConfig]] = {
     "default": (
@@ -101,6 +114,12 @@ PRESETS: dict[str, tuple[str, TrainConfig]] = {
         "issue 15: the bilinear paths added to pretrained:mnist14-clone-k2 (starting at zero, i.e. the same learner), "
         "then its recipe again (clone-long-k2, 350 steps)",
         _CLONE_K2_BIL),
+    "sgd-bptt": (
+        "issue 15: analytic:sgd (online SGD written into θ; bilinear cell, backward-pass schedule, κ = 2), then "
+        "full-horizon BPTT (no truncation) of the online cross-entropy over 2000-example episodes of the "
+        "clone-long-k2 family, 4 episodes per step, Adam 1e-4; produced pretrained:mnist14-sgd-bptt (which falls "
+        "after ~3000 examples, past its horizon: RESULTS.md); ~12 GB of memory, ~40 s per step on 2 cores; needs --data_dir",
+        _SGD_BPTT),
     "paper-mnist": (
         "the reference experiment (vsml.md §2.2): MNIST + projections, 1024 pairs, T=500, 10001 steps "
         "(GPU cluster scale)",
