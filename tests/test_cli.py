@@ -75,7 +75,7 @@ def test_validation_runs_once_after_all_overrides(capsys):
     (["--es.pairz", "3"], "unknown flag --es.pairz; did you mean --es.pairs?"),
     (["--es.pairs", "x"], "--es.pairs: invalid literal for int()"),
     (["--preset", "nope"], "unknown preset 'nope'; choose one of: default, tiny"),
-    (["--estimator", "sgd"], "--estimator: expected one of es, bptt, pes, tes, bmg, clone; got 'sgd'"),
+    (["--estimator", "sgd"], "--estimator: expected one of es, bptt, tbptt, pes, tes, bmg, clone; got 'sgd'"),
     (["--log.progress", "maybe"], "--log.progress: expected true/false"),
     (["--data-dir"], "--data_dir needs a value"),                        # the real (underscore) flag name
     (["--es.sigma", "-1"], "ESConfig.sigma must be"),

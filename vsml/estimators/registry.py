@@ -1,6 +1,6 @@
 """The estimator registry: name -> builder ``(cfg, problem) -> MetaGradientEstimator``.
 
-Built in: ``es``, ``bptt`` (vsml/estimators/core.py), ``pes``, ``tes`` (pes.py), ``bmg`` (bmg.py) and
+Built in: ``es``, ``bptt``, ``tbptt`` (vsml/estimators/core.py), ``pes``, ``tes`` (pes.py), ``bmg`` (bmg.py) and
 ``clone`` (cloning_deep.py: shallow or deep learning-algorithm cloning).  A new estimator registers
 itself with ``@vsml.estimators.base.register("name")`` in its module and gets imported here; the
 training loop never changes.

@@ -13,9 +13,9 @@ def load_learner(path: str, device: str = "cpu", compile: bool = True, backend: 
     "torch" (the run's own setting is not reused: the machine may differ)."""
     import torch
 
+    from vsml.learners.registry import build_learner
     from vsml.training.checkpoint import CheckpointError, load_checkpoint, load_theta
     from vsml.training.config import config_from_dict
-    from vsml.learners.registry import build_learner
     if path.startswith("analytic:"):
         return _load_analytic(path, device, compile, backend)
     if path.startswith("pretrained:"):
