@@ -1,5 +1,6 @@
-"""Load a trained learner from a run directory, a ``.pt`` checkpoint, a θ ``.safetensors`` file or
-``pretrained:NAME`` or a hand-built ``analytic:NAME`` θ (vsml/engine/analytic.py) (used by ``eval.py``, deep-cloning comparisons and the studies)."""
+"""Load a trained learner from a run directory, a ``.pt`` checkpoint, a θ ``.safetensors`` file,
+``pretrained:NAME`` or a hand-built ``analytic:NAME`` θ (vsml/engine/analytic.py); used by ``eval.py``,
+deep-cloning comparisons and the studies."""
 
 from __future__ import annotations
 
