@@ -220,3 +220,16 @@ def test_tbptt_needs_a_window_shorter_than_the_episode(tmp_path, capsys):
         train_cli.main(["--preset", "tiny", "--estimator", "tbptt", "--out_dir", str(tmp_path), "--name", "x"])
     assert exc.value.code == 2 and "0 < bptt.truncation < episode_length" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_tbptt_nonfinite_window_is_a_zero_step_reported_and_restarts_the_episodes():
+    cfg = _cfg(estimator="tbptt")
+    problem = _problem(cfg)
+    est = build("tbptt", cfg, problem)
+    theta = problem.learner.init_theta(torch.Generator().manual_seed(0))
+    _, _, state = est.step(theta, None, 0)
+    g, m, state = est.step(torch.full_like(theta, float("nan")), state, 1)
+    assert m["nonfinite"] == 1.0 and torch.equal(g, torch.zeros_like(g))
+    assert state["pos"] == state["x"].shape[1]                # used up: the next step draws new episodes
+    _, m, state = est.step(theta, state, 2)
+    assert m["window_start"] == 0.0 and m["nonfinite"] == 0.0

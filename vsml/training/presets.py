@@ -12,7 +12,6 @@ from vsml.estimators.es import ESConfig
 from vsml.training.config import EvalConfig, LogConfig, TrainConfig
 
 _LN = VSMLConfig(cell=SubLSTMConfig(layer_norm=True))
-SGD_BPTT_STEPS = 30         # the shipped step of pretrained:mnist14-sgd-bptt (chosen on validation)
 
 # issue 15's long-horizon cloning recipe: stage 1 (clone-long), then stage 2 adds the online cross-entropy
 _CLONE_LONG = TrainConfig(
@@ -50,7 +49,8 @@ _CLONE_K2_BIL = replace(_CLONE_LONG_K2, name="clone-k2-bil", init_from="vsml/pre
 # cross-entropy over 2000-example episodes of the clone-long-k2 family (truncated windows shorten the horizon the
 # meta-gradient sees and make the learner plateau: RESULTS.md)
 _SGD_BPTT = TrainConfig(
-    name="sgd-bptt", estimator="bptt", init_from="analytic:sgd", lr=1e-4, seed=5, steps=SGD_BPTT_STEPS,
+    name="sgd-bptt", estimator="bptt", init_from="analytic:sgd", lr=1e-4, seed=5,
+    steps=30,                   # the shipped step of pretrained:mnist14-sgd-bptt (chosen on validation)
     vsml=VSMLConfig(logit_scale=2.0, backward_pass=True, cell=SubLSTMConfig(bilinear=True)),
     task=_CLONE_LONG_CE_MIX.task, episode_length=2000, meta_batch=4,
     bptt=BPTTConfig(truncation=0, checkpoint_chunk=25), ckpt_every=10, keep_checkpoints=True,
