@@ -120,3 +120,22 @@ def test_train_cli_analytic_needs_its_schedule(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "backward-pass schedule (--vsml.backward_pass true)" in err and "bilinear" in err
     assert not (tmp_path / "b").exists()
+
+
+def test_drift_script_shows_the_weight_element_growing(tmp_path):
+    """experiments/issue15_drift.py (the ninth session's diagnosis of the collapse after the horizon) runs on the
+    package-shipped digits: analytic:sgd learns (accuracy above chance) and only its weight element k moves."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    res = subprocess.run([sys.executable, "experiments/issue15_drift.py", "--checkpoints", "analytic:sgd",
+                          "--task", "digits", "--episodes", "2", "--length", "400", "--every", "200"],
+                         check=True, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1],
+                         env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    rows = [line.split() for line in res.stdout.splitlines() if line.strip().startswith("examples")]
+    assert len(rows) == 2
+    k = DEFAULT_CONFIG.cell.num_rand
+    for r in rows:
+        acc, mean_c = float(r[3]), [float(v) for v in r[5:5 + DEFAULT_CONFIG.cell.hidden]]
+        assert acc > 0.3                                                  # chance is 0.1
+        assert mean_c[k] > 0 and all(v < 1e-6 for i, v in enumerate(mean_c) if i > k)

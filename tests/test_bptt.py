@@ -24,6 +24,7 @@ from vsml.learners.base import (
     state_cat,
     state_detach,
     state_index,
+    state_from_leaves,
     state_repeat_interleave,
     tree_flatten,
 )
@@ -223,6 +224,13 @@ def test_state_helpers_are_generic():
     lv, rb = tree_flatten(st)
     assert len(lv) == 3 * 2 and isinstance(rb(lv), VSMLState)
     torch.testing.assert_close(state_index(state_repeat_interleave(st, 2), slice(0, 1)).c[0], st.c[0][:1])
+    # a saved state comes back into its template's structure; a misfit is one clear error
+    back = state_from_leaves(st, [x + 1 for x in lv])
+    assert isinstance(back, VSMLState) and torch.equal(back.c[0], st.c[0] + 1)
+    with pytest.raises(ValueError, match="the carried state does not fit"):
+        state_from_leaves(st, lv[:-1], "the carried state")
+    with pytest.raises(ValueError, match="does not fit"):
+        state_from_leaves(st, [x[:1] for x in lv])
 
 
 def test_learner_protocol():

@@ -224,7 +224,7 @@ def test_cloning_needs_vsml(capsys):
 
 
 @pytest.mark.parametrize("name", ["mnist14-clone-es", "mnist14-clone-long", "mnist14-clone-k2", "mnist14-bilinear",
-                                  "mnist14-sgd-bptt"])
+                                  "mnist14-sgd-bptt", "mnist14-sgd-bptt-soup"])
 def test_shipped_pretrained_learner_loads_by_name_and_learns(tmp_path, capsys, name):
     from vsml.pretrained import HERE
     assert (HERE / f"{name}.md").exists(), "every shipped learner has a model card"
@@ -237,6 +237,21 @@ def test_shipped_pretrained_learner_loads_by_name_and_learns(tmp_path, capsys, n
     acc = json.loads((out / "results.json").read_text())["digits"]["vsml"]["online_accuracy"]
     assert acc > 0.3, acc            # chance is 0.1: the frozen θ learns an unseen dataset online
     assert eval_cli.main(["--checkpoint", "pretrained:nope", "--episodes", "1", "--length", "2"]) == 2
+
+
+def test_shipped_soup_is_its_model_cards_command(tmp_path):
+    """pretrained:mnist14-sgd-bptt-soup is, value for value, the command in its model card:
+    θ = 0.25 θ(mnist14-sgd-bptt) + 0.75 θ(analytic:sgd), with mnist14-sgd-bptt's config."""
+    from vsml.pretrained import HERE
+    out = tmp_path / "soup.safetensors"
+    subprocess.run([sys.executable, "experiments/issue15_soup.py", "--checkpoints",
+                    "pretrained:mnist14-sgd-bptt,analytic:sgd", "--weights", "0.25,0.75", "--out", str(out)],
+                   check=True, capture_output=True, cwd=Path(__file__).resolve().parents[1])
+    got, got_cfg, got_meta = load_theta(out)
+    want, want_cfg, want_meta = load_theta(HERE / "mnist14-sgd-bptt-soup.safetensors")
+    assert torch.equal(got, want) and got_cfg == want_cfg and got_meta == want_meta
+    base, _, _ = load_theta(HERE / "mnist14-sgd-bptt.safetensors")
+    assert 0 < float((want - base).abs().max()) < 2e-3       # a quarter of the meta-learned change, not a copy
 
 
 @pytest.mark.parametrize("name,preset", [("mnist14-clone-long", "clone-long-ce-mix"),

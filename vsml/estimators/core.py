@@ -26,8 +26,8 @@ from vsml.estimators.base import (EpisodeBatchEstimator, Problem, ShardableEstim
                                   register)
 from vsml.estimators.bptt import BPTTConfig, bptt_gradient, unroll_chunked
 from vsml.estimators.es import ESConfig, es_ask, es_tell, pair_seed
-from vsml.learners.base import (is_meta_trainable, state_detach, state_generator, state_index,
-                                state_repeat_interleave, tree_flatten)
+from vsml.learners.base import (is_meta_trainable, state_detach, state_from_leaves, state_generator,
+                                state_index, state_repeat_interleave, tree_flatten)
 
 __all__ = ["BPTTEstimator", "CarriedBPTTEstimator", "ESEstimator", "make_optimizer", "per_episode_init_state", "state_seed"]
 
@@ -315,11 +315,8 @@ class CarriedBPTTEstimator:
         x = d["x"].to(theta.device)
         tmpl = self.learner.init_state(x.shape[0], x.shape[2], d["num_classes"], torch.Generator().manual_seed(0),
                                        theta.dtype, theta.device)
-        leaves, rebuild = tree_flatten(tmpl)
-        if len(leaves) != len(d["leaves"]) or any(a.shape != b.shape for a, b in zip(leaves, d["leaves"])):
-            raise ValueError("the carried tbptt state does not fit this learner config")
         return {"x": x, "y": d["y"].to(theta.device), "num_classes": d["num_classes"], "pos": d["pos"],
-                "state": rebuild([t.to(theta.device) for t in d["leaves"]])}
+                "state": state_from_leaves(tmpl, d["leaves"], "the carried tbptt state")}
 
 
 @register("tbptt", why="its episodes are carried from step to step on one process")

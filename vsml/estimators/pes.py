@@ -80,7 +80,7 @@ from tasks.base import derive_seed
 from vsml.engine.config import ConfigError
 from vsml.estimators.base import Problem, register
 from vsml.estimators.es import pair_seed, sample_noise
-from vsml.learners.base import state_index, state_repeat_interleave, tree_flatten
+from vsml.learners.base import state_from_leaves, state_index, state_repeat_interleave, tree_flatten
 
 __all__ = ["PES", "LearnerSystem", "PESConfig", "PESState", "TruncatedES", "TruncatedMetaEstimator",
            "UnrolledSystem"]
@@ -355,11 +355,8 @@ class TruncatedMetaEstimator:
         fresh = self.est.init(theta)
         inner = None
         if d["has_inner"]:
-            leaves, rebuild = tree_flatten(self.est._fresh(self.system, d["episode"]))
-            if len(leaves) != len(d["inner_leaves"]):
-                raise ValueError("the saved PES inner state does not fit this learner/task; "
-                                 "resume with the config it was written with")
-            inner = rebuild([t.to(leaf.device) for t, leaf in zip(d["inner_leaves"], leaves)])
+            inner = state_from_leaves(self.est._fresh(self.system, d["episode"]), d["inner_leaves"],
+                                      "the saved PES inner state")
         return PESState(inner=inner, accum=d["accum"].to(fresh.accum.device), t=d["t"], episode=d["episode"])
 
 

@@ -36,6 +36,7 @@ __all__ = [
     "is_meta_trainable",
     "state_cat",
     "state_detach",
+    "state_from_leaves",
     "state_index",
     "state_map",
     "state_repeat_interleave",
@@ -172,3 +173,14 @@ def tree_flatten(state: Any) -> tuple[list[torch.Tensor], Callable[[Sequence[tor
         return state_map(lambda _t: next(it), state)
 
     return leaves, rebuild
+
+
+def state_from_leaves(template: Any, leaves: Sequence[torch.Tensor], what: str = "the saved state") -> Any:
+    """A state with ``template``'s structure and ``leaves`` (saved by ``tree_flatten(state)[0]``) as its
+    tensors, each moved to its template leaf's device.  ValueError (naming ``what``) when the count or a
+    shape does not fit: the state was saved under another learner / task config."""
+    tmpl, rebuild = tree_flatten(template)
+    if len(tmpl) != len(leaves) or any(a.shape != b.shape for a, b in zip(tmpl, leaves)):
+        raise ValueError(f"{what} does not fit this learner / task config; resume with the config it was "
+                         "written with")
+    return rebuild([t.to(a.device) for t, a in zip(leaves, tmpl)])
