@@ -5,18 +5,25 @@ one learner (checkpoints of one run, runs of one recipe, or a start and a meta-t
 
     python experiments/issue15_soup.py --out /tmp/soup.safetensors \\
         --checkpoints runs/i15-k2-t200/checkpoints/step_000350.pt,runs/i15-k2-seed6/checkpoints/step_000350.pt
-    python experiments/issue15_soup.py --out vsml/pretrained/mnist14-sgd-bptt-q.safetensors \\
-        --checkpoints analytic:sgd,pretrained:mnist14-sgd-bptt --weights 0.75,0.25
+    python experiments/issue15_soup.py --out vsml/pretrained/mnist14-sgd-bptt-soup.safetensors \\
+        --checkpoints pretrained:mnist14-sgd-bptt,analytic:sgd --weights 0.25,0.75     # the shipped soup
 """
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 
 import torch
 
 from vsml.evaluation.load import load_learner
 from vsml.training.checkpoint import save_theta
+
+
+def _fail(msg: str) -> None:
+    """Bad input: one line on stderr, exit code 2, nothing written."""
+    print(f"issue15_soup.py: error: {msg}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 def _key(cfg: dict) -> str:
@@ -40,12 +47,12 @@ if __name__ == "__main__":
     for ck in a.checkpoints:
         _, _, theta, cfg = load_learner(ck, compile=False)
         if cfg0 is not None and _key(cfg) != _key(cfg0):
-            raise SystemExit(f"{ck}: its learner config differs from {a.checkpoints[0]}'s; a soup needs one learner")
+            _fail(f"{ck}: its learner config differs from {a.checkpoints[0]}'s; a soup needs one learner")
         cfg0 = cfg0 or cfg
         thetas.append(theta)
     w = a.weights or tuple(1.0 / len(thetas) for _ in thetas)
     if len(w) != len(thetas) or abs(sum(w) - 1.0) > 1e-6:
-        raise SystemExit(f"--weights needs one weight per checkpoint ({len(thetas)}) summing to 1, got {w}")
+        _fail(f"--weights needs one weight per checkpoint ({len(thetas)}) summing to 1, got {w}")
     ws = torch.tensor(w, dtype=torch.float64)                            # [K]
     soup = (ws[:, None, None] * torch.stack(thetas).double()).sum(0).to(thetas[0].dtype)   # [K, L, P] -> [L, P]
     for ck, th in zip(a.checkpoints, thetas):

@@ -252,6 +252,10 @@ def test_shipped_soup_is_its_model_cards_command(tmp_path):
     assert torch.equal(got, want) and got_cfg == want_cfg and got_meta == want_meta
     base, _, _ = load_theta(HERE / "mnist14-sgd-bptt.safetensors")
     assert 0 < float((want - base).abs().max()) < 2e-3       # a quarter of the meta-learned change, not a copy
+    bad = subprocess.run([sys.executable, "experiments/issue15_soup.py", "--checkpoints",
+                          "pretrained:mnist14-sgd-bptt,analytic:sgd", "--weights", "0.5,0.4", "--out", str(tmp_path / "b")],
+                         capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+    assert bad.returncode == 2 and "summing to 1" in bad.stderr and not (tmp_path / "b").exists()
 
 
 @pytest.mark.parametrize("name,preset", [("mnist14-clone-long", "clone-long-ce-mix"),
