@@ -6,6 +6,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -125,13 +129,10 @@ def test_train_cli_analytic_needs_its_schedule(tmp_path, capsys):
 def test_drift_script_shows_the_weight_element_growing(tmp_path):
     """experiments/issue15_drift.py (the ninth session's diagnosis of the collapse after the horizon) runs on the
     package-shipped digits: analytic:sgd learns (accuracy above chance) and only its weight element k moves."""
-    import subprocess
-    import sys
-    from pathlib import Path
     res = subprocess.run([sys.executable, "experiments/issue15_drift.py", "--checkpoints", "analytic:sgd",
                           "--task", "digits", "--episodes", "2", "--length", "400", "--every", "200"],
                          check=True, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1],
-                         env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
     rows = [line.split() for line in res.stdout.splitlines() if line.strip().startswith("examples")]
     assert len(rows) == 2
     k = DEFAULT_CONFIG.cell.num_rand
