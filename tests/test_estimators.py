@@ -34,8 +34,9 @@ def _cfg(**kw) -> TrainConfig:
     """The tiny preset on 4x4 digits: every estimator's section small enough to run in a second."""
     base_cfg = get("tiny")
     kw.setdefault("bptt", dataclasses.replace(base_cfg.bptt, truncation=3))
+    kw = {"task": "digits+resize4+proj", "meta_batch": 2, "episode_length": 8, **kw}
     return dataclasses.replace(
-        base_cfg, task="digits+resize4+proj", meta_batch=2, episode_length=8,
+        base_cfg,
         clone=dataclasses.replace(base_cfg.clone, steps=0),
         pes=dataclasses.replace(base_cfg.pes, particles=2, truncation=3, horizon=5),
         bmg=dataclasses.replace(base_cfg.bmg, k_steps=2, l_steps=2, probe=2),
@@ -77,7 +78,10 @@ def test_every_estimator_runs_behind_the_protocol_and_its_state_round_trips(tmp_
     if name in ("pes", "tes"):
         assert saved["has_inner"] and saved["t"] == 3
     elif name == "tbptt":
-        assert saved["pos"] == 3 and m1["window_start"] == 3.0
+        assert saved["streams"][0]["pos"] == 3 and m1["window_start"] == 3.0
+        # a checkpoint from before streams (the one stream's dict itself) resumes the same way
+        g3, m3, _ = est.step(theta, est.load_state_dict(theta, saved["streams"][0]), 1)
+        assert torch.equal(g1, g3) and m1 == m3
     else:
         assert saved == {} and state is None
 
@@ -207,9 +211,97 @@ def test_tbptt_windows_add_up_to_truncated_bptt():
     torch.testing.assert_close(total, want, rtol=1e-4, atol=1e-6)
     assert loss == pytest.approx(m_bptt["loss"], rel=1e-5)
     _, m, state = est.step(theta, state, 3)                 # used up: step 3's batch starts
-    assert m["window_start"] == 0.0 and state["pos"] == 3
+    assert m["window_start"] == 0.0 and state[0]["pos"] == 3
     b3 = problem.batch(cfg.meta_batch, cfg.episode_length, 3)
-    assert torch.equal(state["x"], b3.x.reshape(state["x"].shape))
+    assert torch.equal(state[0]["x"], b3.x.reshape(state[0]["x"].shape))
+
+
+def test_tbptt_streams_mix_staggered_windows_of_independent_episodes():
+    """Two streams of one episode of 9 ticks in windows of 3: stream 1 is burned in (forward only) to tick 3,
+    so one meta-step's gradient is the mean of a window [0, 3) of stream 0's episode and a window [3, 6) of
+    stream 1's, each from its own initial state; a used-up stream draws its own new episode, the other goes on."""
+    from tasks.base import derive_seed
+    from vsml.estimators.es import pair_seed
+    from vsml.learners.base import state_detach, state_generator
+    cfg = _cfg(estimator="tbptt", episode_length=9, bptt=BPTTConfig(truncation=3, clip_grad_norm=0.0, streams=2))
+    problem = _problem(cfg)
+    est = build("tbptt", cfg, problem)
+    assert est.offsets == [0, 3]
+    theta = problem.learner.init_theta(torch.Generator().manual_seed(0))
+    net = problem.learner
+
+    def window(g, step, t0, state=None):   # stream g's episode drawn at `step`, its window [t0, t0 + 3)
+        b = problem.sample(1, 9, derive_seed(problem.seed, "meta-train-data", step, "stream", g))
+        if state is None:
+            gen = state_generator(net, pair_seed(cfg.seed, step, -1 - g))
+            state = net.init_state(1, b.x.shape[2], b.num_classes, gen, theta.dtype, theta.device)
+            if t0:
+                with torch.no_grad():
+                    state = net.unroll(theta, b.x[:, :t0], b.y[:, :t0], b.num_classes, state=state).state
+        th = theta.clone().requires_grad_(True)
+        out = net.unroll(th, b.x[:, t0:t0 + 3], b.y[:, t0:t0 + 3], b.num_classes, state=state_detach(state))
+        (g_,) = torch.autograd.grad(out.loss.sum(), th)
+        return g_, float(out.loss.sum().detach()), out.state
+
+    g0, l0, s0 = window(0, 0, 0)
+    g1, l1, _ = window(1, 0, 3)
+    grad, m, state = est.step(theta, None, 0)
+    torch.testing.assert_close(grad, (g0 + g1) / 6, rtol=1e-4, atol=1e-7)
+    assert m["loss"] == pytest.approx((l0 + l1) / 6, rel=1e-5)
+    assert (m["window_start_s0"], m["window_start_s1"]) == (0.0, 3.0)
+    assert m["loss_s0"] == pytest.approx(l0 / 3, rel=1e-5) and m["loss_s1"] == pytest.approx(l1 / 3, rel=1e-5)
+    assert [s["pos"] for s in state] == [3, 6]
+    _, m, state = est.step(theta, state, 1)
+    assert (m["window_start_s0"], m["window_start_s1"]) == (3.0, 6.0) and [s["pos"] for s in state] == [6, 9]
+    # step 2: stream 1 is used up and draws step 2's episode from tick 0; stream 0 finishes its first one
+    g0, l0, _ = window(0, 0, 6, state=state[0]["state"])
+    g1, l1, _ = window(1, 2, 0)
+    grad, m, state = est.step(theta, state, 2)
+    assert (m["window_start_s0"], m["window_start_s1"]) == (6.0, 0.0)
+    torch.testing.assert_close(grad, (g0 + g1) / 6, rtol=1e-4, atol=1e-7)
+    b2 = problem.sample(1, 9, derive_seed(problem.seed, "meta-train-data", 2, "stream", 1))
+    assert torch.equal(state[1]["x"], b2.x.reshape(state[1]["x"].shape))
+
+
+@pytest.mark.parametrize("task", ["digits+resize4+proj", "mix:digits+resize4+proj,digits+resize4+proj+classes5"])
+def test_tbptt_streams_batched_by_shape_equal_streams_unrolled_one_by_one(task, monkeypatch):
+    """Streams with equal shapes share one unroll; the step equals the step with every stream on its own
+    (the mix: 10- and 5-class episodes, which cannot share one)."""
+    from vsml.estimators.core import CarriedBPTTEstimator
+    cfg = _cfg(estimator="tbptt", task=task, meta_batch=4, episode_length=9,
+               bptt=BPTTConfig(truncation=3, clip_grad_norm=0.0, streams=4))
+    problem = _problem(cfg)
+    theta = problem.learner.init_theta(torch.Generator().manual_seed(0))
+    runs = []
+    for alone in (False, True):
+        if alone:
+            monkeypatch.setattr(CarriedBPTTEstimator, "_group_key", lambda self, s: id(s))
+        est, state, out = build("tbptt", cfg, problem), None, []
+        for step in range(4):
+            g, m, state = est.step(theta, state, step)
+            out.append((g, m, [s["num_classes"] for s in state]))
+        runs.append(out)
+    for (ga, ma, ca), (gb, mb, cb) in zip(*runs):
+        torch.testing.assert_close(ga, gb, rtol=1e-4, atol=1e-7)
+        assert ma.keys() == mb.keys() and all(ma[k] == pytest.approx(mb[k], rel=1e-5) for k in ma) and ca == cb
+    if task.startswith("mix"):          # both kinds of episode were drawn, so both kinds of group ran
+        assert {c for _, _, cs in runs[0] for c in cs} == {5, 10}
+
+
+def test_tbptt_streams_need_tbptt_and_a_dividing_meta_batch(tmp_path, capsys):
+    from vsml.engine.config import ConfigError
+    with pytest.raises(ConfigError, match="bptt.streams=2 .* needs --estimator tbptt"):
+        _cfg(estimator="bptt", bptt=BPTTConfig(truncation=3, streams=2))
+    with pytest.raises(ConfigError, match="meta_batch divisible"):
+        _cfg(estimator="tbptt", meta_batch=3, bptt=BPTTConfig(truncation=3, streams=2))
+    with pytest.raises(ValueError, match="BPTTConfig.streams must be an integer >= 1"):
+        BPTTConfig(streams=0)
+    with pytest.raises(SystemExit) as exc:
+        train_cli.main(["--preset", "tiny", "--estimator", "bptt", "--bptt.streams", "2", "--out_dir",
+                        str(tmp_path), "--name", "x"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "bptt.streams=2" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "x").exists()
 
 
 def test_tbptt_needs_a_window_shorter_than_the_episode(tmp_path, capsys):
@@ -230,6 +322,6 @@ def test_tbptt_nonfinite_window_is_a_zero_step_reported_and_restarts_the_episode
     _, _, state = est.step(theta, None, 0)
     g, m, state = est.step(torch.full_like(theta, float("nan")), state, 1)
     assert m["nonfinite"] == 1.0 and torch.equal(g, torch.zeros_like(g))
-    assert state["pos"] == state["x"].shape[1]                # used up: the next step draws new episodes
+    assert state[0]["pos"] == state[0]["x"].shape[1]              # used up: the next step draws new episodes
     _, m, state = est.step(theta, state, 2)
     assert m["window_start"] == 0.0 and m["nonfinite"] == 0.0

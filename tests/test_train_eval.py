@@ -57,9 +57,11 @@ def test_existing_run_is_never_overwritten(tmp_path):
     assert load_checkpoint(tmp_path / "t")["step"] == 5
 
 
-@pytest.mark.parametrize("estimator", ["es", "bptt", "tbptt", "pes", "tes"])
+@pytest.mark.parametrize("estimator", ["es", "bptt", "tbptt", "tbptt-streams", "pes", "tes"])
 def test_resume_equals_uninterrupted(tmp_path, estimator):
-    extra = ["--estimator", estimator, "--eval.every", "0"]
+    streams = estimator == "tbptt-streams"
+    estimator = "tbptt" if streams else estimator
+    extra = ["--estimator", estimator, "--eval.every", "0"] + (["--bptt.streams", "2"] if streams else [])
     if estimator in ("bptt", "tbptt"):  # tbptt: episodes of 9 in windows of 3, so the resume is mid-episode
         extra += ["--meta_batch", "2", "--bptt.truncation", "3"] + (["--episode_length", "9"] if estimator == "tbptt" else [])
     if estimator in ("pes", "tes"):     # 4 truncations of 3 over a horizon of 5: resets inside truncations
@@ -78,9 +80,10 @@ def test_resume_equals_uninterrupted(tmp_path, estimator):
         assert torch.equal(pa["accum"], pb["accum"])
         assert all(torch.equal(u, v) for u, v in zip(pa["inner_leaves"], pb["inner_leaves"]))
     if estimator == "tbptt":            # the carried episodes and state resumed too
-        pa, pb = a["extra"]["estimator"]["meta"], b["extra"]["estimator"]["meta"]
-        assert pa["pos"] == pb["pos"] == 3 and torch.equal(pa["x"], pb["x"])
-        assert all(torch.equal(u, v) for u, v in zip(pa["leaves"], pb["leaves"]))
+        sa, sb = a["extra"]["estimator"]["meta"]["streams"], b["extra"]["estimator"]["meta"]["streams"]
+        assert [s["pos"] for s in sa] == [s["pos"] for s in sb] == ([3, 6] if streams else [3])
+        for pa, pb in zip(sa, sb, strict=True):
+            assert torch.equal(pa["x"], pb["x"]) and all(torch.equal(u, v) for u, v in zip(pa["leaves"], pb["leaves"]))
 
 
 def test_resume_can_extend_the_cloning_phase(tmp_path, capsys):

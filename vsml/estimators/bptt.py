@@ -46,11 +46,15 @@ class BPTTConfig:
         truncation: window length K in ticks; 0 (or any K >= T) = full BPTT (the reference).
         checkpoint_chunk: 0 = no activation checkpointing; else chunk length in ticks.
         clip_grad_norm: clip the global gradient norm to this value; 0 = no clipping (reference 25).
+        streams: ``--estimator tbptt`` only: split the meta-batch into this many streams of episodes at
+            staggered window positions (stream g starts at window ⌊g·W/streams⌋ of its first episode, W the
+            windows per episode), so every meta-step mixes early and late windows; 1 = all episodes in step.
     """
 
     truncation: int = 50
     checkpoint_chunk: int = 0
     clip_grad_norm: float = 25.0
+    streams: int = 1
 
     def __post_init__(self) -> None:
         if int(self.truncation) != self.truncation or self.truncation < 0:
@@ -59,25 +63,29 @@ class BPTTConfig:
         if int(self.checkpoint_chunk) != self.checkpoint_chunk or self.checkpoint_chunk < 0:
             raise ValueError(f"BPTTConfig.checkpoint_chunk must be an integer >= 0 (0 = off), "
                              f"got {self.checkpoint_chunk}")
+        if int(self.streams) != self.streams or self.streams < 1:
+            raise ValueError(f"BPTTConfig.streams must be an integer >= 1, got {self.streams}")
         if not (self.clip_grad_norm >= 0 and math.isfinite(self.clip_grad_norm)):
             raise ValueError(f"BPTTConfig.clip_grad_norm must be a finite number >= 0 (0 = off), "
                              f"got {self.clip_grad_norm}")
 
 
 def unroll_chunked(learner: Any, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, num_classes: int,
-                   state: Any, chunk: int) -> tuple[torch.Tensor, torch.Tensor, Any]:
+                   state: Any, chunk: int, per_episode: bool = False) -> tuple[torch.Tensor, torch.Tensor, Any]:
     """Unroll ``x`` [E, T', D] from ``state`` with activation checkpointing every ``chunk`` ticks.
 
-    Returns (summed loss over E and T' (differentiable), number correct (float), final state).
+    Returns (summed loss over E and T' (differentiable), number correct (float), final state); with
+    ``per_episode`` the loss and number correct are summed over T' only: [E] each.
     With ``chunk <= 0`` or ``chunk >= T'`` it is a plain unroll.
     """
     t_len = x.shape[1]
+    dims = (1,) if per_episode else (0, 1)                # the axes of out.loss [E, T'] that are summed
     if chunk <= 0 or chunk >= t_len or not torch.is_grad_enabled():
         out = learner.unroll(theta, x, y, num_classes, state=state)
-        return out.loss.sum(), out.correct.sum().to(theta.dtype), out.state
+        return out.loss.sum(dims), out.correct.sum(dims).to(theta.dtype), out.state
     leaves, rebuild = tree_flatten(state)
-    loss_sum = theta.new_zeros(())
-    n_correct = theta.new_zeros(())
+    loss_sum = theta.new_zeros(x.shape[:1] if per_episode else ())
+    n_correct = theta.new_zeros(x.shape[:1] if per_episode else ())
     for c0 in range(0, t_len, chunk):
         c1 = min(t_len, c0 + chunk)
         xc, yc = x[:, c0:c1], y[:, c0:c1]
@@ -85,7 +93,7 @@ def unroll_chunked(learner: Any, theta: torch.Tensor, x: torch.Tensor, y: torch.
         def chunk_fn(th: torch.Tensor, *lv: torch.Tensor, _xc=xc, _yc=yc):
             out = learner.unroll(th, _xc, _yc, num_classes, state=rebuild(lv))
             new_leaves, _ = tree_flatten(out.state)
-            return (out.loss.sum(), out.correct.sum().to(th.dtype), *new_leaves)
+            return (out.loss.sum(dims), out.correct.sum(dims).to(th.dtype), *new_leaves)
 
         res = checkpoint(chunk_fn, theta, *leaves, use_reentrant=False)
         loss_sum = loss_sum + res[0]

@@ -26,7 +26,7 @@ from vsml.estimators.base import (EpisodeBatchEstimator, Problem, ShardableEstim
                                   register)
 from vsml.estimators.bptt import BPTTConfig, bptt_gradient, unroll_chunked
 from vsml.estimators.es import ESConfig, es_ask, es_tell, pair_seed
-from vsml.learners.base import (is_meta_trainable, state_detach, state_from_leaves, state_generator,
+from vsml.learners.base import (is_meta_trainable, state_cat, state_detach, state_from_leaves, state_generator,
                                 state_index, state_repeat_interleave, tree_flatten)
 
 __all__ = ["BPTTEstimator", "CarriedBPTTEstimator", "ESEstimator", "make_optimizer", "per_episode_init_state", "state_seed"]
@@ -243,18 +243,26 @@ def _build_bptt(cfg: Any, problem: Problem) -> EpisodeBatchEstimator:
 class CarriedBPTTEstimator:
     """Online truncated BPTT over long episodes (``--estimator tbptt``).
 
-    ``meta_batch`` episodes of ``episode_length`` T are drawn (:meth:`Problem.batch` of the step that
-    starts them) and unrolled ``bptt.truncation`` = K ticks per meta-step; the learner's state at the end of
-    a window is carried (detached) into the next meta-step, so θ is updated every K ticks instead of once
-    per episode (``bptt``: the gradients of all ceil(T / K) windows are summed into one update).  New
-    episodes start when the carried ones are used up.  Meta-step s minimises the window's mean online CE
+    ``meta_batch`` episodes of ``episode_length`` T are drawn and unrolled ``bptt.truncation`` = K ticks
+    per meta-step; the learner's state at the end of a window is carried (detached) into the next
+    meta-step, so θ is updated every K ticks instead of once per episode (``bptt``: the gradients of all
+    ceil(T / K) windows are summed into one update).  Meta-step s minimises the windows' mean online CE
 
-        L_s(θ) = 1/(E·K) Σ_e Σ_{t ∈ [t_s, t_s + K)} CE(ŷ_{e,t}, y_{e,t})       (vsml.md §2.1 on one window)
+        L_s(θ) = 1/(E·K) Σ_e Σ_{t ∈ [t_{s,e}, t_{s,e} + K)} CE(ŷ_{e,t}, y_{e,t})   (vsml.md §2.1 on windows)
 
-    with ∇_θ through the window only (the carried state is a constant), clipped to ``bptt.clip_grad_norm``.
-    The carried episodes, position and state go into every checkpoint (:meth:`state_dict`), so a resumed
-    run continues bit for bit.  Initial states: ``pair_seed(seed, s, -1)`` as in :class:`BPTTEstimator`.
-    One process (no sharding).
+    with ∇_θ through the windows only (the carried state is a constant), clipped to ``bptt.clip_grad_norm``.
+
+    Streams (``bptt.streams`` = G): the E episodes are G streams of E/G.  With G = 1 every episode sits at
+    the same window, so successive steps optimise "early" and then "late" windows in turn.  With G > 1,
+    stream g's first episodes are burned in (forward only, no gradient) to window ⌊g·W/G⌋ (W = ceil(T/K)),
+    so each meta-step mixes G window positions (learned_optimization's random initial iteration offset,
+    made deterministic); a stream draws new episodes when its own are used up.  Streams whose windows have
+    the same shapes (classes, window length, state) run in one batched unroll (the gradient is the same sum).
+
+    Data: with G = 1 the episodes started at meta-step s are :meth:`Problem.batch` of s (as before streams
+    existed); stream g of G > 1 draws ``derive_seed(seed, "meta-train-data", s, "stream", g)``.  Initial
+    states: ``pair_seed(seed, s, -1 - g)``.  The carried episodes, positions and states go into every
+    checkpoint (:meth:`state_dict`), so a resumed run continues bit for bit.  One process (no sharding).
     """
 
     loss_metric = "loss"
@@ -265,58 +273,123 @@ class CarriedBPTTEstimator:
             raise ValueError(f"estimator tbptt needs 0 < bptt.truncation < episode_length (one window per "
                              f"meta-step), got truncation={cfg.truncation}, episode_length={length}; use "
                              "--estimator bptt for whole episodes")
+        if episodes % cfg.streams:
+            raise ValueError(f"estimator tbptt splits meta_batch={episodes} episodes into bptt.streams="
+                             f"{cfg.streams} streams: it must divide meta_batch")
         self.learner, self.cfg, self.problem = learner, cfg, problem
         self.episodes, self.length, self.seed = episodes, length, int(seed)
+        self.streams = int(cfg.streams)
+        windows = -(-length // cfg.truncation)
+        # the window stream g's first episodes start at (burned in): 0 for stream 0
+        self.offsets = [(g * windows // self.streams) * cfg.truncation for g in range(self.streams)]
 
     def init(self, theta: torch.Tensor) -> None:
         return None
 
-    def _start(self, theta: torch.Tensor, step: int) -> dict:
-        b = self.problem.batch(self.episodes, self.length, step)
-        x = _check_batch(b.x, b.y)                                          # [E, T, D]
-        gen = state_generator(self.learner, pair_seed(self.seed, step, -1), theta.device)
+    def _start(self, theta: torch.Tensor, step: int, g: int, burn_in: int = 0) -> dict:
+        n = self.episodes // self.streams
+        if self.streams == 1:
+            b = self.problem.batch(n, self.length, step)
+        else:
+            b = self.problem.sample(n, self.length, derive_seed(self.problem.seed, "meta-train-data", step, "stream", g))
+        x = _check_batch(b.x, b.y)                                          # [E/G, T, D]
+        gen = state_generator(self.learner, pair_seed(self.seed, step, -1 - g), theta.device)
         st = self.learner.init_state(x.shape[0], x.shape[2], b.num_classes, gen, theta.dtype, theta.device)
-        return {"x": x, "y": b.y, "num_classes": int(b.num_classes), "pos": 0, "state": st}
+        if burn_in:                    # forward only to the stream's first window, in windows of K ticks
+            with torch.no_grad():
+                for t0 in range(0, burn_in, self.cfg.truncation):
+                    t1 = min(burn_in, t0 + self.cfg.truncation)
+                    st = self.learner.unroll(theta, x[:, t0:t1], b.y[:, t0:t1], int(b.num_classes), state=st).state
+        return {"x": x, "y": b.y, "num_classes": int(b.num_classes), "pos": burn_in, "state": st}
 
-    def step(self, theta: torch.Tensor, state: dict | None, step: int) -> tuple[torch.Tensor, dict, dict]:
-        if state is None or state["pos"] >= state["x"].shape[1]:
-            state = self._start(theta, step)
-        x, y, c_num, t0 = state["x"], state["y"], state["num_classes"], state["pos"]
-        t1 = min(x.shape[1], t0 + self.cfg.truncation)
-        th = theta.detach().clone().requires_grad_(True)
+    def _windows(self, th: torch.Tensor, group: list[dict]) -> tuple[torch.Tensor, list[tuple[float, float, int, Any]]]:
+        """The next window of streams whose windows and states have the same shapes, in one unroll:
+        (∇_θ of their summed CE, per stream (summed CE, number correct, ticks, new state))."""
+        t0s = [s["pos"] for s in group]
+        k = min(group[0]["x"].shape[1] - t0s[0], self.cfg.truncation)
+        x = torch.cat([s["x"][:, t0:t0 + k] for s, t0 in zip(group, t0s)])        # [ΣE_g, k, D]
+        y = torch.cat([s["y"][:, t0:t0 + k] for s, t0 in zip(group, t0s)])        # [ΣE_g, k]
+        st = state_detach(state_cat([s["state"] for s in group]))
         with torch.enable_grad():
-            loss_sum, n_correct, new = unroll_chunked(self.learner, th, x[:, t0:t1], y[:, t0:t1], c_num,
-                                                      state_detach(state["state"]), self.cfg.checkpoint_chunk)
-            denom = float(x.shape[0] * (t1 - t0))
-            (grad,) = torch.autograd.grad(loss_sum / denom, th, allow_unused=True)
+            loss_ep, correct_ep, new = unroll_chunked(self.learner, th, x, y, group[0]["num_classes"], st,
+                                                      self.cfg.checkpoint_chunk, per_episode=True)   # [ΣE_g] each
+            (grad,) = torch.autograd.grad(loss_ep.sum(), th, allow_unused=True)
         grad = torch.zeros_like(th) if grad is None else grad.detach()
-        loss = float(loss_sum.detach()) / denom
+        out, e0 = [], 0
+        for s in group:
+            e1 = e0 + s["x"].shape[0]
+            out.append((float(loss_ep[e0:e1].detach().sum()), float(correct_ep[e0:e1].sum()), (e1 - e0) * k,
+                        state_detach(state_index(new, slice(e0, e1)))))
+            e0 = e1
+        return grad, out
+
+    def _group_key(self, s: dict) -> tuple:
+        """Streams with equal keys share one unroll: same classes, window length and state shapes."""
+        leaves, _ = tree_flatten(s["state"])
+        return (s["num_classes"], min(s["x"].shape[1] - s["pos"], self.cfg.truncation), tuple(s["x"].shape[2:]),
+                tuple(tuple(t.shape[1:]) for t in leaves))
+
+    def step(self, theta: torch.Tensor, state: list[dict] | None, step: int) -> tuple[torch.Tensor, dict, list[dict]]:
+        if state is None:
+            state = [self._start(theta, step, g, burn_in=off) for g, off in enumerate(self.offsets)]
+        state = [self._start(theta, step, g) if s["pos"] >= s["x"].shape[1] else s for g, s in enumerate(state)]
+        groups: dict[tuple, list[int]] = {}
+        for g, s in enumerate(state):
+            groups.setdefault(self._group_key(s), []).append(g)
+        th = theta.detach().clone().requires_grad_(True)
+        grad, per_stream = torch.zeros_like(th), [None] * len(state)
+        for idx in groups.values():
+            gg, outs = self._windows(th, [state[g] for g in idx])
+            grad = grad + gg
+            for g, o in zip(idx, outs):
+                per_stream[g] = o
+        denom = sum(o[2] for o in per_stream)
+        loss, n_correct = sum(o[0] for o in per_stream) / denom, sum(o[1] for o in per_stream) / denom
+        grad = grad / denom
+        metrics = {}
+        for g, (s, o) in enumerate(zip(state, per_stream)):
+            if self.streams == 1:
+                metrics["window_start"] = float(s["pos"])
+            else:                      # each stream's window and loss: the meta-loss along the episode
+                metrics[f"window_start_s{g}"], metrics[f"loss_s{g}"] = float(s["pos"]), o[0] / o[2]
+        new_state = [dict(s, pos=min(s["x"].shape[1], s["pos"] + self.cfg.truncation), state=o[3])
+                     for s, o in zip(state, per_stream)]
         norm = grad_norm(grad)
         nonfinite = not (math.isfinite(loss) and math.isfinite(norm))
-        if nonfinite:                  # a zero step; the carried state is dropped and new episodes start
+        if nonfinite:                  # a zero step; the carried states are dropped and new episodes start
             grad, norm = torch.zeros_like(grad), float("nan")
+            new_state = [dict(s, pos=s["x"].shape[1]) for s in new_state]
         clipped = not nonfinite and self.cfg.clip_grad_norm > 0 and norm > self.cfg.clip_grad_norm
         if clipped:
             grad = clip_grad(grad, self.cfg.clip_grad_norm)
-        state = dict(state, pos=x.shape[1] if nonfinite else t1, state=state_detach(new))
-        return grad, {"loss": loss, "accuracy": float(n_correct) / denom, "grad_norm": norm,
-                      "clipped": float(clipped), "nonfinite": float(nonfinite), "window_start": float(t0)}, state
+        return grad, {"loss": loss, "accuracy": n_correct, "grad_norm": norm, "clipped": float(clipped),
+                      "nonfinite": float(nonfinite), **metrics}, new_state
 
-    def state_dict(self, state: dict | None) -> dict:
+    def state_dict(self, state: list[dict] | None) -> dict:
         if state is None:
             return {}
-        leaves, _ = tree_flatten(state["state"])
-        return {"x": state["x"].cpu(), "y": state["y"].cpu(), "num_classes": state["num_classes"],
-                "pos": int(state["pos"]), "leaves": [t.detach().cpu().clone() for t in leaves]}
+        out = []
+        for s in state:
+            leaves, _ = tree_flatten(s["state"])
+            out.append({"x": s["x"].cpu(), "y": s["y"].cpu(), "num_classes": s["num_classes"], "pos": int(s["pos"]),
+                        "leaves": [t.detach().cpu().clone() for t in leaves]})
+        return {"streams": out}
 
-    def load_state_dict(self, theta: torch.Tensor, d: dict) -> dict | None:
+    def load_state_dict(self, theta: torch.Tensor, d: dict) -> list[dict] | None:
         if not d:
             return None
-        x = d["x"].to(theta.device)
-        tmpl = self.learner.init_state(x.shape[0], x.shape[2], d["num_classes"], torch.Generator().manual_seed(0),
-                                       theta.dtype, theta.device)
-        return {"x": x, "y": d["y"].to(theta.device), "num_classes": d["num_classes"], "pos": d["pos"],
-                "state": state_from_leaves(tmpl, d["leaves"], "the carried tbptt state")}
+        streams = d["streams"] if "streams" in d else [d]      # a checkpoint from before streams: one stream
+        if len(streams) != self.streams:
+            raise ValueError(f"the checkpoint carries {len(streams)} tbptt streams but bptt.streams={self.streams}; "
+                             "resume with the run's own bptt.streams")
+        out = []
+        for s in streams:
+            x = s["x"].to(theta.device)
+            tmpl = self.learner.init_state(x.shape[0], x.shape[2], s["num_classes"], torch.Generator().manual_seed(0),
+                                           theta.dtype, theta.device)
+            out.append({"x": x, "y": s["y"].to(theta.device), "num_classes": s["num_classes"], "pos": s["pos"],
+                        "state": state_from_leaves(tmpl, s["leaves"], "the carried tbptt state")})
+        return out
 
 
 @register("tbptt", why="its episodes are carried from step to step on one process")

@@ -131,6 +131,10 @@ class TrainConfig:
             raise ConfigError(f"estimator=tbptt runs one bptt.truncation window of each episode per meta-step: it "
                               f"needs 0 < bptt.truncation < episode_length, got {self.bptt.truncation} and "
                               f"{self.episode_length} (use --estimator bptt for whole episodes)")
+        if self.bptt.streams != 1 and (self.estimator != "tbptt" or self.meta_batch % self.bptt.streams):
+            raise ConfigError(f"bptt.streams={self.bptt.streams} splits the meta-batch of --estimator tbptt into "
+                              f"staggered streams: it needs --estimator tbptt and meta_batch divisible by it, got "
+                              f"estimator={self.estimator}, meta_batch={self.meta_batch} (or set --bptt.streams 1)")
         if self.estimator == "bmg" and self.episode_length < self.bmg.episode_length:
             raise ConfigError(f"estimator=bmg needs episode_length >= bmg.k_steps + bmg.l_steps + bmg.probe = "
                               f"{self.bmg.episode_length}, got {self.episode_length}")
