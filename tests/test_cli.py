@@ -115,6 +115,11 @@ class _Cfg:
 
 
 @dataclass(frozen=True)
+class _ListArgs:
+    items: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class _ScriptArgs:
     checkpoint: str
     no_plot: bool = False
@@ -132,6 +137,9 @@ def test_a_new_config_field_appears_without_touching_the_parser():
 def test_script_clis_switches_and_required(capsys):
     a = parse(_ScriptArgs, ["--checkpoint", "x", "--no-plot", "--seeds", "3,4"])
     assert a == _ScriptArgs("x", True, (3, 4))
+    # a list item's own commas inside [...] stay with it: analytic:sgd[boost=2,tau=250],runs/x
+    assert parse(_ListArgs, ["--items", "analytic:sgd[boost=2,tau=250],runs/x,b[c]"]).items == (
+        "analytic:sgd[boost=2,tau=250]", "runs/x", "b[c]")
     err = _one_line_error(capsys, parse, _ScriptArgs, [])
     assert "missing required argument(s): --checkpoint" in err
 

@@ -27,10 +27,12 @@ them (their gradients are not zero; the saturated gates' are ~1e-7).
 
 from __future__ import annotations
 
+import math
 import re
 
 import torch
 
+from vsml.engine.cell import GATE_I_OFFSET
 from vsml.engine.config import ConfigError, SubLSTMConfig, VSMLConfig
 from vsml.engine.params import param_shapes
 
@@ -54,19 +56,45 @@ def check_sgd_config(cfg: VSMLConfig) -> None:
         raise ConfigError("analytic:sgd (online SGD written into θ) needs " + "; ".join(missing))
 
 
-def sgd_theta(cfg: VSMLConfig, alpha: float = 1.0, eps: float = 0.01, dtype: torch.dtype = torch.float32
-              ) -> torch.Tensor:
-    """θ [L, P] with which the VSML network is online SGD with step α on w (module docstring)."""
+#: element k's input-gate bias when a step-size schedule (boost > 1) reads the clock: σ(4) = 0.982
+SCHEDULE_GATE = 4.0
+
+
+def sgd_theta(cfg: VSMLConfig, alpha: float = 1.0, eps: float = 0.01, boost: float = 1.0, tau: float = 500.0,
+              dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """θ [L, P] with which the VSML network is online SGD with step α on w (module docstring).
+
+    ``boost`` B > 1 adds a bounded step-size schedule that decays from α·B to α over ~τ = ``tau`` examples
+    (issue 15: a fast start that cannot grow without bound).  A clock element j = k + 1 (zero at the
+    start, gates open) integrates a constant, c_j ← c_j + 1/(S τ) in each of the S micro-steps of an
+    example (S = 2·micro_ticks with the backward pass), so h_j = tanh(t / τ) after t examples; element k's
+    input gate reads it, i_k = σ(β + w h_j) with β = 4 (after the cell's −5 input-gate offset) and w = logit(σ(β)/B) − β, and w_xe is scaled by B:
+
+        α(t) = α · B · σ(β + w · tanh(t / τ)) / σ(β)          α(0) = α·B,  α(t ≫ τ) = α
+    """
     check_sgd_config(cfg)
-    if not (alpha > 0 and eps > 0):
-        raise ConfigError(f"analytic:sgd needs alpha > 0 and eps > 0, got alpha={alpha}, eps={eps}")
-    n, k = cfg.cell.hidden, cfg.cell.num_rand
+    if not (alpha > 0 and eps > 0 and boost >= 1 and tau > 0):
+        raise ConfigError(f"analytic:sgd needs alpha > 0, eps > 0, boost >= 1 and tau > 0, got alpha={alpha}, "
+                          f"eps={eps}, boost={boost}, tau={tau}")
+    n, m, k = cfg.cell.hidden, cfg.cell.msg, cfg.cell.num_rand
+    if boost > 1 and k + 1 >= n:
+        raise ConfigError("analytic:sgd[boost>1] needs two state elements the initial state leaves at zero (the "
+                          "weight and the clock): lower --vsml.cell.init_rand_proportion")
     parts = {name: torch.zeros(shape, dtype=torch.float64) for name, shape in param_shapes(cfg.cell)}
     beta = parts["beta"]                                    # [4N], gates i, g, f, o
     for gate in (0, 2, 3):
         beta[gate * n + k] = GATE_OPEN
     parts["W_xe"][n + k] = -eps * alpha / cfg.micro_ticks   # the g gate of element k
     parts["W_xphi"][cfg.output_idx, k] = 1.0 / eps
+    if boost > 1:
+        j, steps = k + 1, 2 * cfg.micro_ticks if cfg.backward_pass else cfg.micro_ticks
+        for gate in (0, 2, 3):                              # the clock: gates open, g_j = 1 / (S τ)
+            beta[gate * n + j] = GATE_OPEN
+        beta[n + j] = math.atanh(1.0 / (steps * tau))
+        g0 = 1.0 / (1.0 + math.exp(-SCHEDULE_GATE))         # σ(β)
+        beta[k] = SCHEDULE_GATE - GATE_I_OFFSET             # i_k = σ(β + w h_j), W's columns: [fwd M, bwd M, h N]
+        parts["W"][k, 2 * m + j] = math.log((g0 / boost) / (1.0 - g0 / boost)) - SCHEDULE_GATE
+        parts["W_xe"][n + k] *= boost / g0
     flat = torch.cat([parts[name].flatten() for name, _ in param_shapes(cfg.cell)])   # [P]
     return flat.to(dtype)[None].repeat(cfg.num_theta_sets, 1)                         # [L, P]
 
@@ -87,8 +115,8 @@ def parse_spec(spec: str) -> tuple[str, dict[str, float]]:
     kw = {}
     for item in filter(None, (s.strip() for s in (m.group(2) or "").split(","))):
         key, _, val = item.partition("=")
-        if key not in ("alpha", "eps"):
-            raise ConfigError(f"{spec}: unknown option {key!r}; analytic:sgd takes alpha and eps")
+        if key not in ("alpha", "eps", "boost", "tau"):
+            raise ConfigError(f"{spec}: unknown option {key!r}; analytic:sgd takes alpha, eps, boost and tau")
         try:
             kw[key] = float(val)
         except ValueError:

@@ -23,6 +23,8 @@ Conventions (the same for every CLI):
 
 from __future__ import annotations
 
+import re
+
 import contextlib
 import dataclasses
 import difflib
@@ -109,8 +111,8 @@ def _registry(bool_values: bool) -> ConstructorRegistry:
             return None
         name = getattr(args[0], "__name__", "X").upper()
 
-        def from_str(a: list[str]) -> tuple:
-            return tuple(conv(p.strip()) for p in a[0].split(",") if p.strip())
+        def from_str(a: list[str]) -> tuple:       # commas inside [...] (analytic:sgd[alpha=2,tau=500]) stay
+            return tuple(conv(p.strip()) for p in re.split(r",(?![^\[]*\])", a[0]) if p.strip())
         return PrimitiveConstructorSpec(
             nargs=1, metavar=f"{name},...", instance_from_str=from_str,
             is_instance=lambda x: isinstance(x, tuple),
