@@ -136,14 +136,19 @@ TINY = ["--preset", "tiny", "--log.progress", "false", "--eval.every", "0", "--c
 NEEDS = ["--vsml.backward_pass", "true", "--vsml.cell.bilinear", "true", "--vsml.logit_scale", "2"]
 
 
-def test_train_cli_starts_from_analytic_sgd(tmp_path):
-    rc = train_cli.main([*TINY, *NEEDS, "--out_dir", str(tmp_path), "--name", "a", "--init_from",
-                         "analytic:sgd[alpha=1.5]", "--estimator", "tbptt", "--meta_batch", "2",
+@pytest.mark.parametrize("spec,kw", [("analytic:sgd[alpha=1.5]", {"alpha": 1.5}),
+                                     ("analytic:sgd[alpha=0.5,boost=6,tau=500]", {"alpha": 0.5, "boost": 6, "tau": 500})])
+def test_train_cli_starts_from_analytic_sgd(tmp_path, spec, kw):
+    """train.py meta-trains from the spec (with staggered tbptt streams), eval.py evaluates the spec itself."""
+    rc = train_cli.main([*TINY, *NEEDS, "--out_dir", str(tmp_path), "--name", "a", "--init_from", spec,
+                         "--estimator", "tbptt", "--meta_batch", "2", "--bptt.streams", "2",
                          "--episode_length", "6", "--bptt.truncation", "3", "--steps", "2", "--lr", "1e-12"])
     assert rc == 0
     theta = load_checkpoint(tmp_path / "a")["theta"]
-    want = sgd_theta(DEFAULT_CONFIG, alpha=1.5)
+    want = sgd_theta(DEFAULT_CONFIG, **kw)
     torch.testing.assert_close(theta, want, rtol=0, atol=1e-9)     # lr 1e-12: θ is still the analytic one
+    assert eval_cli.main(["--checkpoint", spec, "--tasks", "digits+resize4", "--episodes", "2", "--length", "20",
+                          "--baselines", "", "--out", str(tmp_path / "ev")]) == 0
 
 
 def test_train_cli_analytic_needs_its_schedule(tmp_path, capsys):
