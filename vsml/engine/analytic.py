@@ -22,6 +22,7 @@ MNIST-14).  All other sub-LSTM paths are zero, so meta-training starts from this
 them (their gradients are not zero; the saturated gates' are ~1e-7).
 
     python eval.py --checkpoint analytic:sgd ...          # evaluate it
+    python eval.py --checkpoint "analytic:sgd[alpha=0.5,boost=6,tau=500]" ...   # with a bounded step schedule (sgd_theta)
     python train.py --init_from analytic:sgd ...         # meta-train from it
 """
 
@@ -68,7 +69,8 @@ def sgd_theta(cfg: VSMLConfig, alpha: float = 1.0, eps: float = 0.01, boost: flo
     (issue 15: a fast start that cannot grow without bound).  A clock element j = k + 1 (zero at the
     start, gates open) integrates a constant, c_j ← c_j + 1/(S τ) in each of the S micro-steps of an
     example (S = 2·micro_ticks with the backward pass), so h_j = tanh(t / τ) after t examples; element k's
-    input gate reads it, i_k = σ(β + w h_j) with β = 4 (after the cell's −5 input-gate offset) and w = logit(σ(β)/B) − β, and w_xe is scaled by B:
+    input gate reads it, i_k = σ(β + w h_j) with β = 4 (after the cell's −5 input-gate offset) and
+    w = logit(σ(β)/B) − β, and w_xe is scaled by B / σ(β):
 
         α(t) = α · B · σ(β + w · tanh(t / τ)) / σ(β)          α(0) = α·B,  α(t ≫ τ) = α
     """

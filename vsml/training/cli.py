@@ -23,14 +23,13 @@ Conventions (the same for every CLI):
 
 from __future__ import annotations
 
-import re
-
 import contextlib
 import dataclasses
 import difflib
 import inspect
 import io
 import os
+import re
 import sys
 import types
 import typing
