@@ -302,6 +302,14 @@ def test_tbptt_streams_need_tbptt_and_a_dividing_meta_batch(tmp_path, capsys):
     err = capsys.readouterr().err
     assert exc.value.code == 2 and "bptt.streams=2" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "x").exists()
+    # a resume with another stream count than the checkpoint carries: exit 2, one line
+    base_args = ["--preset", "tiny", "--estimator", "tbptt", "--meta_batch", "2", "--bptt.truncation", "3",
+                 "--episode_length", "9", "--bptt.streams", "2", "--steps", "2", "--eval.every", "0",
+                 "--log.progress", "false", "--out_dir", str(tmp_path), "--name", "s"]
+    assert train_cli.main(base_args) == 0
+    capsys.readouterr()
+    rc = train_cli.main(["--resume", str(tmp_path / "s"), "--steps", "4", "--bptt.streams", "1"])
+    assert rc == 2 and "carries 2 tbptt streams but bptt.streams=1" in capsys.readouterr().err
 
 
 def test_tbptt_needs_a_window_shorter_than_the_episode(tmp_path, capsys):
