@@ -1,8 +1,9 @@
 """Issue 15: online SGD / Adam with the best learning rate of a small grid, chosen on the validation split
-(train split, seed 101, 8 x 2000, mean online accuracy over MNIST-14 and Fashion-14), then meta-tested once on
-the test split (16 x 2000, seed 22).
+(train split, seed 101, 8 x ``length``, mean online accuracy over the tasks), then meta-tested once on the test
+split (16 x ``length``, seed 22).
 
-    python experiments/issue15_tuned_baselines.py --data_dir ../shared/datasets
+    python experiments/issue15_tuned_baselines.py --data_dir ../shared/datasets         # MNIST-14 / Fashion-14
+    python experiments/issue15_tuned_baselines.py --tasks digits --length 500           # the default job's meta-test
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ class Args:
     tasks: str = "mnist+resize14;fashion_mnist+resize14"
     sgd_lrs: tuple[float, ...] = (0.003, 0.01, 0.03, 0.1, 0.3)
     adam_lrs: tuple[float, ...] = (3e-4, 1e-3, 3e-3, 1e-2)
+    length: int = 2000                # examples per episode (validation and test)
     data_dir: str | None = None
     json: str | None = None
 
@@ -33,7 +35,7 @@ if __name__ == "__main__":
     for opt, lr in grid:
         bl = OnlineSGD(hidden=None, lr=lr, optimizer=opt)
         learners.append(FrozenLearner(f"{opt} lr={lr:g}", bl, bl.init_theta()))
-    val = evaluate(learners, tasks, 8, 2000, 101, a.data_dir, split="train", smooth=1)
+    val = evaluate(learners, tasks, 8, a.length, 101, a.data_dir, split="train", smooth=1)
     out = {"validation": {t: {n: r["online_accuracy"] for n, r in per.items()} for t, per in val.items()}}
     best = {}
     for opt in ("sgd", "adam"):
@@ -45,7 +47,7 @@ if __name__ == "__main__":
         best[opt] = max(score, key=score.get)
     print("chosen:", best)
     chosen = [fl for fl in learners if fl.name in best.values()]
-    test = evaluate(chosen, tasks, 16, 2000, 22, a.data_dir, split="test")
+    test = evaluate(chosen, tasks, 16, a.length, 22, a.data_dir, split="test")
     out["test"] = {t: {n: {"online": r["online_accuracy"], "final": r["final_accuracy"]} for n, r in per.items()}
                    for t, per in test.items()}
     for t, per in test.items():

