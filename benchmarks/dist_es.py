@@ -5,7 +5,7 @@
     python benchmarks/dist_es.py --device cuda --procs 1,2,4,8   # one GPU per process (NCCL)
 
 Each row launches ``torchrun --standalone --nproc_per_node W`` on this script in worker mode.  A
-worker builds the default job's ES step (VSML 1 layer, ``--task`` episodes, ``--pairs`` antithetic
+worker builds the ES step of `--preset default-clone` (the default job before 2026-12-07) (VSML 1 layer, ``--task`` episodes, ``--pairs`` antithetic
 pairs, ``--length`` examples per episode), samples the step's global data batch, and times
 :class:`vsml.estimators.core.ESEstimator` sharded by :class:`vsml.training.distributed.ShardedEstimator`, ``.estimate`` + the Adam step (the part that is
 distributed; the data sampling, replicated on every rank, is timed separately and reported) over
@@ -42,7 +42,7 @@ def worker(a: DistESArgs) -> None:
     from vsml.engine.network import VSMLNetwork
     from vsml.training.presets import get, replace
 
-    cfg = get("default")
+    cfg = get("default-clone")          # the ES workload of the default job before 2026-12-07 (cloning + ES)
     cfg = replace(cfg, task=a.task, episode_length=a.length, device=a.device,
                   backend=("auto" if a.compile else "torch"),
                   clone=replace(cfg.clone, steps=0), es=replace(cfg.es, pairs=a.pairs))
