@@ -86,6 +86,42 @@ def test_resume_equals_uninterrupted(tmp_path, estimator):
             assert torch.equal(pa["x"], pb["x"]) and all(torch.equal(u, v) for u, v in zip(pa["leaves"], pb["leaves"]))
 
 
+def test_average_every_makes_the_runs_theta_the_mean_of_its_meta_training_iterates(tmp_path, capsys):
+    """--average_every K: θ̄ = mean of θ at meta-steps clone.steps + K, + 2K, ... (tiny: 2 cloning steps, then
+    ES); theta.safetensors, eval.py's loader, --init_from and the final meta-test all use θ̄, the iterate stays in
+    last.pt; an interrupted + resumed run averages exactly as an uninterrupted one."""
+    from vsml.evaluation.load import load_learner
+    rd = _run(tmp_path, "--eval.every", "0", "--steps", "5", "--average_every", "2", "--keep_checkpoints", "true",
+              "--ckpt_every", "1", name="avg")
+    its = {s: load_checkpoint(rd / "checkpoints" / f"step_{s:06d}.pt")["theta"] for s in range(1, 8)}
+    want = ((its[4].double() + its[6].double()) / 2).float()           # steps 2+2, 2+4 (not 7 = 2+5)
+    got, _, meta = load_theta(rd / "theta.safetensors")
+    assert torch.equal(got, want) and not torch.equal(got, its[7])
+    assert meta["average_of"] == "the mean of 2 θ at steps 4, 6, ..., 6"
+    assert torch.equal(load_learner(str(rd), compile=False)[2], want)               # eval.py --checkpoint RUN
+    assert torch.equal(load_learner(str(rd / "checkpoints" / "last.pt"), compile=False)[2], want)
+    assert torch.equal(load_checkpoint(rd)["theta"], its[7])                        # the iterate resumes
+    assert "the mean of 2 θ at steps 4, 6" in capsys.readouterr().out
+    assert torch.equal(load_learner(str(rd / "checkpoints" / "step_000003.pt"), compile=False)[2], its[3])  # none yet
+    part = _run(tmp_path, "--eval.every", "0", "--steps", "3", "--average_every", "2", name="part")
+    assert train_cli.main(["--resume", str(part), "--steps", "5", "--log.progress", "false"]) == 0
+    assert torch.equal(load_theta(part / "theta.safetensors")[0], want)
+    res = json.loads((part / "meta_test" / "results.json").read_text())["digits"]["vsml"]["online_accuracy"]
+    assert res == json.loads((rd / "meta_test" / "results.json").read_text())["digits"]["vsml"]["online_accuracy"]
+    # changing K mid-run would mix two different means: refused with one line
+    assert train_cli.main(["--resume", str(part), "--steps", "6", "--average_every", "3",
+                           "--log.progress", "false"]) == 2
+    assert "average_every" in capsys.readouterr().err
+
+
+def test_average_every_must_not_be_negative(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        train_cli.main([*TINY, "--out_dir", str(tmp_path), "--average_every", "-1"])
+    assert exc.value.code == 2 and not list(tmp_path.iterdir())
+    err = capsys.readouterr().err.strip()
+    assert "average_every must be >= 0" in err and "\n" not in err
+
+
 def test_resume_can_extend_the_cloning_phase(tmp_path, capsys):
     # a 2-step cloning run extended to 4 cloning steps == a 4-step cloning run, then the meta-steps
     full = _run(tmp_path, "--eval.every", "0", "--clone.steps", "4", "--steps", "2", name="full")
@@ -264,7 +300,8 @@ def test_shipped_soup_is_its_model_cards_command(tmp_path):
 def test_shipped_sched_tbptt_is_its_presets_checkpoint_average():
     """pretrained:mnist14-sched-tbptt is the uniform mean of the θ at steps 5, 10, ..., 40 of a run whose config is
     the sched-tbptt preset (the run was started with --steps 60 and stopped after 40: θ at step k does not depend on
-    the total), and it is a meta-trained change of the schedule it started from, not a copy."""
+    the total; it was averaged by experiments/issue15_soup.py before --average_every existed, which the preset now
+    sets: the same float64 mean), and it is a meta-trained change of the schedule it started from, not a copy."""
     import dataclasses
     from vsml.evaluation.load import load_learner
     from vsml.pretrained import HERE
@@ -272,7 +309,8 @@ def test_shipped_sched_tbptt_is_its_presets_checkpoint_average():
     from vsml.training.config import config_from_dict
     theta, stored, meta = load_theta(HERE / "mnist14-sched-tbptt.safetensors")
     got, want = config_from_dict(stored), presets.get("sched-tbptt")
-    assert dataclasses.replace(got, name=want.name, steps=want.steps, data_dir=want.data_dir) == want
+    assert got.average_every == 0 and want.average_every == 5 and want.ckpt_every == 5
+    assert dataclasses.replace(got, name=want.name, steps=want.steps, data_dir=want.data_dir, average_every=5) == want
     assert meta["soup_of"] == ",".join(f"runs/s11-sched/checkpoints/step_{s:06d}.pt" for s in range(5, 41, 5))
     assert meta["soup_weights"] == ",".join(["0.125"] * 8)
     _, _, start, _ = load_learner(want.init_from, compile=False)

@@ -15,6 +15,7 @@ def load_learner(path: str, device: str = "cpu", compile: bool = True, backend: 
     import torch
 
     from vsml.learners.registry import build_learner
+    from vsml.training.averaging import checkpoint_theta
     from vsml.training.checkpoint import CheckpointError, load_checkpoint, load_theta
     from vsml.training.config import config_from_dict
     if path.startswith("analytic:"):
@@ -28,7 +29,7 @@ def load_learner(path: str, device: str = "cpu", compile: bool = True, backend: 
         theta, cfg_dict, _ = load_theta(p if p.suffix == ".safetensors" else p / "theta.safetensors")
     else:
         ck = load_checkpoint(p)
-        theta, cfg_dict = ck["theta"], ck["config"]
+        theta, cfg_dict = checkpoint_theta(ck), ck["config"]      # θ̄ when the run averages (--average_every)
     cfg = config_from_dict(cfg_dict)
     from dataclasses import replace
     if backend is None:

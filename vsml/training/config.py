@@ -101,6 +101,7 @@ class TrainConfig:
     out_dir: str = "runs"
     ckpt_every: int = 50
     keep_checkpoints: bool = False    # also keep step_<n>.pt next to last.pt
+    average_every: int = 0            # >0: the run's θ is the mean of θ at every K-th meta-step after cloning (vsml/training/averaging.py)
     max_nonfinite_steps: int = 5      # stop (exit 3) after this many consecutive steps with no finite member loss (0: never)
     eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
@@ -127,6 +128,9 @@ class TrainConfig:
             raise ConfigError(f"lr must be a positive number, got {self.lr}")
         if self.weight_decay < 0:
             raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.average_every < 0:
+            raise ConfigError(f"average_every must be >= 0 (0: no averaging; K: the mean of θ every K meta-steps), "
+                              f"got {self.average_every}")
         if self.estimator == "tbptt" and not 0 < self.bptt.truncation < self.episode_length:
             raise ConfigError(f"estimator=tbptt runs one bptt.truncation window of each episode per meta-step: it "
                               f"needs 0 < bptt.truncation < episode_length, got {self.bptt.truncation} and "

@@ -162,7 +162,8 @@ def load_init_theta(cfg) -> torch.Tensor:
         p = Path(src)
     if p.is_dir():
         p = p / "theta.safetensors"
-    theta = load_theta(p)[0] if p.suffix == ".safetensors" else load_checkpoint(p)["theta"]
+    from vsml.training.averaging import checkpoint_theta     # θ̄ of a run that averages (--average_every)
+    theta = load_theta(p)[0] if p.suffix == ".safetensors" else checkpoint_theta(load_checkpoint(p))
     want = tuple(build_learner(cfg).init_theta().shape)
     if cfg.learner == "vsml" and cfg.vsml.cell.bilinear and tuple(theta.shape) != want:
         from vsml.engine.params import extend_theta

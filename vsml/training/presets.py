@@ -59,12 +59,12 @@ _SGD_BPTT = TrainConfig(
                     baselines="sgd,adam"))
 
 # issue 15, eleventh session: meta-training from the bounded schedule (analytic:sgd[alpha=0.5,boost=6,tau=500]) by
-# staggered truncated BPTT over 10 000-example episodes; pretrained:mnist14-sched-tbptt is the mean of its θ at steps
-# 5, 10, ..., 40 (experiments/issue15_soup.py; its model card)
+# staggered truncated BPTT over 10 000-example episodes; the run's θ is the mean of its θ at steps 5, 10, ..., 40
+# (average_every: vsml/training/averaging.py), which is pretrained:mnist14-sched-tbptt (its model card)
 _SCHED_TBPTT = replace(
     _SGD_BPTT, name="sched-tbptt", init_from="analytic:sgd[alpha=0.5,boost=6,tau=500]",
     task="mix:mnist+resize14,mnist+resize14+proj,mnist+resize14+proj+classes5,mnist+resize14+perm,teacher_mlp",
-    estimator="tbptt", episode_length=10000, meta_batch=5, lr=1e-5, steps=40, ckpt_every=5,
+    estimator="tbptt", episode_length=10000, meta_batch=5, lr=1e-5, steps=40, ckpt_every=5, average_every=5,
     bptt=BPTTConfig(truncation=2000, checkpoint_chunk=25, streams=5))
 
 # the default job (issue 15's recipe at digits scale, chosen on the digits train split: RESULTS.md, eleventh
@@ -146,8 +146,8 @@ PRESETS: dict[str, tuple[str, TrainConfig]] = {
     "sched-tbptt": (
         "issue 15: the bounded step-size schedule analytic:sgd[alpha=0.5,boost=6,tau=500], then staggered truncated "
         "BPTT (5 streams, 10 000-example episodes, 2000-example windows, Adam 1e-5) on the sgd-bptt family plus "
-        "unprojected MNIST-14, 40 steps (~70 s per step with VSML_THREADS=2); pretrained:mnist14-sched-tbptt is the "
-        "mean θ of its checkpoints every 5 steps (model card); needs --data_dir",
+        "unprojected MNIST-14, 40 steps (~70 s per step with VSML_THREADS=2); the run's θ is the mean of θ every 5 "
+        "steps (--average_every 5), pretrained:mnist14-sched-tbptt (model card); needs --data_dir",
         _SCHED_TBPTT),
     "paper-mnist": (
         "the reference experiment (vsml.md §2.2): MNIST + projections, 1024 pairs, T=500, 10001 steps "

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from tasks.base import derive_seed  # one seed-derivation rule for data, noise and states
+from vsml.training.averaging import ThetaAverage
 from vsml.training.checkpoint import CheckpointError, atomic_write_text, save_checkpoint, save_theta
 from vsml.learners.registry import build_learner
 from vsml.training.config import TrainConfig, config_from_dict
@@ -79,7 +80,7 @@ def _check_resume_compatible(saved: TrainConfig, cfg: TrainConfig, step: int | N
                 f"cloning phase (clone.steps={saved.clone.steps}); clone.steps can only grow, or shrink to "
                 f">= {step}, while the run is still cloning")
         saved = dataclasses.replace(saved, clone=cfg.clone)
-    for key in ("learner", "vsml", "badger", "metarnn", "estimator", "clone", "pes"):
+    for key in ("learner", "vsml", "badger", "metarnn", "estimator", "clone", "pes", "average_every"):
         if getattr(saved, key) != getattr(cfg, key):
             raise CheckpointError(
                 f"cannot resume: the checkpoint was trained with {key}={getattr(saved, key)!r} but the "
@@ -342,6 +343,9 @@ def _train(cfg: TrainConfig, resume, run_dir, cleanup: contextlib.ExitStack, inf
                     states[name] = estimators[name].load_state_dict(theta.detach(), d)
                 except ValueError as exc:
                     raise CheckpointError(f"{ck['path']}: {exc}") from None
+    avg = ThetaAverage(cfg.average_every, after=cfg.clone.steps)   # the run's θ (θ̄ or the iterate)
+    if ck is not None:
+        avg.load_state_dict(ck.get("extra", {}).get("average"), device)
     phase_ends = list(itertools.accumulate(p.steps for p in cfg.phases))   # the step each phase ends at
     metric = metric_for(cfg.learner)          # how this learner is meta-tested (vsml/evaluation/metrics.py)
 
@@ -358,12 +362,15 @@ def _train(cfg: TrainConfig, resume, run_dir, cleanup: contextlib.ExitStack, inf
             return
         extra = {"wandb_id": logger.wandb_id} if logger.wandb_id else {}
         extra["estimator"] = {name: est.state_dict(states[name]) for name, est in estimators.items()}
+        if avg.every:
+            extra["average"] = avg.state_dict()
         kw = dict(theta=theta, optimizer={name: o.state_dict() for name, o in opts.items()},
                   rng={"torch": torch.get_rng_state()}, step=step, config=cfg_dict, extra=extra)
         save_checkpoint(rd / "checkpoints" / "last.pt", **kw)
         if cfg.keep_checkpoints:
             save_checkpoint(rd / "checkpoints" / f"step_{step:06d}.pt", **kw)
-        save_theta(rd / "theta.safetensors", theta, cfg_dict, step)
+        save_theta(rd / "theta.safetensors", avg.value(theta), cfg_dict, step,
+                   {"average_of": avg.describe()} if avg.n else None)
         info["last_ckpt"] = step
 
     from tqdm.auto import tqdm
@@ -387,6 +394,7 @@ def _train(cfg: TrainConfig, resume, run_dir, cleanup: contextlib.ExitStack, inf
                 optim.step()
                 optim.zero_grad(set_to_none=True)
                 step += 1
+                avg.update(step, theta)
                 ctx.after_step(step, theta, optim)    # cross-rank θ checksum every dist.checksum_every
                 bar.update(1)
                 no_finite = _no_finite_member(m, est.loss_metric)
@@ -414,7 +422,7 @@ def _train(cfg: TrainConfig, resume, run_dir, cleanup: contextlib.ExitStack, inf
                     t_eval = time.time()
                     _say(f"[vsml] meta-test at step {step}: {cfg.eval.tasks} ({cfg.eval.episodes} episodes x "
                          f"{cfg.eval.length} steps) ...")
-                    res = metric.meta_test(cfg, learner, theta, step, logger, rd)
+                    res = metric.meta_test(cfg, learner, avg.value(theta), step, logger, rd)
                     _say(f"[vsml] meta-test {metric.progress_line(res, cfg.learner)} ({time.time() - t_eval:.1f} s)")
                 if ctx.any(stop.signal is not None):     # all ranks stop after the same step
                     interrupted = stop.signal or signal.SIGTERM
@@ -446,7 +454,9 @@ def _train(cfg: TrainConfig, resume, run_dir, cleanup: contextlib.ExitStack, inf
     t_eval = time.time()
     _say(f"[vsml] final meta-test: {cfg.eval.tasks} ({cfg.eval.episodes} episodes x {cfg.eval.length} steps"
          + (f", with {cfg.eval.baselines}" if cfg.eval.baselines else "") + ") ...")
-    res = metric.meta_test(cfg, learner, theta, step, logger, rd, final=True, progress=_say)
+    if avg.n:
+        _say(f"[vsml] the run's θ (meta-test, theta.safetensors): {avg.describe()} (--average_every {avg.every})")
+    res = metric.meta_test(cfg, learner, avg.value(theta), step, logger, rd, final=True, progress=_say)
     _say(f"[vsml] final meta-test done ({time.time() - t_eval:.1f} s)")
     logger.summary(metric.summary(res))
     logger.close()
