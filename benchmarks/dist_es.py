@@ -5,8 +5,8 @@
     python benchmarks/dist_es.py --device cuda --procs 1,2,4,8   # one GPU per process (NCCL)
 
 Each row launches ``torchrun --standalone --nproc_per_node W`` on this script in worker mode.  A
-worker builds the ES step of `--preset default-clone` (the default job before 2026-12-07) (VSML 1 layer, ``--task`` episodes, ``--pairs`` antithetic
-pairs, ``--length`` examples per episode), samples the step's global data batch, and times
+worker builds the ES step of ``--preset default-clone``, the default job before 2026-12-07 (VSML 1 layer,
+``--task`` episodes, ``--pairs`` antithetic pairs, ``--length`` examples per episode), samples the step's global data batch, and times
 :class:`vsml.estimators.core.ESEstimator` sharded by :class:`vsml.training.distributed.ShardedEstimator`, ``.estimate`` + the Adam step (the part that is
 distributed; the data sampling, replicated on every rank, is timed separately and reported) over
 ``--steps`` meta-steps per trial, ``--trials`` trials after one warm-up step.  Rank 0 prints one

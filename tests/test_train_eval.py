@@ -97,11 +97,11 @@ def test_average_every_makes_the_runs_theta_the_mean_of_its_meta_training_iterat
     want = ((its[4].double() + its[6].double()) / 2).float()           # steps 2+2, 2+4 (not 7 = 2+5)
     got, _, meta = load_theta(rd / "theta.safetensors")
     assert torch.equal(got, want) and not torch.equal(got, its[7])
-    assert meta["average_of"] == "the mean of 2 θ at steps 4, 6, ..., 6"
+    assert meta["average_of"] == "the mean of 2 θ at steps 4 and 6"
     assert torch.equal(load_learner(str(rd), compile=False)[2], want)               # eval.py --checkpoint RUN
     assert torch.equal(load_learner(str(rd / "checkpoints" / "last.pt"), compile=False)[2], want)
     assert torch.equal(load_checkpoint(rd)["theta"], its[7])                        # the iterate resumes
-    assert "the mean of 2 θ at steps 4, 6" in capsys.readouterr().out
+    assert "the mean of 2 θ at steps 4 and 6" in capsys.readouterr().out
     assert torch.equal(load_learner(str(rd / "checkpoints" / "step_000003.pt"), compile=False)[2], its[3])  # none yet
     part = _run(tmp_path, "--eval.every", "0", "--steps", "3", "--average_every", "2", name="part")
     assert train_cli.main(["--resume", str(part), "--steps", "5", "--log.progress", "false"]) == 0

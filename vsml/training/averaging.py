@@ -46,7 +46,11 @@ class ThetaAverage:
         return (self.total / self.n).to(dtype=theta.dtype, device=theta.device)
 
     def describe(self) -> str:
-        return f"the mean of {self.n} θ at steps {self.first}, {self.first + self.every}, ..., {self.last}"
+        if self.n == 1:
+            return f"θ at step {self.first} (the first member of the mean every {self.every} steps)"
+        steps = (f"{self.first} and {self.last}" if self.n == 2
+                 else f"{self.first}, {self.first + self.every}, ..., {self.last}")
+        return f"the mean of {self.n} θ at steps {steps}"
 
     def state_dict(self) -> dict:
         return {"every": self.every, "after": self.after, "sum": None if self.total is None else self.total.cpu(),
