@@ -41,9 +41,7 @@ class ThetaAverage:
 
     def value(self, theta: torch.Tensor) -> torch.Tensor:
         """The run's θ: θ̄_n once it has a member, else the iterate ``theta``."""
-        if not self.n:
-            return theta.detach()
-        return (self.total / self.n).to(dtype=theta.dtype, device=theta.device)
+        return _mean(self.total, self.n, theta)
 
     def describe(self) -> str:
         if self.n == 1:
@@ -66,7 +64,10 @@ class ThetaAverage:
 def checkpoint_theta(ck: dict) -> torch.Tensor:
     """The θ a training checkpoint stands for: its running mean θ̄ when the run averages (and has a member),
     else its iterate."""
-    d = ck.get("extra", {}).get("average")
-    if d and d.get("n"):
-        return (d["sum"] / d["n"]).to(ck["theta"].dtype)
-    return ck["theta"]
+    d = ck.get("extra", {}).get("average") or {}
+    return _mean(d.get("sum"), d.get("n", 0), ck["theta"])
+
+
+def _mean(total: torch.Tensor | None, n: int, theta: torch.Tensor) -> torch.Tensor:
+    """θ̄ = total / n in θ's dtype and device; the iterate θ while n = 0."""
+    return (total / n).to(dtype=theta.dtype, device=theta.device) if n else theta.detach()

@@ -7,6 +7,7 @@ from dataclasses import replace
 from vsml.learners.badger import BadgerConfig
 from vsml.estimators.bptt import BPTTConfig
 from vsml.estimators.cloning import CloneConfig
+from vsml.engine.analytic import DEFAULT_CONFIG as _ANALYTIC_NET   # κ = 2, backward pass, bilinear cell
 from vsml.engine.config import SubLSTMConfig, VSMLConfig
 from vsml.estimators.es import ESConfig
 from vsml.training.config import EvalConfig, LogConfig, TrainConfig
@@ -51,18 +52,20 @@ _CLONE_K2_BIL = replace(_CLONE_LONG_K2, name="clone-k2-bil", init_from="vsml/pre
 _SGD_BPTT = TrainConfig(
     name="sgd-bptt", estimator="bptt", init_from="analytic:sgd", lr=1e-4, seed=5,
     steps=30,                   # the shipped step of pretrained:mnist14-sgd-bptt (chosen on validation)
-    vsml=VSMLConfig(logit_scale=2.0, backward_pass=True, cell=SubLSTMConfig(bilinear=True)),
-    task=_CLONE_LONG_CE_MIX.task, episode_length=2000, meta_batch=4,
+    vsml=_ANALYTIC_NET, task=_CLONE_LONG_CE_MIX.task, episode_length=2000, meta_batch=4,
     bptt=BPTTConfig(truncation=0, checkpoint_chunk=25), ckpt_every=10, keep_checkpoints=True,
     log=LogConfig(every=1, progress=False),
     eval=EvalConfig(tasks="fashion_mnist+resize14;mnist+resize14", every=0, episodes=16, length=2000,
                     baselines="sgd,adam"))
 
+# issue 15's start (tenth session): online SGD with a bounded step-size schedule written into θ
+_SCHEDULE = "analytic:sgd[alpha=0.5,boost=6,tau=500]"
+
 # issue 15, eleventh session: meta-training from the bounded schedule (analytic:sgd[alpha=0.5,boost=6,tau=500]) by
 # staggered truncated BPTT over 10 000-example episodes; the run's θ is the mean of its θ at steps 5, 10, ..., 40
 # (average_every: vsml/training/averaging.py), which is pretrained:mnist14-sched-tbptt (its model card)
 _SCHED_TBPTT = replace(
-    _SGD_BPTT, name="sched-tbptt", init_from="analytic:sgd[alpha=0.5,boost=6,tau=500]",
+    _SGD_BPTT, name="sched-tbptt", init_from=_SCHEDULE,
     task="mix:mnist+resize14,mnist+resize14+proj,mnist+resize14+proj+classes5,mnist+resize14+perm,teacher_mlp",
     estimator="tbptt", episode_length=10000, meta_batch=5, lr=1e-5, steps=40, ckpt_every=5, average_every=5,
     bptt=BPTTConfig(truncation=2000, checkpoint_chunk=25, streams=5))
@@ -70,8 +73,7 @@ _SCHED_TBPTT = replace(
 # the default job (issue 15's recipe at digits scale, chosen on the digits train split: RESULTS.md, eleventh
 # session): the schedule start needs the bilinear cell and the backward-pass schedule (vsml/engine/analytic.py)
 _DEFAULT = TrainConfig(
-    name="default", task="mnist5k+resize8+proj", init_from="analytic:sgd[alpha=0.5,boost=6,tau=500]",
-    vsml=VSMLConfig(logit_scale=2.0, backward_pass=True, cell=SubLSTMConfig(bilinear=True)),
+    name="default", task="mnist5k+resize8+proj", init_from=_SCHEDULE, vsml=_ANALYTIC_NET,
     estimator="tbptt", episode_length=2000, meta_batch=4, bptt=BPTTConfig(truncation=500, streams=4), lr=1e-5,
     steps=50, ckpt_every=25,
     eval=EvalConfig(tasks="digits", every=0, episodes=16, length=500, baselines="sgd,adam"))
