@@ -23,7 +23,7 @@ from vsml.evaluation.load import load_learner
 class EvalArgs:
     """Meta-test options (every flag: ``python eval.py --help``)."""
 
-    checkpoint: str | None = None   # run directory, checkpoint .pt, θ .safetensors, pretrained:NAME (see --list_pretrained) or analytic:sgd[alpha=..,eps=..] (online SGD written into θ)
+    checkpoint: str | None = None   # run directory, checkpoint .pt, θ .safetensors, pretrained:NAME (see --list_pretrained) or analytic:sgd[alpha=..] / analytic:backprop[alpha=..,hidden_alpha=..] (online SGD / backprop written into θ)
     list_pretrained: bool = False   # list the shipped learners and exit
     tasks: str | None = None        # task specs separated by ';' (default: the run's eval tasks)
     baselines: str = "sgd,adam"     # comma-separated baselines ('' for none)

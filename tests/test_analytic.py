@@ -17,7 +17,9 @@ import torch.nn.functional as F
 
 import eval as eval_cli
 import train as train_cli
-from vsml.engine.analytic import DEFAULT_CONFIG, analytic_theta, parse_spec, sgd_theta
+from vsml.engine.analytic import (BACKPROP_CONFIG, DEFAULT_CONFIG, analytic_theta, backprop_initial_weights,
+                                  backprop_theta, parse_spec, sgd_theta)
+from vsml.estimators.cloning_deep import analytic_teacher
 from vsml.engine.config import ConfigError, VSMLConfig
 from vsml.engine.network import VSMLNetwork
 from vsml.training.checkpoint import load_checkpoint
@@ -173,3 +175,130 @@ def test_drift_script_shows_the_weight_element_growing(tmp_path):
         acc, mean_c = float(r[3]), [float(v) for v in r[5:5 + DEFAULT_CONFIG.cell.hidden]]
         assert acc > 0.3                                                  # chance is 0.1
         assert mean_c[k] > 0 and all(v < 1e-6 for i, v in enumerate(mean_c) if i > k)
+
+
+# --------------------------------------------------------------------------------------------
+# analytic:backprop: online backprop on a one-hidden-layer MLP written into a two-layer θ
+
+
+BP_SMALL = dataclasses.replace(BACKPROP_CONFIG, hidden_sizes=(5,))
+
+
+def _learnable_episode(seed=0, t_len=60):
+    """x ~ N(0, 1) in D = 9 dims, labels y = argmax_c (x V)_c of a fixed random V (3 classes), 3 episodes."""
+    x, _, c_num = _episode(seed=seed, e_num=3, t_len=t_len, d=9, c_num=3)
+    v = torch.randn(9, c_num, generator=torch.Generator().manual_seed(seed + 7))
+    return x, (x @ v).argmax(-1), c_num
+
+
+def _backprop_pair(spec="analytic:backprop", cfg=BP_SMALL, backend="torch", seed=0, t_len=60, dtype=torch.float64):
+    """Logits of the VSML network with the spec's θ and of the MLP it implements, on one stream
+    (:func:`_learnable_episode`) from the same initial state."""
+    x, y, c_num = _learnable_episode(seed, t_len)
+    x = x.to(dtype)
+    net = VSMLNetwork(cfg, backend=backend)
+    st = net.init_state(3, 9, c_num, torch.Generator().manual_seed(seed + 1), dtype)
+    with torch.no_grad():
+        out = net.unroll(analytic_theta(spec, cfg).to(dtype), x, y, state=st)
+        ref = analytic_teacher(spec, cfg).unroll(None, x.double(), y, state=st.map(torch.Tensor.double))
+    return out.logits.double(), ref.logits, st
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_backprop_theta_is_online_backprop_on_the_mlp(backend):
+    """The VSML network with analytic:backprop is online backprop on the MLP of backprop_theta's docstring: the
+    same logits as cloning_deep's teacher (mlp_sgd_step) from w_0 = tanh(c_0), w_1 = 0, in eager PyTorch
+    (float64: the hand-built gates and finite differences only) and in the C++ kernel (float32)."""
+    if backend == "cpu":
+        from kernels.backend import _cpu_why_not
+        if _cpu_why_not(BP_SMALL, torch.device("cpu"), build=True):
+            pytest.skip("the C++ kernel cannot be built here")
+    spec = "analytic:backprop[alpha=2,hidden_alpha=0.3,gain=2]"
+    if backend == "torch":                   # small ε and η: the curvature and finite-difference terms vanish
+        got, ref, _ = _backprop_pair(spec[:-1] + ",eps=0.001,eta=0.01]", dtype=torch.float64)
+    else:                                    # the defaults, float32
+        got, ref, _ = _backprop_pair(spec, backend="cpu", dtype=torch.float32)
+    assert ref[:, -1].abs().max() > 1.0                               # the MLP has learned something
+    tol = 2e-4 if backend == "torch" else 3e-3
+    torch.testing.assert_close(got, ref, rtol=tol, atol=tol * ref.abs().max().item())
+    # both layers learn: without the hidden layer's updates (or with the output's update before the backward
+    # read-out) the logits differ from the network's by far more than the tolerance
+    frozen_hidden = analytic_teacher("analytic:backprop[alpha=2,hidden_alpha=1e-9,gain=2]", BP_SMALL)
+    x, y, _ = _learnable_episode()
+    _, _, st = _backprop_pair(spec)
+    other = frozen_hidden.unroll(None, x.double(), y, state=st.map(torch.Tensor.double)).logits
+    assert (other - ref).abs().max() > 50 * tol * ref.abs().max()
+
+
+def test_backprop_uses_the_output_weights_before_their_update():
+    """δ_0 is computed with w_1 before the example's update (backprop), not after: the update reaches the
+    weight copies only in the next forward sweep.  A teacher that propagates through the updated w_1 differs."""
+    from vsml.estimators.cloning_deep import mlp_sgd_step
+    spec = "analytic:backprop[alpha=2,hidden_alpha=0.3,gain=2]"
+    got, ref, st = _backprop_pair(spec, t_len=40)
+    x, y, c_num = _learnable_episode(t_len=40)
+    ws = [w.double() for w in backprop_initial_weights(st)]
+    late = []
+    for t in range(40):                                  # propagate through w_1 after its update
+        tt = mlp_sgd_step(ws, x[:, t].double(), y[:, t], c_num, [0.3, 2.0], gain=2.0)
+        late.append(tt.logits)
+        a = torch.tanh(2.0 * (ws[0] * x[:, t].double()[:, :, None]).mean(1))          # [E, H]
+        delta0 = (2.0 * (1 - a.square())[:, :, None] * tt.new_w[1] * tt.error[:, None, :]).mean(2)
+        ws = [ws[0] - 0.3 * x[:, t].double()[:, :, None] * delta0[:, None, :], tt.new_w[1]]
+    late = torch.stack(late, 1)
+    err_bp, err_late = (got - ref).abs().max(), (got - late).abs().max()
+    assert err_late > 20 * err_bp
+
+
+def test_backprop_config_errors():
+    with pytest.raises(ConfigError, match="one hidden dense layer"):
+        backprop_theta(DEFAULT_CONFIG)
+    with pytest.raises(ConfigError, match="micro-step"):
+        backprop_theta(dataclasses.replace(BACKPROP_CONFIG, micro_ticks=2))
+    with pytest.raises(ConfigError, match="bwd_reset"):
+        backprop_theta(dataclasses.replace(BACKPROP_CONFIG, bwd_reset=False))
+    with pytest.raises(ConfigError, match="unknown option 'boost'.*alpha, hidden_alpha, gain, eps and eta"):
+        parse_spec("analytic:backprop[boost=2]")
+    with pytest.raises(ConfigError, match="hidden_alpha"):
+        analytic_theta("analytic:backprop[hidden_alpha=0]", BACKPROP_CONFIG)
+    assert parse_spec("analytic:backprop[alpha=2,gain=7]") == ("backprop", {"alpha": 2.0, "gain": 7.0})
+    with pytest.raises(ConfigError, match="boost > 1"):
+        analytic_teacher("analytic:sgd[boost=2]", DEFAULT_CONFIG)
+
+
+BP_FLAGS = ["--vsml.hidden_sizes", "5", "--vsml.micro_ticks", "1", "--vsml.backward_pass", "true",
+            "--vsml.bwd_reset", "true", "--vsml.layerwise", "true", "--vsml.cell.bilinear", "true",
+            "--vsml.tanh_bound", "1000"]
+
+
+def test_eval_and_train_cli_use_analytic_backprop(tmp_path, capsys):
+    """eval.py evaluates analytic:backprop in its own config (196→16→10 style), train.py meta-trains from it
+    with the flags the config needs, and without them exits 2 naming what is missing."""
+    out = tmp_path / "ev"
+    assert eval_cli.main(["--checkpoint", "analytic:backprop", "--tasks", "digits+resize4", "--episodes", "4",
+                          "--length", "150", "--baselines", "", "--out", str(out)]) == 0
+    (row,) = json.loads((out / "results.json").read_text())["digits+resize4"].values()
+    assert 0.2 < row["online_accuracy"] <= 1.0                         # it learns (chance is 0.1)
+    rc = train_cli.main([*TINY, *BP_FLAGS, "--out_dir", str(tmp_path), "--name", "a", "--init_from", "analytic:backprop",
+                         "--estimator", "tbptt", "--meta_batch", "2", "--bptt.streams", "2", "--episode_length", "6",
+                         "--bptt.truncation", "3", "--steps", "2", "--lr", "1e-12"])
+    assert rc == 0
+    cfg = dataclasses.replace(BACKPROP_CONFIG, hidden_sizes=(5,))
+    torch.testing.assert_close(load_checkpoint(tmp_path / "a")["theta"], backprop_theta(cfg), rtol=0, atol=1e-6)
+    capsys.readouterr()
+    assert train_cli.main([*TINY, "--out_dir", str(tmp_path), "--name", "b", "--init_from", "analytic:backprop"]) == 2
+    assert "one hidden dense layer" in capsys.readouterr().err and not (tmp_path / "b").exists()
+
+
+def test_drift_cli_compares_analytic_backprop_with_its_mlp(tmp_path):
+    """``python -m vsml.estimators.cloning_deep --drift --checkpoint analytic:backprop`` (item 1's report) runs
+    it on its own errors next to the MLP: the same predictions in every window."""
+    from vsml.estimators.cloning_deep import main
+    out = tmp_path / "d.json"
+    assert main(["--drift", "--checkpoint", "analytic:backprop", "--tasks", "digits", "--episodes", "2",
+                 "--length", "120", "--split", "train", "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["window"][-1] == "[100, 120)"
+    assert all(a == 1.0 for a in r["agree"]) and max(r["rel_err"]) < 0.01
+    assert r["student_acc"] == r["teacher_acc"] and r["teacher_acc"][-1] > 0.2
+

@@ -56,7 +56,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -68,7 +68,7 @@ from vsml.engine.cell import _linear, forward_phi, lstm_micro_steps
 from vsml.engine.state import EpisodeOutput
 from vsml.engine.network import VSMLNetwork
 
-__all__ = ["DeepCloneEstimator", "TeacherLearner", "check_deep_cloneable", "make_clone_estimator",
+__all__ = ["DeepCloneEstimator", "TeacherLearner", "analytic_teacher", "check_deep_cloneable", "make_clone_estimator",
            "mlp_sgd_step", "teacher_alphas"]
 
 
@@ -101,12 +101,12 @@ class TeacherStep:
 
 
 def mlp_sgd_step(ws: list[torch.Tensor], x_t: torch.Tensor, y_t: torch.Tensor, num_classes: int,
-                 alphas: list[float], gain: bool = True, logit_scale: float = 1.0) -> TeacherStep:
+                 alphas: list[float], gain: bool | float = True, logit_scale: float = 1.0) -> TeacherStep:
     """One online-backprop step of the teacher in the module docstring (predict, then update).
 
-    ws: per layer [E, A_k, B_k]; x_t [E, D]; y_t [E].  ``gain``: hidden units a_{k+1} = tanh(√A_k z_k)
+    ws: per layer [E, A_k, B_k]; x_t [E, D]; y_t [E].  ``gain``: True: hidden units a_{k+1} = tanh(√A_k z_k)
     (the mean over a_k inputs rescaled to the usual 1/√fan-in scale, so hidden units are not stuck in
-    their linear range at ~0.01 of unit scale); False: tanh(z_k).  ``logit_scale``: κ of the student's
+    their linear range at ~0.01 of unit scale); False: tanh(z_k); a number γ: tanh(γ z_k) (``analytic:backprop``).  ``logit_scale``: κ of the student's
     read-out (VSMLConfig.logit_scale); the teacher's logits are κ·z_{K-1}.
     """
     acts, gains = [x_t], []
@@ -114,7 +114,7 @@ def mlp_sgd_step(ws: list[torch.Tensor], x_t: torch.Tensor, y_t: torch.Tensor, n
     for k, w in enumerate(ws):
         z = (w * acts[k][:, :, None]).mean(1)                              # [E, B_k]
         if k < len(ws) - 1:
-            gains.append(math.sqrt(w.shape[1]) if gain else 1.0)
+            gains.append(float(gain) if not isinstance(gain, bool) else math.sqrt(w.shape[1]) if gain else 1.0)
             acts.append(torch.tanh(gains[k] * z))
     z = z * logit_scale                                                   # the logits [E, C]
     err = torch.softmax(z, -1) - F.one_hot(y_t, num_classes).to(z.dtype)  # [E, C]
@@ -260,11 +260,16 @@ class TeacherLearner:
 
     meta_trainable = False
 
-    def __init__(self, cfg: VSMLConfig, alphas: list[float]):
+    def __init__(self, cfg: VSMLConfig, alphas: list[float], gain: bool | float = True,
+                 initial_weights: Callable[[Any], list[torch.Tensor]] | None = None):
+        """``gain``: the hidden gain of :func:`mlp_sgd_step`; ``initial_weights``: state -> the weights per layer
+        [E, A_k, B_k] (default: every layer's cell element 0; ``analytic.backprop_initial_weights`` for
+        ``analytic:backprop``)."""
         if cfg.conv or len(alphas) != cfg.num_layers:
             raise ConfigError(f"TeacherLearner needs a dense config and one α per layer; got "
                               f"{cfg.num_layers} layers, alphas={alphas}")
-        self.cfg, self.alphas = cfg, list(alphas)
+        self.cfg, self.alphas, self.gain = cfg, list(alphas), gain
+        self.initial_weights = initial_weights or (lambda st: [c[..., 0].clone() for c in st.c])
         self.net = VSMLNetwork(cfg)
 
     def init_theta(self, generator=None, dtype=torch.float32, device=None):
@@ -280,7 +285,7 @@ class TeacherLearner:
         if state is None:
             state = self.init_state(e_num, d, num_classes, generator, x.dtype, x.device)
         num_classes = state.num_classes
-        ws = [c[..., 0].clone() for c in state.c]
+        ws = self.initial_weights(state)
         y = y.long()
         if not self.cfg.backward_pass:
             if self.cfg.num_layers != 1:
@@ -290,7 +295,7 @@ class TeacherLearner:
         else:
             out = []
             for t in range(t_len):
-                tt = mlp_sgd_step(ws, x[:, t], y[:, t], num_classes, self.alphas,
+                tt = mlp_sgd_step(ws, x[:, t], y[:, t], num_classes, self.alphas, gain=self.gain,
                                   logit_scale=self.cfg.logit_scale)
                 out.append(tt.logits)
                 ws = tt.new_w
@@ -337,10 +342,24 @@ def compare_with_teacher(checkpoint: str, tasks: str, episodes: int, length: int
     return res
 
 
+def analytic_teacher(spec: str, cfg: VSMLConfig) -> TeacherLearner:
+    """The online learner a hand-built ``analytic:NAME[...]`` θ implements (vsml/engine/analytic.py), as a
+    :class:`TeacherLearner` on the same initial state: ``analytic:backprop`` the MLP of ``backprop_theta``
+    (w_0 = tanh(c_0), w_1 = 0, gain γ), ``analytic:sgd`` (without a schedule) online SGD on w = 0."""
+    from vsml.engine.analytic import backprop_initial_weights, parse_spec
+    name, kw = parse_spec(spec)
+    if name == "backprop":
+        return TeacherLearner(cfg, [kw.get("hidden_alpha", 0.01), kw.get("alpha", 1.0)], gain=kw.get("gain", 14.0),
+                              initial_weights=backprop_initial_weights)
+    if kw.get("boost", 1.0) != 1.0:
+        raise ConfigError(f"{spec}: the step-size schedule (boost > 1) has no gradient-descent teacher to compare with")
+    return TeacherLearner(cfg, [kw.get("alpha", 1.0)], initial_weights=lambda st: [torch.zeros_like(st.c[0][..., 0])])
+
+
 @torch.no_grad()
 def teacher_forced_drift(net: VSMLNetwork, theta: torch.Tensor, alphas: list[float], x: torch.Tensor,
                          y: torch.Tensor, num_classes: int, generator: torch.Generator,
-                         free_running: bool = False) -> dict[str, torch.Tensor]:
+                         free_running: bool = False, teacher: TeacherLearner | None = None) -> dict[str, torch.Tensor]:
     """How far the clone's predictions drift from the teacher's when both see the *teacher's* errors.
 
     Both start from the same random network (the clone's initial state).  Returns per tick t, averaged
@@ -349,12 +368,20 @@ def teacher_forced_drift(net: VSMLNetwork, theta: torch.Tensor, alphas: list[flo
     accuracy; with ``free_running`` also ``student_acc`` (the clone with its own errors, as at meta-test)
     and ``free_agree`` (its agreement with the teacher).  The free-running clone (its own errors) can only do
     worse, so this separates imitation error from error feedback.  x [E, T, D], y [E, T].
+
+    ``teacher``: compare with this learner instead of ``TeacherLearner(net.cfg, alphas)`` (a hand-built θ,
+    :func:`analytic_teacher`).  Then there is no teacher forcing: ``rel_err`` and ``agree`` are those of the
+    learner run on its own errors (``VSMLNetwork.unroll``, the meta-test path), which is what an exact
+    learner must match.
     """
     cfg = net.cfg
     e_num, t_len, d = x.shape
     st = net.init_state(e_num, d, num_classes, generator, theta.dtype, theta.device)
-    teacher = TeacherLearner(cfg, alphas).unroll(torch.zeros(0), x, y, state=st)
-    if cfg.backward_pass:
+    tout = (teacher or TeacherLearner(cfg, alphas)).unroll(torch.zeros(0), x, y, state=st)
+    free = net.unroll(theta, x, y, state=st) if free_running or teacher is not None else None
+    if teacher is not None:
+        logits = free.logits
+    elif cfg.backward_pass:
         est = DeepCloneEstimator(net, CloneConfig(steps=1, alpha=alphas[0]))
         est.alphas = list(alphas)
         _, logits = est.loss(theta, x, y, num_classes, generator=None, state=st, return_logits=True)
@@ -362,7 +389,7 @@ def teacher_forced_drift(net: VSMLNetwork, theta: torch.Tensor, alphas: list[flo
         from vsml.engine.cell import readout_fwd
         p = net.layer_params(theta)[0]
         h, c = st.h[0], st.c[0]
-        err = torch.softmax(teacher.logits, -1) - F.one_hot(y, num_classes).to(x.dtype)   # teacher's e_t
+        err = torch.softmax(tout.logits, -1) - F.one_hot(y, num_classes).to(x.dtype)   # teacher's e_t
         out = []
         for t in range(t_len):
             bwd = x.new_zeros(e_num, num_classes, cfg.cell.msg)
@@ -372,15 +399,14 @@ def teacher_forced_drift(net: VSMLNetwork, theta: torch.Tensor, alphas: list[flo
             out.append(net.logits_from(readout_fwd(p, h, cfg.cell.ln_eps, x[:, t])))
         logits = torch.stack(out, 1)                                      # [E, T, C]
     # logits centred over classes first: a shift common to all classes changes neither softmax nor argmax
-    lc, tc = logits - logits.mean(-1, keepdim=True), teacher.logits - teacher.logits.mean(-1, keepdim=True)
+    lc, tc = logits - logits.mean(-1, keepdim=True), tout.logits - tout.logits.mean(-1, keepdim=True)
     rel = (lc - tc).norm(dim=-1) / tc.norm(dim=-1).clamp(min=1e-8)
-    agree = (logits.argmax(-1) == teacher.logits.argmax(-1)).to(x.dtype)
-    out = {"rel_err": rel.mean(0), "agree": agree.mean(0), "teacher_acc": teacher.correct.to(x.dtype).mean(0)}
-    if free_running:
+    agree = (logits.argmax(-1) == tout.logits.argmax(-1)).to(x.dtype)
+    out = {"rel_err": rel.mean(0), "agree": agree.mean(0), "teacher_acc": tout.correct.to(x.dtype).mean(0)}
+    if free is not None:
         # the clone as at meta-test (its own errors), from the same initial state: the accuracy gap
-        free = net.unroll(theta, x, y, state=st)
         out["student_acc"] = free.correct.to(x.dtype).mean(0)
-        out["free_agree"] = (free.logits.argmax(-1) == teacher.logits.argmax(-1)).to(x.dtype).mean(0)
+        out["free_agree"] = (free.logits.argmax(-1) == tout.logits.argmax(-1)).to(x.dtype).mean(0)
     return out
 
 
@@ -390,18 +416,22 @@ def drift_report(checkpoint: str, task: str, episodes: int, length: int, seed: i
     """:func:`teacher_forced_drift` of a cloned θ on ``split`` episodes of ``task``, averaged over the
     tick windows [0, 10), [10, 30), [30, 100), [100, 300), [300, 1000), [1000, 2000), [2000, 5000),
     [5000, 10000) that fit ``length``; with ``free_running`` also the accuracy of the clone run on its own
-    errors and of the teacher in each window (the accuracy gap to the teacher)."""
+    errors and of the teacher in each window (the accuracy gap to the teacher).  A hand-built
+    ``analytic:NAME`` θ is compared with the learner it implements (:func:`analytic_teacher`), on its own
+    errors."""
     from vsml.evaluation.load import load_learner
 
     from tasks import make_family
 
     from vsml.training.config import config_from_dict
-    _, net, theta, cfg_dict = load_learner(checkpoint, compile=False)
+    _, net, theta, cfg_dict = load_learner(checkpoint, compile=checkpoint.startswith("analytic:"))
     cfg = config_from_dict(cfg_dict)
     alphas = teacher_alphas(cfg.vsml, cfg.clone) if alpha is None else [alpha] * cfg.vsml.num_layers
+    teacher = analytic_teacher(checkpoint, cfg.vsml) if checkpoint.startswith("analytic:") else None
     b = make_family(task, data_dir=data_dir).sample(episodes, length, seed=seed, split=split)
     r = teacher_forced_drift(net, theta, alphas, b.x, b.y, b.num_classes,
-                             torch.Generator().manual_seed(seed), free_running=free_running and not cfg.vsml.backward_pass)
+                             torch.Generator().manual_seed(seed), teacher=teacher,
+                             free_running=free_running and (teacher is not None or not cfg.vsml.backward_pass))
     edges = [e for e in (0, 10, 30, 100, 300, 1000, 2000, 5000, 10000) if e < length] + [length]
     keys = [k for k in ("rel_err", "agree", "teacher_acc", "student_acc", "free_agree") if k in r]
     out = {"window": [], **{k: [] for k in keys}}
@@ -409,9 +439,10 @@ def drift_report(checkpoint: str, task: str, episodes: int, length: int, seed: i
         out["window"].append(f"[{lo}, {hi})")
         for k in keys:
             out[k].append(float(r[k][lo:hi].mean()))
-    print(f"teacher-forced drift of {checkpoint} on {task} ({episodes} episodes, {split} split):")
+    kind = "drift (on its own errors)" if teacher is not None else "teacher-forced drift"
+    print(f"{kind} of {checkpoint} on {task} ({episodes} episodes, {split} split):")
     for i, w in enumerate(out["window"]):
-        line = (f"  ticks {w:<14} |ŷ_clone − ŷ_teacher| / |ŷ_teacher| = {out['rel_err'][i]:.3f}   same prediction "
+        line = (f"  ticks {w:<14} |ŷ_clone − ŷ_teacher| / |ŷ_teacher| = {out['rel_err'][i]:.3g}   same prediction "
                 f"{out['agree'][i]:.3f}")
         if "student_acc" in out:
             line += (f"   free-running: same prediction {out['free_agree'][i]:.3f}, acc clone "

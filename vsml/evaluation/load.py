@@ -43,11 +43,11 @@ def load_learner(path: str, device: str = "cpu", compile: bool = True, backend: 
 
 
 def _load_analytic(spec: str, device: str, compile: bool, backend: str | None):
-    """``analytic:sgd[...]``: the hand-built θ in its default learner config (vsml/engine/analytic.py)."""
-    from vsml.engine.analytic import DEFAULT_CONFIG, analytic_theta
+    """``analytic:NAME[...]``: the hand-built θ in its default learner config (vsml/engine/analytic.py)."""
+    from vsml.engine.analytic import analytic_theta, default_config
     from vsml.learners.registry import build_learner
     from vsml.training.config import TrainConfig
-    cfg = TrainConfig(name=spec, vsml=DEFAULT_CONFIG, device=device,
+    cfg = TrainConfig(name=spec, vsml=default_config(spec), device=device,
                       backend=backend or ("auto" if compile else "torch"))
     theta = analytic_theta(spec, cfg.vsml)
     return "vsml", build_learner(cfg), theta.to(device), cfg.to_dict()

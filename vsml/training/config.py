@@ -83,7 +83,7 @@ class TrainConfig:
     bptt: BPTTConfig = field(default_factory=BPTTConfig)
     bmg: BMGConfig = field(default_factory=BMGConfig)   # estimator=bmg (vsml/estimators/bmg.py)
     clone: CloneConfig = field(default_factory=CloneConfig)   # supervised warm start (steps 0: none)
-    init_from: str | None = None      # start θ from a θ file / run directory (e.g. a shipped learner) or analytic:sgd (online SGD written into θ)
+    init_from: str | None = None      # start θ from a θ file / run directory (e.g. a shipped learner) or analytic:sgd / analytic:backprop (online SGD / backprop written into θ)
     lr: float | None = None
     weight_decay: float = 0.0
     task: str = "digits+proj"         # meta-training family spec (train split)
