@@ -325,10 +325,12 @@ def compare_with_teacher(checkpoint: str, tasks: str, episodes: int, length: int
     name, learner, theta, cfg_dict = load_learner(checkpoint)
     cfg = config_from_dict(cfg_dict)
     alphas = teacher_alphas(cfg.vsml, cfg.clone) if alpha is None else [alpha] * cfg.vsml.num_layers
-    a = "/".join(f"{v:g}" for v in alphas)
+    # a hand-built analytic:NAME θ is compared with the learner it implements
+    teacher = analytic_teacher(checkpoint, cfg.vsml) if checkpoint.startswith("analytic:") else TeacherLearner(cfg.vsml, alphas)
+    a = "/".join(f"{v:g}" for v in teacher.alphas)
     learners = [FrozenLearner("vsml-clone", learner, theta),
                 FrozenLearner(f"teacher (online {'SGD' if cfg.vsml.num_layers == 1 else 'backprop'}, α={a})",
-                              TeacherLearner(cfg.vsml, alphas), torch.zeros(0))]
+                              teacher, torch.zeros(0))]
     if baselines:
         from vsml.learners import registry
         for b in [s.strip() for s in baselines.split(",") if s.strip()]:
