@@ -75,7 +75,7 @@ _SCHED_TBPTT = replace(
 _DEFAULT = TrainConfig(
     name="default", task="mnist5k+resize8+proj", init_from=_SCHEDULE, vsml=_ANALYTIC_NET,
     estimator="tbptt", episode_length=2000, meta_batch=4, bptt=BPTTConfig(truncation=500, streams=4), lr=1e-5,
-    steps=40, ckpt_every=20,
+    steps=30, ckpt_every=15,
     eval=EvalConfig(tasks="digits", every=0, episodes=16, length=500, baselines="sgd,adam"))
 
 PRESETS: dict[str, tuple[str, TrainConfig]] = {
