@@ -10,6 +10,7 @@ disagreement is the MLP's own sensitivity to rounding, not an imitation error.
 """
 from __future__ import annotations
 
+import itertools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,7 +63,7 @@ def main(a: ChaosArgs) -> dict:
         out[f"{k}_rel_err"], out[f"{k}_agree"] = [], []
     print(f"online backprop on the MLP of analytic:backprop vs its float64 run, {a.task} ({a.episodes} episodes, "
           f"{a.split} split)")
-    for lo, hi in zip(edges[:-1], edges[1:]):
+    for lo, hi in itertools.pairwise(edges):
         out["window"].append(f"[{lo}, {hi})")
         line = f"  ticks [{lo}, {hi})".ljust(22)
         for k in names:

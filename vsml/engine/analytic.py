@@ -125,7 +125,8 @@ def check_backprop_config(cfg: VSMLConfig) -> None:
             "no LayerNorm (--vsml.cell.layer_norm false)": not cfg.cell.layer_norm,
             "no label feeding (--vsml.feed_label false)": not cfg.feed_label,
             "a random initial element and six the initial state leaves at zero (0 < --vsml.cell.init_rand_proportion"
-            " and num_rand + 6 <= --vsml.cell.hidden)": 0 < cfg.cell.num_rand and cfg.cell.num_rand + 6 <= cfg.cell.hidden}
+            " and num_rand + 6 <= --vsml.cell.hidden)":
+                0 < cfg.cell.num_rand and cfg.cell.num_rand + 6 <= cfg.cell.hidden}
     missing = [k for k, ok in need.items() if not ok]
     if missing:
         raise ConfigError("analytic:backprop (online backprop written into θ) needs " + "; ".join(missing))
@@ -156,8 +157,8 @@ def backprop_theta(cfg: VSMLConfig, alpha: float = 1.0, hidden_alpha: float = 0.
     c ← tanh(h_A + …) ≈ c_A), so they never accumulate a difference of their own, and differ only in their output
     gates; with tanh(u) = 2σ(2u) − 1 and 1 − tanh²(u) = 4σ'(2u):
 
-        F: σ(2u) tanh(c), A: tanh(c_A)          φ[output_idx] = (2 F − A) / ε = tanh(u) · w_1                (forward)
-        B±: σ(2u ± η e) tanh(c)                 ψ[0] = 2γ (B+ − B−) / (η ε) = γ (1 − a²) w_1 e + O(η² e³)  (backward)
+        forward:   F = σ(2u) tanh(c), A = tanh(c_A)     φ[output_idx] = (2 F − A) / ε = tanh(u) · w_1
+        backward:  B± = σ(2u ± η e) tanh(c)             ψ[0] = 2γ (B+ − B−) / (η ε) = γ (1 − a²) w_1 e + O(η² e³)
 
     The update must reach w_1 *after* the backward read-out (backprop uses w_1 before its update), so two memory
     elements with closed forget gates store it in the reverse sweep, c_S = σ(2u) tanh(−2 ε α_1 e),
@@ -243,7 +244,8 @@ def parse_spec(spec: str) -> tuple[str, dict[str, float]]:
         key, _, val = item.partition("=")
         if key not in OPTIONS[name]:
             opts = OPTIONS[name]
-            raise ConfigError(f"{spec}: unknown option {key!r}; analytic:{name} takes {', '.join(opts[:-1])} and {opts[-1]}")
+            raise ConfigError(f"{spec}: unknown option {key!r}; analytic:{name} takes "
+                              f"{', '.join(opts[:-1])} and {opts[-1]}")
         try:
             kw[key] = float(val)
         except ValueError:

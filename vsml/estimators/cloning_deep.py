@@ -56,7 +56,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -68,8 +69,8 @@ from vsml.engine.cell import _linear, forward_phi, lstm_micro_steps
 from vsml.engine.state import EpisodeOutput
 from vsml.engine.network import VSMLNetwork
 
-__all__ = ["DeepCloneEstimator", "TeacherLearner", "analytic_teacher", "check_deep_cloneable", "make_clone_estimator",
-           "mlp_sgd_step", "teacher_alphas"]
+__all__ = ["DeepCloneEstimator", "TeacherLearner", "analytic_teacher", "check_deep_cloneable",
+           "make_clone_estimator", "mlp_sgd_step", "teacher_alphas"]
 
 
 def check_deep_cloneable(cfg: VSMLConfig) -> None:
@@ -106,8 +107,8 @@ def mlp_sgd_step(ws: list[torch.Tensor], x_t: torch.Tensor, y_t: torch.Tensor, n
 
     ws: per layer [E, A_k, B_k]; x_t [E, D]; y_t [E].  ``gain``: True: hidden units a_{k+1} = tanh(√A_k z_k)
     (the mean over a_k inputs rescaled to the usual 1/√fan-in scale, so hidden units are not stuck in
-    their linear range at ~0.01 of unit scale); False: tanh(z_k); a number γ: tanh(γ z_k) (``analytic:backprop``).  ``logit_scale``: κ of the student's
-    read-out (VSMLConfig.logit_scale); the teacher's logits are κ·z_{K-1}.
+    their linear range at ~0.01 of unit scale); False: tanh(z_k); a number γ: tanh(γ z_k) (``analytic:backprop``).
+    ``logit_scale``: κ of the student's read-out (VSMLConfig.logit_scale); the teacher's logits are κ·z_{K-1}.
     """
     acts, gains = [x_t], []
     z = x_t
@@ -326,7 +327,8 @@ def compare_with_teacher(checkpoint: str, tasks: str, episodes: int, length: int
     cfg = config_from_dict(cfg_dict)
     alphas = teacher_alphas(cfg.vsml, cfg.clone) if alpha is None else [alpha] * cfg.vsml.num_layers
     # a hand-built analytic:NAME θ is compared with the learner it implements
-    teacher = analytic_teacher(checkpoint, cfg.vsml) if checkpoint.startswith("analytic:") else TeacherLearner(cfg.vsml, alphas)
+    teacher = (analytic_teacher(checkpoint, cfg.vsml) if checkpoint.startswith("analytic:")
+               else TeacherLearner(cfg.vsml, alphas))
     a = "/".join(f"{v:g}" for v in teacher.alphas)
     learners = [FrozenLearner("vsml-clone", learner, theta),
                 FrozenLearner(f"teacher (online {'SGD' if cfg.vsml.num_layers == 1 else 'backprop'}, α={a})",
@@ -354,14 +356,16 @@ def analytic_teacher(spec: str, cfg: VSMLConfig) -> TeacherLearner:
         return TeacherLearner(cfg, [kw.get("hidden_alpha", 0.01), kw.get("alpha", 1.0)], gain=kw.get("gain", 14.0),
                               initial_weights=backprop_initial_weights)
     if kw.get("boost", 1.0) != 1.0:
-        raise ConfigError(f"{spec}: the step-size schedule (boost > 1) has no gradient-descent teacher to compare with")
+        raise ConfigError(f"{spec}: the step-size schedule (boost > 1) has no gradient-descent teacher to "
+                          f"compare with")
     return TeacherLearner(cfg, [kw.get("alpha", 1.0)], initial_weights=lambda st: [torch.zeros_like(st.c[0][..., 0])])
 
 
 @torch.no_grad()
 def teacher_forced_drift(net: VSMLNetwork, theta: torch.Tensor, alphas: list[float], x: torch.Tensor,
                          y: torch.Tensor, num_classes: int, generator: torch.Generator,
-                         free_running: bool = False, teacher: TeacherLearner | None = None) -> dict[str, torch.Tensor]:
+                         free_running: bool = False,
+                         teacher: TeacherLearner | None = None) -> dict[str, torch.Tensor]:
     """How far the clone's predictions drift from the teacher's when both see the *teacher's* errors.
 
     Both start from the same random network (the clone's initial state).  Returns per tick t, averaged
