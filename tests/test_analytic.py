@@ -318,3 +318,11 @@ def test_drift_cli_compares_analytic_learners_with_what_they_implement(tmp_path,
     clone = rows["vsml-clone"]
     assert abs(clone["online_accuracy"] - teacher["online_accuracy"]) <= 0.03
 
+
+
+def test_drift_cli_bad_spec_is_one_line_and_exit_2(capsys):
+    from vsml.estimators.cloning_deep import main
+    for spec, msg in (("analytic:sgd[boost=2]", "no gradient-descent teacher"), ("analytic:foo", "unknown analytic")):
+        assert main(["--drift", "--checkpoint", spec, "--tasks", "digits", "--episodes", "1", "--length", "5"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and msg in err and "Traceback" not in err

@@ -484,15 +484,25 @@ class CompareArgs:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The CLI; bad input (an unknown checkpoint or analytic spec, a task that cannot load) is one line on stderr
+    and exit code 2."""
+    import sys
+
+    from tasks import DatasetError
+    from vsml.training.checkpoint import CheckpointError
     from vsml.training.cli import parse
     args = parse(CompareArgs, argv, prog="python -m vsml.estimators.cloning_deep")
-    if args.drift:
-        from vsml.evaluation.evaluate import parse_task_list
-        drift_report(args.checkpoint, parse_task_list(args.tasks)[0], args.episodes, args.length, args.seed,
-                     args.data_dir, args.alpha, split=args.split, out_json=args.json)
-        return 0
-    compare_with_teacher(args.checkpoint, args.tasks, args.episodes, args.length, args.seed, args.data_dir,
-                         args.alpha, args.out_dir, args.baselines)
+    try:
+        if args.drift:
+            from vsml.evaluation.evaluate import parse_task_list
+            drift_report(args.checkpoint, parse_task_list(args.tasks)[0], args.episodes, args.length, args.seed,
+                         args.data_dir, args.alpha, split=args.split, out_json=args.json)
+        else:
+            compare_with_teacher(args.checkpoint, args.tasks, args.episodes, args.length, args.seed, args.data_dir,
+                                 args.alpha, args.out_dir, args.baselines)
+    except (CheckpointError, DatasetError, ValueError) as exc:    # ValueError covers ConfigError
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 
