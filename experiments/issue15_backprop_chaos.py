@@ -1,5 +1,5 @@
 """Issue 15, the deep net: how far online backprop on the 196→16→10 MLP (the learner ``analytic:backprop`` writes
-into θ) drifts from *itself* under rounding.  Runs the MLP (``cloning_deep.mlp_sgd_step``, α 0.01 / 1, γ = 14,
+into θ) drifts from *itself* under rounding.  Runs the MLP (``cloning_deep.mlp_sgd_step`` with the builder's α 0.01 / 1, γ = 14,
 from ``analytic.backprop_initial_weights``) three times on the same test-split episodes: in float64, in float32,
 and in float64 from initial weights perturbed by a relative 1e-6.  Prints per window the relative logit error
 ||ŷ − ŷ_64|| / ||ŷ_64|| (logits centred over classes, as ``--drift``) and the fraction of equal predictions.
@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from tasks import make_family
-from vsml.engine.analytic import BACKPROP_CONFIG, backprop_initial_weights
+from vsml.engine.analytic import BACKPROP_CONFIG, backprop_initial_weights, resolved_options
 from vsml.engine.state import init_state
 from vsml.estimators.cloning_deep import mlp_sgd_step
 
@@ -43,14 +43,16 @@ def main(a: ChaosArgs) -> dict:
     w64 = [w.double() for w in w32]
     noise = torch.randn(w64[0].shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     wp = [w64[0] * (1 + 1e-6 * noise), w64[1].clone()]
+    _, opt = resolved_options("analytic:backprop")                     # the MLP's α and γ: the builder's defaults
+    alphas, gain = [opt["hidden_alpha"], opt["alpha"]], opt["gain"]
     names = ("float32", "perturbed")
     rel = {k: torch.zeros(a.length) for k in names}
     agree = {k: torch.zeros(a.length) for k in names}
     for t in range(a.length):
         x64 = b.x[:, t].double()
-        ref = mlp_sgd_step(w64, x64, b.y[:, t], b.num_classes, [0.01, 1.0], gain=14.0)
-        f32 = mlp_sgd_step(w32, b.x[:, t], b.y[:, t], b.num_classes, [0.01, 1.0], gain=14.0)
-        per = mlp_sgd_step(wp, x64, b.y[:, t], b.num_classes, [0.01, 1.0], gain=14.0)
+        ref = mlp_sgd_step(w64, x64, b.y[:, t], b.num_classes, alphas, gain=gain)
+        f32 = mlp_sgd_step(w32, b.x[:, t], b.y[:, t], b.num_classes, alphas, gain=gain)
+        per = mlp_sgd_step(wp, x64, b.y[:, t], b.num_classes, alphas, gain=gain)
         w64, w32, wp = ref.new_w, f32.new_w, per.new_w
         tc = ref.logits - ref.logits.mean(-1, keepdim=True)                  # [E, C]
         for k, lg in zip(names, (f32.logits.double(), per.logits)):

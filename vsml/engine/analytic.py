@@ -253,6 +253,14 @@ def parse_spec(spec: str) -> tuple[str, dict[str, float]]:
     return name, kw
 
 
+def resolved_options(spec: str) -> tuple[str, dict[str, float]]:
+    """``analytic:NAME[...]`` -> (NAME, every option of its builder, the spec's values over the builder's defaults)."""
+    import inspect
+    name, kw = parse_spec(spec)
+    params = inspect.signature(BUILDERS[name]).parameters
+    return name, {k: float(kw.get(k, params[k].default)) for k in OPTIONS[name]}
+
+
 def default_config(spec: str) -> VSMLConfig:
     """The learner config ``analytic:NAME[...]`` is evaluated in when no other is given."""
     return DEFAULT_CONFIGS[parse_spec(spec)[0]]

@@ -350,15 +350,15 @@ def analytic_teacher(spec: str, cfg: VSMLConfig) -> TeacherLearner:
     """The online learner a hand-built ``analytic:NAME[...]`` θ implements (vsml/engine/analytic.py), as a
     :class:`TeacherLearner` on the same initial state: ``analytic:backprop`` the MLP of ``backprop_theta``
     (w_0 = tanh(c_0), w_1 = 0, gain γ), ``analytic:sgd`` (without a schedule) online SGD on w = 0."""
-    from vsml.engine.analytic import backprop_initial_weights, parse_spec
-    name, kw = parse_spec(spec)
+    from vsml.engine.analytic import backprop_initial_weights, resolved_options
+    name, kw = resolved_options(spec)                   # the builder's defaults where the spec is silent
     if name == "backprop":
-        return TeacherLearner(cfg, [kw.get("hidden_alpha", 0.01), kw.get("alpha", 1.0)], gain=kw.get("gain", 14.0),
+        return TeacherLearner(cfg, [kw["hidden_alpha"], kw["alpha"]], gain=kw["gain"],
                               initial_weights=backprop_initial_weights)
-    if kw.get("boost", 1.0) != 1.0:
+    if kw["boost"] != 1.0:
         raise ConfigError(f"{spec}: the step-size schedule (boost > 1) has no gradient-descent teacher to "
                           f"compare with")
-    return TeacherLearner(cfg, [kw.get("alpha", 1.0)], initial_weights=lambda st: [torch.zeros_like(st.c[0][..., 0])])
+    return TeacherLearner(cfg, [kw["alpha"]], initial_weights=lambda st: [torch.zeros_like(st.c[0][..., 0])])
 
 
 @torch.no_grad()
